@@ -1,0 +1,26 @@
+"""cfvit: the CF-ViT coarse-to-fine vision transformer (pure PyTorch + timm; no Ray)."""
+from . import budget, losses
+from . import models as _models  # noqa: F401  (registers the models)
+from .checkpoint import CheckpointError, load, load_backbone_weights, save
+from .model import CFViT, CFViTOutput, CoarseState, InferenceOutput
+from .patch import apply_patch
+from .registry import create_model, is_model, list_models, register_model
+
+__version__ = "0.1.0"
+
+
+def from_timm(model_or_name, coarse_grid=None, alpha: float = 0.5, beta: float = 0.99, gca_start_block=None,
+              selection: str = "gca", reuse: str = "mlp", **timm_kwargs) -> CFViT:
+    """Wrap a timm VisionTransformer (an instance, or a timm model name built without weights) as CF-ViT."""
+    if isinstance(model_or_name, str):
+        import timm
+
+        timm_kwargs.setdefault("pretrained", False)
+        model_or_name = timm.create_model(model_or_name, **timm_kwargs)
+    return CFViT(model_or_name, coarse_grid=coarse_grid, alpha=alpha, beta=beta, gca_start_block=gca_start_block,
+                 selection=selection, reuse=reuse)
+
+
+__all__ = ["CFViT", "CFViTOutput", "CoarseState", "InferenceOutput", "CheckpointError", "apply_patch", "budget",
+           "create_model", "from_timm", "is_model", "list_models", "load", "load_backbone_weights", "losses",
+           "register_model", "save"]

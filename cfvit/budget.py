@@ -1,0 +1,101 @@
+"""Exact accuracy and expected GFLOPs for every distinct η, and the best η within a FLOPs budget.
+
+A sample exits at the coarse stage when its top coarse probability is >= η. Only the distinct
+confidences matter: sorting them once gives every operating point with two cumulative sums.
+"""
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+class BudgetError(ValueError):
+    """No operating point fits the budget; `reachable` is the (min, max) GFLOPs the curve covers."""
+
+    def __init__(self, message: str, reachable: tuple[float, float]):
+        super().__init__(message)
+        self.reachable = reachable
+
+
+@dataclass
+class EtaCurve:
+    eta: np.ndarray  # ascending thresholds (float32 values, as compared at inference)
+    accuracy: np.ndarray
+    gflops: np.ndarray
+    exit_fraction: np.ndarray
+    coarse_gflops: float
+    fine_gflops: float
+
+    def __len__(self) -> int:
+        return len(self.eta)
+
+    def to_dict(self) -> dict:
+        return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in asdict(self).items()}
+
+
+@dataclass
+class EtaPoint:
+    eta: float
+    accuracy: float
+    gflops: float
+    exit_fraction: float
+
+
+def _np(x) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().float().cpu().numpy()
+    return np.asarray(x)
+
+
+def eta_curve(coarse_probs, fine_probs, labels, *, coarse_gflops: float, fine_gflops: float) -> EtaCurve:
+    """All operating points of the early exit on a validation set (N × C probabilities, N labels)."""
+    cp, fp, y = _np(coarse_probs), _np(fine_probs), _np(labels).astype(np.int64)
+    if cp.ndim != 2 or fp.shape != cp.shape or y.shape != (cp.shape[0],) or cp.shape[0] == 0:
+        raise ValueError(f"expected N x C coarse/fine probabilities and N labels, got {cp.shape}, {fp.shape}, {y.shape}")
+    n = cp.shape[0]
+    conf = cp.max(axis=1).astype(np.float32)
+    coarse_ok = cp.argmax(axis=1) == y
+    fine_ok = fp.argmax(axis=1) == y
+
+    order = np.argsort(-conf, kind="stable")  # most confident first: they exit first as η falls
+    conf_sorted = conf[order]
+    coarse_cum = np.concatenate([[0], np.cumsum(coarse_ok[order])])
+    fine_cum = np.concatenate([[0], np.cumsum(fine_ok[order])])
+    # η = a distinct confidence c lets out every sample with conf >= c: the end of its tie group.
+    last_of_group = np.flatnonzero(np.append(conf_sorted[1:] != conf_sorted[:-1], True))
+    exits = np.concatenate([[0], last_of_group + 1])  # plus "nobody exits"
+    top = np.nextafter(conf_sorted[0], np.float32(np.inf))
+    etas = np.concatenate([[top], conf_sorted[last_of_group]]).astype(np.float32)
+    correct = coarse_cum[exits] + (fine_cum[-1] - fine_cum[exits])
+    frac = exits / n
+    gflops = coarse_gflops + (1.0 - frac) * fine_gflops
+    rev = slice(None, None, -1)  # ascending η
+    return EtaCurve(eta=etas[rev], accuracy=(correct / n)[rev], gflops=gflops[rev], exit_fraction=frac[rev],
+                    coarse_gflops=float(coarse_gflops), fine_gflops=float(fine_gflops))
+
+
+def eta_for_budget(curve: EtaCurve, gflops: float) -> EtaPoint:
+    """The most accurate point with expected GFLOPs <= budget (ties: the cheaper one)."""
+    lo, hi = float(curve.gflops.min()), float(curve.gflops.max())
+    fits = np.flatnonzero(curve.gflops <= gflops + 1e-9)
+    if fits.size == 0:
+        raise BudgetError(
+            f"budget {gflops:.3f} GFLOPs is below the cheapest operating point: every image exiting at the coarse "
+            f"stage costs {lo:.3f} GFLOPs; reachable budgets are {lo:.3f}–{hi:.3f} GFLOPs",
+            (lo, hi),
+        )
+    acc = curve.accuracy[fits]
+    best = fits[acc == acc.max()]
+    i = best[np.argmin(curve.gflops[best])]
+    return EtaPoint(eta=float(curve.eta[i]), accuracy=float(curve.accuracy[i]), gflops=float(curve.gflops[i]),
+                    exit_fraction=float(curve.exit_fraction[i]))
+
+
+def eta_table(curve: EtaCurve, budgets) -> list[dict]:
+    """One row per feasible budget: {budget_gflops, eta, accuracy, gflops, exit_fraction} (for checkpoints)."""
+    rows = []
+    for b in budgets:
+        try:
+            rows.append({"budget_gflops": float(b), **asdict(eta_for_budget(curve, float(b)))})
+        except BudgetError:
+            continue
+    return rows
