@@ -1,0 +1,242 @@
+"""The CF-ViT Serve application: FastAPI ingress → CoarseStage → (hard images only) FineStage.
+
+    serve run serve.app:build_app checkpoint=/path/to/ckpt eta=0.5
+"""
+
+import asyncio
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from ray import serve
+from ray.serve import Application
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .deployments import CoarseStage, FineStage
+from .inputs import (RAW_TYPES, APIError, check_count, decode_and_transform, media_type, parse_json_body,
+                     read_body, resolve_eta)
+from .schemas import BatchPrediction, ErrorBody, Health, ModelInfo, Prediction, TopClass
+from .settings import ETA_MAX, ETA_MIN, AppArgs
+
+STATIC = Path(__file__).parent / "static"
+
+api = FastAPI(
+    title="CF-ViT inference",
+    description=(
+        "Coarse-to-fine vision transformer behind Ray Serve. Every image runs the cheap coarse stage; "
+        "it exits there when its top softmax probability reaches η, otherwise the fine stage re-splits "
+        "the informative regions. `eta` ∈ [0, 1.0001] (0: always coarse; >1: always fine), or "
+        "`budget_gflops` chooses η from the model's calibrated table."
+    ),
+    version="1",
+)
+
+_ERRORS = {s: {"model": ErrorBody} for s in (400, 413, 415, 422, 503)}
+_BODY_DOC = {
+    "requestBody": {
+        "required": True,
+        "description": "a raw PNG/JPEG body (Content-Type image/*), multipart form data with one or more "
+                       "`file` fields, or JSON {images: [base64…], eta?, budget_gflops?}",
+        "content": {
+            "image/png": {"schema": {"type": "string", "format": "binary"}},
+            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+            "multipart/form-data": {"schema": {"type": "object", "properties": {
+                "file": {"type": "string", "format": "binary"}}, "required": ["file"]}},
+            "application/json": {"schema": {"$ref": "#/components/schemas/ClassifyJSON"}},
+        },
+    }
+}
+
+
+def _error(status: int, error: str, detail: Any = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": error, "detail": detail})
+
+
+@api.exception_handler(APIError)
+async def _api_error(_: Request, exc: APIError):
+    return _error(exc.status, exc.error, exc.detail)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, exc: RequestValidationError):
+    detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg")} for e in exc.errors()]
+    return _error(422, "invalid request parameters", detail)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, exc: StarletteHTTPException):
+    return _error(exc.status_code, str(exc.detail), None)
+
+
+def _normalise_table(raw) -> Optional[List[Dict[str, float]]]:
+    """The checkpoint's η table as a list of {eta, gflops[, accuracy, exit_fraction]} points."""
+    if not raw:
+        return None
+    if isinstance(raw, dict):  # {budget_gflops: eta}
+        return [{"gflops": float(k), "eta": float(v)} for k, v in raw.items()]
+    points = []
+    for p in raw:
+        point = {"eta": float(p["eta"]), "gflops": float(p.get("gflops", p.get("budget_gflops")))}
+        for key in ("accuracy", "exit_fraction"):
+            if p.get(key) is not None:
+                point[key] = float(p[key])
+        points.append(point)
+    return points
+
+
+@serve.deployment(name="CFViTIngress", max_ongoing_requests=128)
+@serve.ingress(api)
+class CFViTIngress:
+    def __init__(self, coarse: DeploymentHandle, fine: DeploymentHandle, args: Dict[str, Any]):
+        import torch
+
+        from cfvit.transforms import build_transform
+
+        from .model_host import checkpoint_version, load_model
+
+        torch.set_num_threads(1)
+        self.args = AppArgs(**args)
+        self.coarse, self.fine = coarse, fine
+        # The ingress only pre-processes: it reads the model's description and drops the weights.
+        model, local = load_model(self.args.checkpoint)
+        cfg = dict(getattr(model, "cfvit_config", {}) or {})
+        self.data_config = dict(model.data_config)
+        self.transform = build_transform(self.data_config, is_training=False)
+        self.stage_gflops = {k: float(v) for k, v in model.stage_gflops().items()}
+        self.num_classes = int(model.num_classes)
+        self.class_names = [str(c) for c in cfg.get("class_names") or range(self.num_classes)]
+        self.eta_table = _normalise_table(cfg.get("eta_table"))
+        self.info = ModelInfo(
+            name=str(cfg.get("name") or cfg.get("model_name") or getattr(model, "model_name", None) or "cfvit"),
+            version=checkpoint_version(local, cfg),
+            checkpoint=self.args.checkpoint,
+            class_names=self.class_names,
+            num_classes=self.num_classes,
+            input_size=list(self.data_config["input_size"]),
+            data_config={k: list(v) if isinstance(v, tuple) else v for k, v in self.data_config.items()},
+            coarse_grid=int(model.coarse_grid),
+            stage_gflops=self.stage_gflops,
+            eta_default=self.args.eta,
+            eta_range=[ETA_MIN, ETA_MAX],
+            eta_table=self.eta_table,
+            max_images=self.args.max_images,
+            max_body_bytes=self.args.max_body_bytes,
+        )
+        del model
+
+    # ------------------------------------------------------------------ routes
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page(self):
+        return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
+
+    @api.get("/healthz", response_model=Health)
+    async def healthz(self) -> Health:
+        return Health()
+
+    @api.get("/v1/model", response_model=ModelInfo)
+    async def model_info(self) -> ModelInfo:
+        return self.info
+
+    @api.post("/v1/classify", response_model=Union[Prediction, BatchPrediction], responses=_ERRORS,
+              openapi_extra=_BODY_DOC,
+              summary="Classify one image (raw or multipart) or a JSON batch of base64 images")
+    async def classify(
+        self,
+        request: Request,
+        eta: Optional[float] = Query(None, description=f"exit threshold, {ETA_MIN} ≤ η ≤ {ETA_MAX}"),
+        budget_gflops: Optional[float] = Query(None, description="average GFLOPs per image; picks η from the table"),
+    ):
+        kind = media_type(request.headers.get("content-type"))
+        if not (kind.startswith(RAW_TYPES) or kind in ("multipart/form-data", "application/json")):
+            raise APIError(415, "unsupported content type",
+                           {"content_type": kind or None,
+                            "accepted": ["image/png", "image/jpeg", "multipart/form-data", "application/json"]})
+        body = await read_body(request.stream(), request.headers.get("content-length"), self.args.max_body_bytes)
+        batch = False
+        if kind == "application/json":
+            files, params = parse_json_body(body, self.args.max_images)
+            batch = True
+            if params["eta"] is not None or params["budget_gflops"] is not None:
+                if eta is not None or budget_gflops is not None:
+                    raise APIError(422, "give eta/budget_gflops in the query or in the JSON body, not both")
+                eta, budget_gflops = params["eta"], params["budget_gflops"]
+        elif kind == "multipart/form-data":
+            files = await self._form_files(request, body)
+            batch = len(files) > 1
+        else:
+            files = [body]
+        check_count(len(files), self.args.max_images)
+        eta_value = resolve_eta(eta, budget_gflops, self.args.eta, self.eta_table)
+        images = await asyncio.to_thread(decode_and_transform, files, self.transform, self.args.max_pixels)
+        preds = await asyncio.gather(*(self._classify_one(x, eta_value) for x in images))
+        if batch:
+            return BatchPrediction(predictions=preds, gflops=sum(p.gflops for p in preds))
+        return preds[0]
+
+    # ------------------------------------------------------------------ helpers
+    async def _form_files(self, request: Request, body: bytes) -> List[bytes]:
+        sent = False
+
+        async def replay():  # hand the already size-checked body to Starlette's multipart parser
+            nonlocal sent
+            if sent:
+                return {"type": "http.disconnect"}
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        try:
+            form = await Request(request.scope, replay).form(max_files=self.args.max_images + 1, max_fields=16)
+        except Exception as e:  # noqa: BLE001 - malformed multipart of any kind is the client's error
+            raise APIError(400, "malformed multipart body", str(getattr(e, "detail", e))) from None
+        uploads = form.getlist("file")
+        if not uploads:
+            raise APIError(422, "no `file` field in the multipart form", {"fields": list(form.keys())})
+        check_count(len(uploads), self.args.max_images)
+        files = []
+        for u in uploads:
+            if isinstance(u, str):
+                raise APIError(422, "`file` must be a file upload, not a text field")
+            files.append(await u.read())
+        return files
+
+    async def _classify_one(self, image, eta: float) -> Prediction:
+        coarse = await self.coarse.run.remote(image, eta)
+        if coarse["exit"]:
+            return self._prediction(coarse["probs"], "coarse", eta, coarse["probs"], None)
+        fine = await self.fine.run.remote(image, coarse["state"])
+        return self._prediction(fine["probs"], "fine", eta, coarse["probs"], fine["selected"])
+
+    def _prediction(self, probs, stage: str, eta: float, coarse_probs, regions) -> Prediction:
+        k = min(5, self.num_classes)
+        top_p, top_i = probs.topk(k)
+        top = [TopClass(label=int(i), class_name=self.class_names[int(i)], probability=float(p))
+               for p, i in zip(top_p, top_i)]
+        gflops = self.stage_gflops["coarse"] + (self.stage_gflops["fine"] if stage == "fine" else 0.0)
+        return Prediction(label=top[0].label, class_name=top[0].class_name, confidence=top[0].probability,
+                          top5=top, stage=stage, gflops=gflops, eta=eta,
+                          coarse_confidence=float(coarse_probs.max()), regions=regions)
+
+
+def _stage_options(deployment, opts, name: str):
+    return deployment.options(
+        name=name,
+        ray_actor_options={"num_cpus": opts.num_cpus, "num_gpus": opts.num_gpus},
+        max_ongoing_requests=opts.max_ongoing_requests,
+        **({"autoscaling_config": opts.autoscaling_config} if opts.autoscaling_config else {"num_replicas": 1}),
+    )
+
+
+def build_app(args: Dict[str, Any]) -> Application:
+    """Serve application builder: `args` as in `serve.settings.AppArgs`."""
+    cfg = AppArgs(**(args.model_dump() if isinstance(args, AppArgs) else args))
+    coarse = _stage_options(CoarseStage, cfg.coarse, "CoarseStage").bind(cfg.checkpoint, cfg.coarse.model_dump())
+    fine = _stage_options(FineStage, cfg.fine, "FineStage").bind(cfg.checkpoint, cfg.fine.model_dump())
+    ingress = CFViTIngress.options(
+        ray_actor_options={"num_cpus": cfg.ingress_num_cpus},
+        **({"autoscaling_config": cfg.ingress_autoscaling_config} if cfg.ingress_autoscaling_config
+           else {"num_replicas": 1}),
+    )
+    return ingress.bind(coarse, fine, cfg.model_dump())

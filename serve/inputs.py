@@ -1,0 +1,140 @@
+"""Reading and checking what clients send to POST /v1/classify: bodies, images, η / budget.
+
+Everything here raises `APIError` (status, error, detail); the ingress turns it into a JSON 4xx.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from .settings import ETA_MAX, ETA_MIN
+
+RAW_TYPES = ("image/", "application/octet-stream")
+
+
+class APIError(Exception):
+    def __init__(self, status: int, error: str, detail: Any = None):
+        super().__init__(error)
+        self.status, self.error, self.detail = status, error, detail
+
+
+async def read_body(receive_stream, content_length: Optional[str], limit: int) -> bytes:
+    """The request body, refusing (413) anything over `limit` bytes before reading it all."""
+    if content_length is not None:
+        try:
+            declared = int(content_length)
+        except ValueError:
+            raise APIError(400, "invalid Content-Length header", content_length) from None
+        if declared > limit:
+            raise APIError(413, "request body too large", {"limit_bytes": limit, "content_length": declared})
+    chunks, size = [], 0
+    async for chunk in receive_stream:
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, "request body too large", {"limit_bytes": limit})
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def media_type(content_type: Optional[str]) -> str:
+    return (content_type or "").split(";")[0].strip().lower()
+
+
+def parse_json_body(body: bytes, max_images: int) -> Tuple[List[bytes], Dict[str, Any]]:
+    """`{"images": [base64...], "eta"?, "budget_gflops"?}` → image files and parameters."""
+    from pydantic import ValidationError
+
+    from .schemas import ClassifyJSON
+
+    try:
+        raw = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise APIError(400, "malformed JSON", str(e)) from None
+    if isinstance(raw, dict) and isinstance(raw.get("images"), list) and len(raw["images"]) > max_images:
+        raise APIError(413, "too many images", {"max_images": max_images, "got": len(raw["images"])})
+    try:
+        req = ClassifyJSON.model_validate(raw)
+    except ValidationError as e:
+        raise APIError(422, "invalid JSON request", _pydantic_errors(e)) from None
+    if not req.images:
+        raise APIError(422, "no images", "`images` must hold at least one base64-encoded image")
+    files = []
+    for i, s in enumerate(req.images):
+        if s.startswith("data:"):
+            s = s.partition(",")[2]
+        try:
+            files.append(base64.b64decode(s, validate=True))
+        except (binascii.Error, ValueError) as e:
+            raise APIError(400, "invalid base64", {"index": i, "message": str(e)}) from None
+    return files, {"eta": req.eta, "budget_gflops": req.budget_gflops}
+
+
+def _pydantic_errors(e) -> list:
+    return [{"loc": list(err.get("loc", ())), "msg": err.get("msg")} for err in e.errors()]
+
+
+def check_count(n: int, max_images: int) -> None:
+    if n == 0:
+        raise APIError(422, "no images", "the request carries no image")
+    if n > max_images:
+        raise APIError(413, "too many images", {"max_images": max_images, "got": n})
+
+
+def decode_and_transform(files: Sequence[bytes], transform, max_pixels: int):
+    """Decode every file (PNG/JPEG, any size, grey or colour) and apply the eval transform."""
+    from PIL import Image
+
+    from cfvit.transforms import ImageDecodeError, decode_image
+
+    tensors = []
+    for i, data in enumerate(files):
+        if not data:
+            raise APIError(400, "invalid image", {"index": i, "message": "empty file"})
+        # Header-only look at the size first: a small PNG can decode to gigabytes.
+        try:
+            with Image.open(io.BytesIO(data)) as probe:
+                w, h = probe.size
+        except Exception:  # noqa: BLE001 - decode_image below gives the precise message
+            w = h = 0
+        if w * h > max_pixels:
+            raise APIError(413, "image too large", {"index": i, "width": w, "height": h, "max_pixels": max_pixels})
+        try:
+            img = decode_image(data)
+            tensors.append(transform(img))
+        except ImageDecodeError as e:
+            raise APIError(400, "invalid image", {"index": i, "message": str(e)}) from None
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise APIError(400, "invalid image", {"index": i, "message": f"{type(e).__name__}: {e}"}) from None
+    return tensors
+
+
+def eta_from_table(table: Optional[Sequence[Dict[str, float]]], budget: float) -> float:
+    """η of the most accurate calibrated point whose expected GFLOPs fit in `budget`."""
+    if not table:
+        raise APIError(422, "budget_gflops unavailable", "this model's checkpoint carries no calibrated η table; pass eta")
+    fits = [p for p in table if p["gflops"] <= budget + 1e-9]
+    if not fits:
+        lo = min(p["gflops"] for p in table)
+        raise APIError(422, "budget infeasible",
+                       {"budget_gflops": budget, "min_gflops": lo,
+                        "message": f"the cheapest calibrated point costs {lo:.4g} GFLOPs per image"})
+    best = max(fits, key=lambda p: (p.get("accuracy", 0.0), p["gflops"]))
+    return float(best["eta"])
+
+
+def resolve_eta(eta: Optional[float], budget: Optional[float], default: float,
+                table: Optional[Sequence[Dict[str, float]]]) -> float:
+    if eta is not None and budget is not None:
+        raise APIError(422, "give eta or budget_gflops, not both", {"eta": eta, "budget_gflops": budget})
+    if budget is not None:
+        if not budget > 0:
+            raise APIError(422, "budget_gflops out of range", {"budget_gflops": budget, "min_exclusive": 0})
+        return eta_from_table(table, budget)
+    if eta is None:
+        return default
+    if not (ETA_MIN <= eta <= ETA_MAX):
+        raise APIError(422, "eta out of range", {"eta": eta, "min": ETA_MIN, "max": ETA_MAX})
+    return float(eta)

@@ -1,0 +1,40 @@
+"""Loading a checkpoint inside a replica (shared by the stage deployments and the ingress)."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Dict
+
+from .source import resolve_checkpoint
+
+
+def load_model(checkpoint: str, num_threads: int = 0):
+    """`cfvit.load` the checkpoint in eval mode; returns (model, local_dir)."""
+    import torch
+
+    import cfvit
+
+    if num_threads > 0:
+        torch.set_num_threads(num_threads)
+    local = resolve_checkpoint(checkpoint)
+    model = cfvit.load(str(local))
+    model.eval()
+    return model, local
+
+
+def checkpoint_version(local_dir: Path, config: Dict[str, Any]) -> str:
+    """`version` from the checkpoint's metadata, else a content hash of its weights."""
+    if config.get("version") is not None:
+        return str(config["version"])
+    weights = Path(local_dir) / "model.safetensors"
+    if not weights.exists():
+        return "unknown"
+    h = hashlib.sha256()
+    with open(weights, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()[:12]
+
+
+def threads_for(num_cpus: float, torch_threads: int) -> int:
+    return torch_threads if torch_threads > 0 else max(1, int(round(num_cpus)))

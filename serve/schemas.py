@@ -1,0 +1,66 @@
+"""Pydantic request/response models of the HTTP API (they also make the OpenAPI document)."""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Literal, Optional
+
+from pydantic import BaseModel, Field
+
+
+class TopClass(BaseModel):
+    label: int
+    class_name: str
+    probability: float
+
+
+class Prediction(BaseModel):
+    label: int = Field(description="predicted class index")
+    class_name: str
+    confidence: float = Field(description="softmax probability of the predicted class")
+    top5: List[TopClass]
+    stage: Literal["coarse", "fine"] = Field(description="the stage that answered")
+    gflops: float = Field(description="GFLOPs (multiply-accumulates) spent: coarse, or coarse + fine")
+    eta: float = Field(description="the exit threshold applied to this image")
+    coarse_confidence: float = Field(description="top softmax probability of the coarse stage")
+    regions: Optional[List[int]] = Field(
+        None, description="fine answers: the coarse-grid indices (row-major) that were re-split")
+
+
+class BatchPrediction(BaseModel):
+    predictions: List[Prediction]
+    gflops: float = Field(description="total GFLOPs spent on the request")
+
+
+class ClassifyJSON(BaseModel):
+    """JSON body of POST /v1/classify."""
+
+    images: List[str] = Field(description="base64-encoded PNG/JPEG files (data: URLs accepted)")
+    eta: Optional[float] = None
+    budget_gflops: Optional[float] = None
+
+    model_config = {"extra": "forbid"}
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+    checkpoint: str
+    class_names: List[str]
+    num_classes: int
+    input_size: List[int] = Field(description="C, H, W the images are brought to")
+    data_config: Dict[str, Any]
+    coarse_grid: int
+    stage_gflops: Dict[str, float]
+    eta_default: float
+    eta_range: List[float]
+    eta_table: Optional[List[Dict[str, float]]] = None
+    max_images: int
+    max_body_bytes: int
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class ErrorBody(BaseModel):
+    error: str
+    detail: Any = None
