@@ -1,0 +1,276 @@
+"""ImageFolder tree → WebDataset ``.tar`` shards, as a Ray Data job (local paths or ``s3://``).
+
+    cfvit shards s3://my-bucket/imagenet/train s3://my-bucket/imagenet-wds/train --shard-size 1000
+    python -m jobs.shards /data/imagenet/val /data/imagenet-wds/val
+
+Source layout (torchvision ``ImageFolder``): one folder per class directly under ``SRC``; images at any
+depth inside it (``.jpg .jpeg .png .bmp .gif .webp .tif .tiff .ppm .pgm``, any case). Class names are
+the folder names sorted, and a class's label is its index in that order (as ImageFolder does).
+
+Output format (what ``jobs``' WebDataset reader expects), in ``DST``:
+
+* ``shard-000000.tar``, ``shard-000001.tar``, … — plain (uncompressed) tar files. Every shard except
+  possibly the last holds exactly ``--shard-size`` samples. Input files are shuffled (seeded) before
+  sharding so each shard mixes classes, which streaming readers rely on.
+* Each sample is two tar members sharing a key: ``{key}.jpg`` or ``{key}.png`` (the original encoded
+  bytes; the extension comes from the bytes' magic number, other formats are re-encoded to PNG) and
+  ``{key}.cls`` (the integer label as ASCII text, e.g. ``b"3"``). ``key`` is the path relative to
+  ``SRC`` without extension, with every character other than ``[A-Za-z0-9_-]`` replaced by ``_`` (so
+  it contains no dot or slash).
+* ``classes.json`` — a JSON list of the class names in label order; written last, so its presence
+  marks a complete conversion.
+
+S3 uses pyarrow's S3 filesystem with the standard AWS configuration: credentials from the environment
+or the instance profile, ``AWS_REGION``/``AWS_DEFAULT_REGION``, and ``AWS_ENDPOINT_URL_S3`` or
+``AWS_ENDPOINT_URL`` for S3-compatible endpoints (MinIO, moto). The conversion runs on the Ray cluster
+found by ``ray.init()`` (``RAY_ADDRESS``) or a local one.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import posixpath
+import re
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+import typer
+
+IMAGE_EXTENSIONS = ["jpg", "jpeg", "png", "bmp", "gif", "webp", "tif", "tiff", "ppm", "pgm"]
+SHARD_PATTERN = "shard-{index:06d}.tar"
+CLASSES_FILE = "classes.json"
+
+
+class ShardError(Exception):
+    """A user-facing error (bad source tree, occupied destination, undecodable image)."""
+
+
+@dataclass
+class ShardReport:
+    src: str
+    dst: str
+    classes: List[str]
+    num_samples: int
+    shards: List[str]
+
+
+# --------------------------------------------------------------------------- filesystems
+
+
+def s3_filesystem():
+    """pyarrow S3 filesystem honouring AWS_ENDPOINT_URL(_S3) and AWS_REGION (pyarrow does not read them).
+
+    Explicit keys are passed only when the environment has them, so Ray workers on a machine without
+    those variables (and without an instance profile) still authenticate as the driver does.
+    """
+    from pyarrow import fs
+
+    kwargs: Dict[str, Any] = {
+        "region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    }
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        kwargs["endpoint_override"] = endpoint
+        if endpoint.startswith("http://"):
+            kwargs["scheme"] = "http"
+    if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
+        kwargs["access_key"] = os.environ["AWS_ACCESS_KEY_ID"]
+        kwargs["secret_key"] = os.environ["AWS_SECRET_ACCESS_KEY"]
+        if os.environ.get("AWS_SESSION_TOKEN"):
+            kwargs["session_token"] = os.environ["AWS_SESSION_TOKEN"]
+    return fs.S3FileSystem(**kwargs)
+
+
+def resolve(uri: str):
+    """``(filesystem, path)`` for a local path or ``s3://bucket/prefix``."""
+    from pyarrow import fs
+
+    if uri.startswith("s3://"):
+        path = uri[len("s3://"):].strip("/")
+        if not path:
+            raise ShardError(f"{uri!r} names no bucket")
+        return s3_filesystem(), path
+    if "://" in uri:
+        raise ShardError(f"unsupported location {uri!r}: use a local path or s3://bucket/prefix")
+    return fs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+def list_classes(filesystem, root: str) -> List[str]:
+    """Sorted class-folder names directly under ``root``."""
+    from pyarrow import fs
+
+    info = filesystem.get_file_info(root)
+    if info.type != fs.FileType.Directory:
+        raise ShardError(f"source {root!r} is not a directory")
+    entries = filesystem.get_file_info(fs.FileSelector(root, recursive=False))
+    classes = sorted(e.base_name for e in entries if e.type == fs.FileType.Directory and not e.base_name.startswith("."))
+    if not classes:
+        raise ShardError(f"source {root!r} has no class folders (expected SRC/<class>/<image>)")
+    return classes
+
+
+def existing_shards(filesystem, root: str) -> List[str]:
+    from pyarrow import fs
+
+    if filesystem.get_file_info(root).type != fs.FileType.Directory:
+        return []
+    entries = filesystem.get_file_info(fs.FileSelector(root, recursive=False))
+    return sorted(e.base_name for e in entries if e.base_name.endswith(".tar") or e.base_name == CLASSES_FILE)
+
+
+def count_samples(filesystem, shard_path: str) -> int:
+    """Number of samples (``.cls`` members) in one shard."""
+    import tarfile
+
+    with filesystem.open_input_stream(shard_path) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        return sum(1 for member in tar if member.name.endswith(".cls"))
+
+
+# --------------------------------------------------------------------------- per-sample work
+
+
+def sample_key(relative_path: str) -> str:
+    stem = posixpath.splitext(relative_path)[0]
+    return re.sub(r"[^A-Za-z0-9_-]", "_", stem)
+
+
+def image_entry(data: bytes, path: str) -> Tuple[str, bytes]:
+    """``(extension, bytes)``: JPEG/PNG kept byte for byte, anything else decoded and re-encoded as PNG."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpg", data
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png", data
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            out = io.BytesIO()
+            img.save(out, format="PNG")
+    except Exception as exc:  # PIL raises several types for corrupt data
+        raise ShardError(f"cannot decode image {path}: {exc}") from None
+    return "png", out.getvalue()
+
+
+class _ToSamples:
+    """Ray Data UDF: rows ``{bytes, path}`` → ``{__key__, ext, image, cls}``."""
+
+    def __init__(self, root: str, classes: List[str]):
+        self.root = root.rstrip("/") + "/"
+        self.class_to_idx = {name: i for i, name in enumerate(classes)}
+
+    def __call__(self, batch: Dict[str, Any]) -> Dict[str, Any]:
+        keys, exts, images, labels = [], [], [], []
+        for data, path in zip(batch["bytes"], batch["path"]):
+            path = str(path)
+            relative = path[len(self.root):] if path.startswith(self.root) else path.lstrip("/")
+            ext, payload = image_entry(bytes(data), path)
+            keys.append(sample_key(relative))
+            exts.append(ext)
+            images.append(payload)
+            labels.append(self.class_to_idx[relative.split("/", 1)[0]])
+        return {"__key__": keys, "ext": exts, "image": images, "cls": labels}
+
+
+def encode_sample(sample: Dict[str, Any]) -> Dict[str, Any]:
+    """WebDataset encoder: the image under its own extension, the label as text."""
+    return {"__key__": sample["__key__"], sample["ext"]: bytes(sample["image"]), "cls": str(int(sample["cls"]))}
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def convert(
+    src: str,
+    dst: str,
+    shard_size: int = 1000,
+    shuffle: bool = True,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> ShardReport:
+    """Write ``src`` (ImageFolder) as WebDataset shards to ``dst``; see the module docstring."""
+    if shard_size < 1:
+        raise ShardError(f"--shard-size must be at least 1, got {shard_size}")
+    src_fs, src_root = resolve(src)
+    dst_fs, dst_root = resolve(dst)
+    classes = list_classes(src_fs, src_root)
+    occupied = existing_shards(dst_fs, dst_root)
+    if occupied and not overwrite:
+        raise ShardError(f"destination {dst!r} already has {occupied[0]} (and {len(occupied) - 1} more); pass --overwrite")
+
+    import ray
+    from ray.data import FileShuffleConfig, SaveMode
+    from ray.data.datasource import FilenameProvider
+
+    class ShardNames(FilenameProvider):
+        def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+            return SHARD_PATTERN.format(index=task_index)
+
+    ds = ray.data.read_binary_files(
+        [posixpath.join(src_root, name) for name in classes],
+        include_paths=True,
+        filesystem=src_fs,
+        file_extensions=IMAGE_EXTENSIONS,
+        shuffle=FileShuffleConfig(seed=seed) if shuffle else None,
+    )
+    ds = ds.map_batches(_ToSamples(src_root, classes), batch_format="numpy")
+    # Strict repartition: every block but the last has exactly shard_size rows, one block per file.
+    ds = ds.repartition(target_num_rows_per_block=shard_size, strict=True)
+    if occupied:
+        for name in occupied:  # only our own files: the destination may hold other data
+            dst_fs.delete_file(posixpath.join(dst_root, name))
+    try:
+        ds.write_webdataset(
+            dst_root,
+            filesystem=dst_fs,
+            encoder=encode_sample,
+            min_rows_per_file=shard_size,
+            filename_provider=ShardNames(),
+            mode=SaveMode.APPEND,
+        )
+    except Exception as exc:  # Ray wraps UDF errors in long task tracebacks: surface ours as one line
+        found = re.search(r"cannot decode image [^\n]*", str(exc))
+        if found:
+            raise ShardError(found.group(0)) from None
+        raise
+
+    shards = [n for n in existing_shards(dst_fs, dst_root) if n.endswith(".tar")]
+    if not shards:
+        raise ShardError(f"no images found under {src!r} (extensions: {', '.join(IMAGE_EXTENSIONS)})")
+    with dst_fs.open_output_stream(posixpath.join(dst_root, CLASSES_FILE)) as f:
+        f.write(json.dumps(classes, indent=1).encode())
+    # Count from the files rather than ds.count(), which would re-run the whole read.
+    num_samples = (len(shards) - 1) * shard_size + count_samples(dst_fs, posixpath.join(dst_root, shards[-1]))
+    return ShardReport(src=src, dst=dst, classes=classes, num_samples=num_samples, shards=shards)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def shards_cmd(
+    src: str = typer.Argument(..., help="ImageFolder root: a local path or s3://bucket/prefix."),
+    dst: str = typer.Argument(..., help="Output folder for the .tar shards: local path or s3://bucket/prefix."),
+    shard_size: int = typer.Option(1000, "--shard-size", "-n", help="Images per shard."),
+    shuffle: bool = typer.Option(True, "--shuffle/--no-shuffle", help="Shuffle files before sharding (seeded)."),
+    seed: int = typer.Option(0, "--seed", help="Shuffle seed."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace shards/classes.json already in DST."),
+) -> None:
+    """Convert an ImageFolder tree into WebDataset shards with Ray Data."""
+    try:
+        report = convert(src, dst, shard_size=shard_size, shuffle=shuffle, seed=seed, overwrite=overwrite)
+    except ShardError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1)
+    typer.echo(
+        f"wrote {report.num_samples} images of {len(report.classes)} classes "
+        f"as {len(report.shards)} shards + {CLASSES_FILE} to {report.dst}"
+    )
+
+
+def main() -> None:
+    typer.run(shards_cmd)
+
+
+if __name__ == "__main__":
+    main()
