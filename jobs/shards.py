@@ -224,6 +224,7 @@ def convert(
         ds.write_webdataset(
             dst_root,
             filesystem=dst_fs,
+            try_create_dir=not dst.startswith("s3://"),  # S3 has no folders: no empty marker objects
             encoder=encode_sample,
             min_rows_per_file=shard_size,
             filename_provider=ShardNames(),

@@ -40,7 +40,7 @@ def _app() -> typer.Typer:
 
 
 def _kill_session(pgid: int) -> None:
-    for sig, wait_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+    for sig, wait_s in ((signal.SIGTERM, 4.0), (signal.SIGKILL, 5.0)):
         try:
             os.killpg(pgid, sig)
         except ProcessLookupError:
@@ -124,15 +124,9 @@ def test_run_job_to_completion_and_fetch_logs(ray_head, tmp_path):
 
 
 @pytest.mark.e2e
-def test_failed_job_exits_nonzero_and_stop(ray_head, tmp_path):
+def test_failed_job_exits_nonzero_and_stop(ray_head):
     runner = CliRunner()
-    failed = runner.invoke(
-        _app(),
-        ["submit", "run", "--address", ray_head, "--working-dir", "", "--", "python", "-c", "raise SystemExit(3)"],
-    )
-    assert failed.exit_code == 1, failed.output
-    assert "FAILED" in failed.stderr
-
+    # Start the long job first so that its start-up overlaps the failing one.
     started = runner.invoke(
         _app(),
         ["submit", "run", "--address", ray_head, "--working-dir", "", "--no-wait",
@@ -140,6 +134,14 @@ def test_failed_job_exits_nonzero_and_stop(ray_head, tmp_path):
     )
     assert started.exit_code == 0, started.output
     assert started.stdout.strip() == "cfvit-test-sleeper"
+
+    failed = runner.invoke(
+        _app(),
+        ["submit", "run", "--address", ray_head, "--working-dir", "", "--", "python", "-c", "raise SystemExit(3)"],
+    )
+    assert failed.exit_code == 1, failed.output
+    assert "FAILED" in failed.stderr
+
     stopped = runner.invoke(_app(), ["submit", "stop", "cfvit-test-sleeper", "--address", ray_head])
     assert stopped.exit_code == 0, stopped.output
     client = submit.connect(ray_head)

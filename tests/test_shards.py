@@ -1,0 +1,141 @@
+"""`cfvit shards`: ImageFolder → WebDataset shards with Ray Data, to a local folder and to S3 (moto)."""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+import typer
+from PIL import Image
+from typer.testing import CliRunner
+
+from jobs import cli_cluster, shards
+
+CLASSES = ["cat", "dog", "fish"]  # sorted → labels 0, 1, 2
+
+
+def _app() -> typer.Typer:
+    app, bench = typer.Typer(), typer.Typer()
+    cli_cluster.register(app, bench)
+    return app
+
+
+def make_image_folder(root: Path) -> dict[str, int]:
+    """3 classes × 4 images: PNG, JPEG (upper-case .JPEG as in ImageNet), one BMP, one in a sub-folder.
+
+    Returns {expected sample key: label}; each image's red channel encodes its label so the test can
+    check that image and label travel together.
+    """
+    expected = {}
+    for label, name in enumerate(CLASSES):
+        (root / name / "sub").mkdir(parents=True)
+        color = (80 * label, 7, 200)
+        files = {
+            f"{name}/a.png": "PNG",
+            f"{name}/b.v2.JPEG": "JPEG",
+            f"{name}/c.bmp": "BMP",
+            f"{name}/sub/d.png": "PNG",
+        }
+        for rel, fmt in files.items():
+            Image.new("RGB", (12, 10), color).save(root / rel, format=fmt)
+            expected[shards.sample_key(rel)] = label
+    (root / "README.txt").write_text("not a class folder\n")  # ignored: not inside a class folder
+    (root / "cat" / "notes.txt").write_text("not an image\n")  # ignored: not an image extension
+    return expected
+
+
+def read_shards(files: dict[str, bytes]) -> dict[str, tuple[int, str, tuple]]:
+    """{key: (label, ext, first pixel)} from shard bytes, checking each sample is complete."""
+    samples: dict[str, dict[str, bytes]] = {}
+    for data in files.values():
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            for member in tar.getmembers():
+                key, ext = member.name.split(".", 1)
+                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    out = {}
+    for key, parts in samples.items():
+        assert set(parts) in ({"jpg", "cls"}, {"png", "cls"}), (key, set(parts))
+        ext = "jpg" if "jpg" in parts else "png"
+        pixel = Image.open(io.BytesIO(parts[ext])).convert("RGB").getpixel((0, 0))
+        out[key] = (int(parts["cls"].decode()), ext, pixel)
+    return out
+
+
+def check_output(files: dict[str, bytes], classes_json: bytes, expected: dict[str, int], shard_size: int):
+    assert json.loads(classes_json) == CLASSES
+    names = sorted(files)
+    assert names == [f"shard-{i:06d}.tar" for i in range(len(names))]
+    sizes = [len([m for m in tarfile.open(fileobj=io.BytesIO(files[n])).getnames() if m.endswith(".cls")]) for n in names]
+    total = len(expected)
+    assert sizes == [shard_size] * (total // shard_size) + ([total % shard_size] if total % shard_size else [])
+    samples = read_shards(files)
+    assert {k: v[0] for k, v in samples.items()} == expected
+    for key, (label, ext, pixel) in samples.items():
+        assert abs(pixel[0] - 80 * label) <= 8, (key, pixel)  # JPEG is lossy, slightly
+        assert ext == ("jpg" if key.endswith("_b_v2") else "png")  # JPEG kept as is, BMP re-encoded
+    # Shuffled before sharding: the first shard does not hold a single class.
+    first = read_shards({names[0]: files[names[0]]})
+    assert len({v[0] for v in first.values()}) > 1
+
+
+@pytest.mark.e2e
+def test_local_image_folder_to_local_shards(ray_session, tmp_path):
+    expected = make_image_folder(tmp_path / "src")
+    dst = tmp_path / "wds"
+    result = CliRunner().invoke(_app(), ["shards", str(tmp_path / "src"), str(dst), "--shard-size", "5"])
+    assert result.exit_code == 0, result.output
+    assert "wrote 12 images of 3 classes as 3 shards" in result.stdout
+    files = {p.name: p.read_bytes() for p in dst.glob("*.tar")}
+    check_output(files, (dst / "classes.json").read_bytes(), expected, shard_size=5)
+
+    # A second run refuses to mix with existing shards unless asked to replace them.
+    again = CliRunner().invoke(_app(), ["shards", str(tmp_path / "src"), str(dst), "--shard-size", "5"])
+    assert again.exit_code == 1
+    assert "already has" in again.stderr and "--overwrite" in again.stderr
+
+
+@pytest.mark.e2e
+def test_s3_image_folder_to_s3_shards(ray_session, s3_server, tmp_path):
+    expected = make_image_folder(tmp_path / "src")
+    s3 = s3_server.client()
+    s3.create_bucket(Bucket="cfvit-shards")
+    for path in (tmp_path / "src").rglob("*"):
+        if path.is_file():
+            s3.upload_file(str(path), "cfvit-shards", "imagefolder/train/" + path.relative_to(tmp_path / "src").as_posix())
+
+    report = shards.convert("s3://cfvit-shards/imagefolder/train", "s3://cfvit-shards/wds/train", shard_size=4)
+    assert report.num_samples == 12 and report.classes == CLASSES and len(report.shards) == 3
+
+    listing = s3.list_objects_v2(Bucket="cfvit-shards", Prefix="wds/train/")["Contents"]
+    keys = {obj["Key"].rsplit("/", 1)[1] for obj in listing}
+    assert keys == {"classes.json", "shard-000000.tar", "shard-000001.tar", "shard-000002.tar"}
+    get = lambda name: s3.get_object(Bucket="cfvit-shards", Key=f"wds/train/{name}")["Body"].read()  # noqa: E731
+    files = {name: get(name) for name in keys if name.endswith(".tar")}
+    check_output(files, get("classes.json"), expected, shard_size=4)
+
+
+def test_bad_sources_are_clear_errors(tmp_path):
+    runner = CliRunner()
+    missing = runner.invoke(_app(), ["shards", str(tmp_path / "nope"), str(tmp_path / "out")])
+    assert missing.exit_code == 1 and "is not a directory" in missing.stderr
+    (tmp_path / "flat").mkdir()
+    Image.new("RGB", (4, 4)).save(tmp_path / "flat" / "x.png")
+    flat = runner.invoke(_app(), ["shards", str(tmp_path / "flat"), str(tmp_path / "out")])
+    assert flat.exit_code == 1 and "no class folders" in flat.stderr
+    bad_size = runner.invoke(_app(), ["shards", str(tmp_path / "flat"), str(tmp_path / "out"), "--shard-size", "0"])
+    assert bad_size.exit_code == 1 and "--shard-size must be at least 1" in bad_size.stderr
+    scheme = runner.invoke(_app(), ["shards", "gs://bucket/x", str(tmp_path / "out")])
+    assert scheme.exit_code == 1 and "unsupported location" in scheme.stderr
+
+
+def test_sample_keys_and_image_entries():
+    assert shards.sample_key("n01440764/n01440764_10026.JPEG") == "n01440764_n01440764_10026"
+    assert shards.sample_key("a b/c.d.png") == "a_b_c_d"
+    buf = io.BytesIO()
+    Image.new("RGB", (3, 3)).save(buf, format="GIF")
+    ext, data = shards.image_entry(buf.getvalue(), "x.gif")
+    assert ext == "png" and data.startswith(b"\x89PNG")
+    with pytest.raises(shards.ShardError, match="cannot decode image broken.jpg"):
+        shards.image_entry(b"definitely not an image", "broken.jpg")
