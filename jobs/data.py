@@ -1,0 +1,236 @@
+"""Datasets as URIs for Ray Data: `fashion-mnist[:split]`, `s3://bucket/prefix` or a local path, each in
+ImageFolder layout (one folder per class) or WebDataset `.tar` shards (image entry + `cls` entry, with
+`classes.json` beside the shards).
+
+Ray Data reads and decodes on CPU workers with the timm transforms from `cfvit.transforms`; a corrupt
+image becomes a row with `valid=False` (counted and dropped by the train loop), never an error.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import numpy as np
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+
+
+def _is_builtin(uri: str) -> bool:
+    return uri.split(":", 1)[0] == "fashion-mnist" and not uri.startswith("fashion-mnist/")
+
+
+def _builtin_split(uri: str, default: str) -> str:
+    split = uri.split(":", 1)[1] if ":" in uri else default
+    if split not in ("train", "test"):
+        raise ValueError(f"{uri!r}: the fashion-mnist split must be 'train' or 'test'")
+    return split
+
+
+# ------------------------------------------------------------------ filesystems
+def s3_filesystem():
+    """pyarrow S3 filesystem from the usual AWS variables (AWS_ENDPOINT_URL for S3-compatible stores)."""
+    import pyarrow.fs as pafs
+
+    kw = {}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        u = urlparse(endpoint)
+        kw.update(endpoint_override=u.netloc or u.path, scheme=u.scheme or "https")
+    if os.environ.get("AWS_ACCESS_KEY_ID"):
+        kw.update(access_key=os.environ["AWS_ACCESS_KEY_ID"], secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
+                  session_token=os.environ.get("AWS_SESSION_TOKEN"))
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        kw["region"] = region
+    return pafs.S3FileSystem(**kw)
+
+
+def resolve(uri: str):
+    """URI → (pyarrow filesystem, path inside it)."""
+    import pyarrow.fs as pafs
+
+    if uri.startswith("s3://"):
+        return s3_filesystem(), uri[len("s3://"):].rstrip("/")
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+def storage(uri: str):
+    """`RunConfig(storage_path=..., storage_filesystem=...)` arguments for a local or s3:// location."""
+    if uri.startswith("s3://"):
+        return {"storage_path": uri[len("s3://"):].rstrip("/"), "storage_filesystem": s3_filesystem()}
+    return {"storage_path": os.path.abspath(os.path.expanduser(uri))}
+
+
+# ------------------------------------------------------------------ up-front checks
+def check_uri(uri: str, key: str, need_objects: bool = True) -> None:
+    """Raise ConfigError naming `key` when `uri` cannot be read."""
+    from .config import ConfigError
+
+    if _is_builtin(uri):
+        from cfvit.data import load_fashion_mnist
+
+        try:
+            load_fashion_mnist(_builtin_split(uri, "train"))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{key}: {e}") from None
+        return
+    if uri.startswith("s3://"):
+        _check_s3(uri, key, need_objects)
+        return
+    if "://" in uri:
+        raise ConfigError(f"{key}: unsupported URI scheme in {uri!r} (use s3://, a local path or fashion-mnist)")
+    if not os.path.exists(os.path.expanduser(uri)):
+        raise ConfigError(f"{key}: local path {uri!r} does not exist")
+
+
+def _check_s3(uri: str, key: str, need_objects: bool) -> None:
+    import boto3
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from .config import ConfigError
+
+    u = urlparse(uri)
+    bucket, prefix = u.netloc, u.path.lstrip("/")
+    if not bucket:
+        raise ConfigError(f"{key}: {uri!r} names no bucket (expected s3://bucket/prefix)")
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
+    try:
+        resp = boto3.client("s3").list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1)
+    except ClientError as e:
+        code = e.response.get("Error", {}).get("Code", "")
+        raise ConfigError(f"{key}: cannot read {uri} at {endpoint}: {code or e}") from None
+    except BotoCoreError as e:
+        raise ConfigError(f"{key}: cannot reach {uri} at {endpoint}: {e}") from None
+    if need_objects and not resp.get("KeyCount"):
+        raise ConfigError(f"{key}: no objects under {uri} at {endpoint}")
+
+
+# ------------------------------------------------------------------ layout
+@dataclass
+class Source:
+    uri: str
+    kind: str  # builtin | imagefolder | webdataset
+    classes: list[str]
+
+
+def describe(uri: str, fmt: str = "auto") -> Source:
+    """Find the layout and class names of a dataset URI (listing only, no image reads)."""
+    if _is_builtin(uri):
+        from cfvit.data import FASHION_MNIST_CLASSES
+
+        return Source(uri, "builtin", list(FASHION_MNIST_CLASSES))
+    import pyarrow.fs as pafs
+
+    fs, root = resolve(uri)
+    entries = fs.get_file_info(pafs.FileSelector(root, recursive=False))
+    shards = [e.path for e in entries if e.type == pafs.FileType.File and e.path.endswith(".tar")]
+    kind = fmt if fmt != "auto" else ("webdataset" if shards else "imagefolder")
+    if kind == "webdataset":
+        if not shards:
+            raise ValueError(f"{uri}: no .tar shards found")
+        try:
+            with fs.open_input_stream(f"{root}/classes.json") as f:
+                classes = json.loads(f.read())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{uri}: classes.json (a JSON list of class names) is missing or bad: {e}") from None
+        return Source(uri, kind, [str(c) for c in classes])
+    classes = sorted(e.base_name for e in entries if e.type == pafs.FileType.Directory)
+    if not classes:
+        raise ValueError(f"{uri}: no class folders (ImageFolder layout) and no .tar shards (WebDataset) found")
+    return Source(uri, kind, classes)
+
+
+# ------------------------------------------------------------------ Ray Data
+def read(src: Source, *, role: str, limit: int | None = None, seed: int = 0):
+    """Raw rows: `image` (uint8 array, builtin) or `bytes` + `label` (int)."""
+    import ray.data
+
+    if src.kind == "builtin":
+        import pandas as pd
+
+        from cfvit.data import load_fashion_mnist
+
+        images, labels = load_fashion_mnist(_builtin_split(src.uri, "train" if role == "train" else "test"))
+        if limit:
+            images, labels = images[:limit], labels[:limit]
+        ds = ray.data.from_pandas(pd.DataFrame({"image": list(images), "label": labels}))
+        return ds
+    fs, root = resolve(src.uri)
+    shuffle = "files" if role == "train" else None
+    if src.kind == "webdataset":
+        ds = ray.data.read_webdataset(root, filesystem=fs, decoder=None, file_extensions=["tar"], shuffle=shuffle)
+        ds = ds.map_batches(_webdataset_rows, batch_format="pandas")
+    else:
+        ds = ray.data.read_binary_files(root, filesystem=fs, include_paths=True, shuffle=shuffle,
+                                        file_extensions=list(IMAGE_EXTS) + [e.upper() for e in IMAGE_EXTS])
+        index = {c: i for i, c in enumerate(src.classes)}
+        ds = ds.map_batches(_folder_rows, fn_kwargs={"index": index}, batch_format="pandas")
+    return ds.limit(limit) if limit else ds
+
+
+def _folder_rows(df, index):
+    import pandas as pd
+
+    labels = [index.get(p.replace("\\", "/").split("/")[-2], -1) for p in df["path"]]
+    return pd.DataFrame({"bytes": df["bytes"], "label": np.asarray(labels, dtype=np.int64)})
+
+
+def _webdataset_rows(df):
+    import pandas as pd
+
+    img_col = next((c for c in df.columns if c.lower() in IMAGE_EXTS), None)
+    if img_col is None:
+        raise ValueError(f"WebDataset samples have no image entry (columns: {list(df.columns)})")
+    labels = []
+    for v in df["cls"]:
+        try:
+            labels.append(int(v.decode() if isinstance(v, bytes) else v))
+        except (TypeError, ValueError):
+            labels.append(-1)
+    return pd.DataFrame({"bytes": df[img_col], "label": np.asarray(labels, dtype=np.int64)})
+
+
+class Preprocess:
+    """Decode + timm transform on a Ray Data CPU worker → `image` (C,H,W float32), `label`, `valid`."""
+
+    def __init__(self, data_config: dict, is_training: bool, aug: dict, num_classes: int):
+        from cfvit.transforms import build_transform
+
+        self.tf = build_transform(data_config, is_training=is_training, **(aug if is_training else {}))
+        self.shape = tuple(data_config["input_size"])
+        self.num_classes = num_classes
+
+    def __call__(self, batch: dict) -> dict:
+        from PIL import Image
+
+        from cfvit.transforms import ImageDecodeError, decode_image
+
+        raw = batch["image"] if "image" in batch else batch["bytes"]
+        out = np.zeros((len(raw), *self.shape), dtype=np.float32)
+        labels = np.asarray(batch["label"], dtype=np.int64)
+        valid = (labels >= 0) & (labels < self.num_classes)
+        for i, item in enumerate(raw):
+            if not valid[i]:
+                continue
+            try:
+                img = Image.fromarray(np.asarray(item, dtype=np.uint8)) if "image" in batch else decode_image(item)
+                out[i] = self.tf(img).numpy()
+            except (ImageDecodeError, OSError, ValueError):
+                valid[i] = False  # skipped and counted downstream, never fatal
+        labels = np.where(valid, labels, 0)
+        return {"image": out, "label": labels, "valid": valid}
+
+
+def build_datasets(cfg, data_config: dict, train_src: Source, val_src: Source) -> dict:
+    """The `datasets=` of the TorchTrainer: preprocessed, streaming."""
+    aug = cfg.augment
+    train_aug = dict(auto_augment=aug.auto_augment, scale=tuple(aug.scale), hflip=aug.hflip, re_prob=aug.re_prob)
+    n = len(train_src.classes)
+    out = {}
+    for role, src, limit in (("train", train_src, cfg.data.train_limit), ("val", val_src, cfg.data.val_limit)):
+        ds = read(src, role=role, limit=limit, seed=cfg.seed)
+        out[role] = ds.map_batches(Preprocess, fn_constructor_args=(data_config, role == "train", train_aug, n),
+                                   batch_size=64, batch_format="numpy", concurrency=(1, 4))
+    return out
