@@ -151,6 +151,7 @@ def _serve_config() -> tuple[dict, dict]:
 
 def test_rayservice_serve_config_passes_serve_schema():
     import ray
+    from ray.serve.config import AutoscalingConfig
     from ray.serve.schema import ServeDeploySchema
 
     doc, cfg = _serve_config()
@@ -163,6 +164,11 @@ def test_rayservice_serve_config_passes_serve_schema():
     for name in ("CoarseStage", "FineStage"):
         auto = deployments[name].autoscaling_config
         assert auto["min_replicas"] >= 1 and auto["max_replicas"] > auto["min_replicas"], name
+    for name, dep in deployments.items():
+        if isinstance(dep.autoscaling_config, dict):
+            # The schema keeps autoscaling_config a plain dict and Serve ignores unknown keys: catch typos.
+            assert set(dep.autoscaling_config) <= set(AutoscalingConfig.model_fields), name
+            AutoscalingConfig(**dep.autoscaling_config)
     assert cfg["http_options"]["host"] == "0.0.0.0"  # reachable through the KubeRay serve service
     check_ray_cluster_spec(doc["spec"]["rayClusterConfig"], ray.__version__)
 
