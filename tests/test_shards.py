@@ -100,18 +100,18 @@ def test_local_image_folder_to_local_shards(ray_session, tmp_path):
 def test_s3_image_folder_to_s3_shards(ray_session, s3_server, tmp_path):
     expected = make_image_folder(tmp_path / "src")
     s3 = s3_server.client()
-    s3.create_bucket(Bucket="cfvit-shards")
+    s3.create_bucket(Bucket="cfvit-shards-test")
     for path in (tmp_path / "src").rglob("*"):
         if path.is_file():
-            s3.upload_file(str(path), "cfvit-shards", "imagefolder/train/" + path.relative_to(tmp_path / "src").as_posix())
+            s3.upload_file(str(path), "cfvit-shards-test", "imagefolder/train/" + path.relative_to(tmp_path / "src").as_posix())
 
-    report = shards.convert("s3://cfvit-shards/imagefolder/train", "s3://cfvit-shards/wds/train", shard_size=4)
+    report = shards.convert("s3://cfvit-shards-test/imagefolder/train", "s3://cfvit-shards-test/wds/train", shard_size=4)
     assert report.num_samples == 12 and report.classes == CLASSES and len(report.shards) == 3
 
-    listing = s3.list_objects_v2(Bucket="cfvit-shards", Prefix="wds/train/")["Contents"]
+    listing = s3.list_objects_v2(Bucket="cfvit-shards-test", Prefix="wds/train/")["Contents"]
     keys = {obj["Key"].rsplit("/", 1)[1] for obj in listing}
     assert keys == {"classes.json", "shard-000000.tar", "shard-000001.tar", "shard-000002.tar"}
-    get = lambda name: s3.get_object(Bucket="cfvit-shards", Key=f"wds/train/{name}")["Body"].read()  # noqa: E731
+    get = lambda name: s3.get_object(Bucket="cfvit-shards-test", Key=f"wds/train/{name}")["Body"].read()  # noqa: E731
     files = {name: get(name) for name in keys if name.endswith(".tar")}
     check_output(files, get("classes.json"), expected, shard_size=4)
 
