@@ -20,14 +20,17 @@ def infer_stream(
     eta: float,
     fine_batch_size: Optional[int] = None,
     return_indices: bool = False,
+    lookahead: int = 1,
 ) -> Iterator[InferenceOutput]:
     """Yield one `InferenceOutput` per input batch, in order, as soon as all its samples are answered.
 
-    `fine_batch_size` defaults to the size of the first batch.
+    `fine_batch_size` defaults to the size of the first batch. Reading a batch's exit decisions waits for
+    the device; with `lookahead` batches' coarse stages queued ahead, the device stays busy meanwhile.
     """
     results: dict[int, list] = {}  # batch_id -> [output, samples still waiting]
     order: deque[int] = deque()
-    pool_images, pool_states, pool_ids, pool_rows = [], [], [], []
+    queued: deque = deque()  # coarse stages launched, exit decisions not read yet
+    pool_images, pool_states, pool_ids, pool_rows = [], [], [], []  # ids/rows stay on the CPU: no syncs
     pooled = 0
 
     def run_fine(n: int):
@@ -39,13 +42,30 @@ def infer_stream(
         for b in ids[:n].unique().tolist():
             mine = (ids[:n] == b).nonzero().squeeze(1)
             out = results[b][0]
-            out.logits[rows[mine]] = fine_logits[mine].to(out.logits.device)
+            dev_mine = mine.to(fine_logits.device, non_blocking=True)
+            dev_rows = rows[mine].to(out.logits.device, non_blocking=True)
+            out.logits[dev_rows] = fine_logits[dev_mine].to(out.logits.device)
             if return_indices:
-                out.selected[rows[mine]] = selected[mine].to(out.selected.device)
+                out.selected[dev_rows] = selected[dev_mine].to(out.selected.device)
             results[b][1] -= len(mine)
         pool_images, pool_states = [images[n:]], [state[n:]]
         pool_ids, pool_rows = [ids[n:]], [rows[n:]]
         pooled -= n
+
+    def admit(batch_id, images, state, exits):
+        """Read one batch's exit decisions, pool its hard samples, run the fine stage on full batches."""
+        nonlocal pooled, fine_batch_size
+        hard = (~exits).nonzero().squeeze(1)  # waits for this batch's coarse stage only
+        n_hard = hard.numel()
+        results[batch_id][1] = n_hard
+        if n_hard:
+            pool_images.append(images[hard])
+            pool_states.append(state[hard])
+            pool_rows.append(hard.cpu())
+            pool_ids.append(torch.full((n_hard,), batch_id, dtype=torch.long))
+            pooled += n_hard
+        while pooled >= fine_batch_size:
+            run_fine(fine_batch_size)
 
     def ready():
         while order and results[order[0]][1] == 0:
@@ -57,23 +77,18 @@ def infer_stream(
         state = model.coarse_stage(images)
         coarse_logits = state.logits.float()
         exits = exit_mask(coarse_logits, eta)
-        hard = (~exits).nonzero().squeeze(1)
         selected = None
         if return_indices:
             selected = torch.full((images.shape[0], model.k_selected), -1, dtype=torch.long, device=images.device)
-        out = InferenceOutput(logits=coarse_logits.clone(), exit_stage=(~exits).long(),
-                              coarse_logits=coarse_logits, selected=selected)
-        results[batch_id] = [out, hard.numel()]
+        results[batch_id] = [InferenceOutput(logits=coarse_logits.clone(), exit_stage=(~exits).long(),
+                                             coarse_logits=coarse_logits, selected=selected), -1]
         order.append(batch_id)
-        if hard.numel():
-            pool_images.append(images[hard])
-            pool_states.append(state[hard])
-            pool_ids.append(torch.full_like(hard, batch_id))
-            pool_rows.append(hard)
-            pooled += hard.numel()
-        while pooled >= fine_batch_size:
-            run_fine(fine_batch_size)
-        yield from ready()
+        queued.append((batch_id, images, state, exits))
+        if len(queued) > lookahead:
+            admit(*queued.popleft())
+            yield from ready()
+    while queued:
+        admit(*queued.popleft())
     if pooled:
         run_fine(pooled)
     yield from ready()

@@ -267,13 +267,14 @@ def test_streaming_pooled_fine_stage_matches_per_batch_inference():
     batches = [images(5, m, seed=s) for s in range(4)]
     conf = torch.cat([m.infer(b, 0.0).coarse_logits.softmax(-1).amax(-1) for b in batches])
     eta = float(conf.median())
-    outs = list(infer_stream(m, batches, eta, fine_batch_size=4, return_indices=True))
-    assert len(outs) == 4
-    for b, o in zip(batches, outs):
-        ref = m.infer(b, eta, return_indices=True)
-        assert o.exit_stage.tolist() == ref.exit_stage.tolist()
-        assert o.selected.tolist() == ref.selected.tolist()
-        torch.testing.assert_close(o.logits, ref.logits, atol=1e-4, rtol=1e-4)
+    refs = [m.infer(b, eta, return_indices=True) for b in batches]
+    for lookahead, fine_bs in ((0, 4), (1, 4), (3, 64)):
+        outs = list(infer_stream(m, batches, eta, fine_batch_size=fine_bs, return_indices=True, lookahead=lookahead))
+        assert len(outs) == 4
+        for ref, o in zip(refs, outs):
+            assert o.exit_stage.tolist() == ref.exit_stage.tolist()
+            assert o.selected.tolist() == ref.selected.tolist()
+            torch.testing.assert_close(o.logits, ref.logits, atol=1e-4, rtol=1e-4)
 
 
 def test_draw_regions_makes_a_figure(tmp_path):
