@@ -20,7 +20,7 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-PLUGINS = ("jobs.cli_train", "jobs.cli_tune", "jobs.cli_cluster", "jobs.cli_pipeline", "serve.cli")
+PLUGINS = ("jobs.cli_train", "jobs.cli_tune", "jobs.cli_cluster", "jobs.cli_pipeline", "jobs.cli_reproduce", "serve.cli")
 
 
 @app.command("models")
