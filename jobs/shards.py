@@ -110,13 +110,18 @@ def list_classes(filesystem, root: str) -> List[str]:
     return classes
 
 
-def existing_shards(filesystem, root: str) -> List[str]:
+def existing_shards(filesystem, root: str) -> Dict[str, Any]:
+    """``{name: mtime}`` of the ``.tar`` files and ``classes.json`` directly under ``root``."""
     from pyarrow import fs
 
     if filesystem.get_file_info(root).type != fs.FileType.Directory:
-        return []
+        return {}
     entries = filesystem.get_file_info(fs.FileSelector(root, recursive=False))
-    return sorted(e.base_name for e in entries if e.base_name.endswith(".tar") or e.base_name == CLASSES_FILE)
+    return {
+        e.base_name: e.mtime
+        for e in entries
+        if e.type == fs.FileType.File and (e.base_name.endswith(".tar") or e.base_name == CLASSES_FILE)
+    }
 
 
 def count_samples(filesystem, shard_path: str) -> int:
@@ -125,6 +130,26 @@ def count_samples(filesystem, shard_path: str) -> int:
 
     with filesystem.open_input_stream(shard_path) as f, tarfile.open(fileobj=f, mode="r|") as tar:
         return sum(1 for member in tar if member.name.endswith(".cls"))
+
+
+def delete_files(filesystem, root: str, names: List[str]) -> None:
+    """Delete ``root/name`` for each name. On S3 through boto3: pyarrow's delete_file leaves an empty
+    ``prefix/`` folder-marker object behind, which S3 listings (and some readers) then show as a file."""
+    if not names:
+        return
+    from pyarrow import fs
+
+    if isinstance(filesystem, fs.S3FileSystem):
+        import boto3
+
+        bucket, _, prefix = root.partition("/")
+        client = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None)
+        for i in range(0, len(names), 1000):  # DeleteObjects takes at most 1000 keys
+            keys = [{"Key": posixpath.join(prefix, n) if prefix else n} for n in names[i:i + 1000]]
+            client.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+    else:
+        for name in names:
+            filesystem.delete_file(posixpath.join(root, name))
 
 
 # --------------------------------------------------------------------------- per-sample work
@@ -149,7 +174,7 @@ def image_entry(data: bytes, path: str) -> Tuple[str, bytes]:
             out = io.BytesIO()
             img.save(out, format="PNG")
     except Exception as exc:  # PIL raises several types for corrupt data
-        raise ShardError(f"cannot decode image {path}: {exc}") from None
+        raise ShardError(f"cannot decode image {path} ({type(exc).__name__})") from None
     return "png", out.getvalue()
 
 
@@ -178,6 +203,21 @@ def encode_sample(sample: Dict[str, Any]) -> Dict[str, Any]:
     return {"__key__": sample["__key__"], sample["ext"]: bytes(sample["image"]), "cls": str(int(sample["cls"]))}
 
 
+def _find_shard_error(exc: BaseException) -> Optional[str]:
+    """Our ShardError's message inside a Ray task error (as the cause, or in its rendered text)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, ShardError):
+            return str(exc).strip().splitlines()[-1]
+        text = str(exc)  # Ray ships the remote traceback as text: the last "…ShardError: msg" line
+        found = re.findall(r"^\S*ShardError: (.+)$", text, flags=re.M)
+        if found:
+            return found[-1].strip()
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+    return None
+
+
 # --------------------------------------------------------------------------- the job
 
 
@@ -197,7 +237,8 @@ def convert(
     classes = list_classes(src_fs, src_root)
     occupied = existing_shards(dst_fs, dst_root)
     if occupied and not overwrite:
-        raise ShardError(f"destination {dst!r} already has {occupied[0]} (and {len(occupied) - 1} more); pass --overwrite")
+        first = sorted(occupied)[0]
+        raise ShardError(f"destination {dst!r} already has {first} (and {len(occupied) - 1} more); pass --overwrite")
 
     import ray
     from ray.data import FileShuffleConfig, SaveMode
@@ -207,20 +248,18 @@ def convert(
         def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
             return SHARD_PATTERN.format(index=task_index)
 
-    ds = ray.data.read_binary_files(
-        [posixpath.join(src_root, name) for name in classes],
-        include_paths=True,
-        filesystem=src_fs,
-        file_extensions=IMAGE_EXTENSIONS,
-        shuffle=FileShuffleConfig(seed=seed) if shuffle else None,
-    )
-    ds = ds.map_batches(_ToSamples(src_root, classes), batch_format="numpy")
-    # Strict repartition: every block but the last has exactly shard_size rows, one block per file.
-    ds = ds.repartition(target_num_rows_per_block=shard_size, strict=True)
-    if occupied:
-        for name in occupied:  # only our own files: the destination may hold other data
-            dst_fs.delete_file(posixpath.join(dst_root, name))
     try:
+        ds = ray.data.read_binary_files(
+            [posixpath.join(src_root, name) for name in classes],
+            include_paths=True,
+            filesystem=src_fs,
+            file_extensions=IMAGE_EXTENSIONS,
+            shuffle=FileShuffleConfig(seed=seed) if shuffle else None,
+        )
+        ds = ds.map_batches(_ToSamples(src_root, classes), batch_format="numpy")
+        # Strict repartition: every block but the last has exactly shard_size rows, one block per file.
+        ds = ds.repartition(target_num_rows_per_block=shard_size, strict=True)
+        delete_files(dst_fs, dst_root, sorted(occupied))  # only our own files: DST may hold other data
         ds.write_webdataset(
             dst_root,
             filesystem=dst_fs,
@@ -231,12 +270,14 @@ def convert(
             mode=SaveMode.APPEND,
         )
     except Exception as exc:  # Ray wraps UDF errors in long task tracebacks: surface ours as one line
-        found = re.search(r"cannot decode image [^\n]*", str(exc))
-        if found:
-            raise ShardError(found.group(0)) from None
+        ours = _find_shard_error(exc)
+        if ours:
+            raise ShardError(ours) from None
+        if "No input files found" in str(exc):
+            raise ShardError(f"no images under {src!r} (extensions: {', '.join(IMAGE_EXTENSIONS)})") from None
         raise
 
-    shards = [n for n in existing_shards(dst_fs, dst_root) if n.endswith(".tar")]
+    shards = sorted(n for n in existing_shards(dst_fs, dst_root) if n.endswith(".tar"))
     if not shards:
         raise ShardError(f"no images found under {src!r} (extensions: {', '.join(IMAGE_EXTENSIONS)})")
     with dst_fs.open_output_stream(posixpath.join(dst_root, CLASSES_FILE)) as f:

@@ -95,6 +95,19 @@ def test_local_image_folder_to_local_shards(ray_session, tmp_path):
     assert again.exit_code == 1
     assert "already has" in again.stderr and "--overwrite" in again.stderr
 
+    # Class folders without images, and an undecodable image: one-line errors naming the cause.
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    (tmp_path / "empty" / "a" / "notes.txt").write_text("no images here\n")
+    empty = CliRunner().invoke(_app(), ["shards", str(tmp_path / "empty"), str(tmp_path / "out1")])
+    # (Ray Data logs the task failure on stderr first; our message is the last line.)
+    assert empty.exit_code == 1 and empty.stderr.strip().splitlines()[-1].startswith("error: no images under")
+    (tmp_path / "corrupt" / "a").mkdir(parents=True)
+    (tmp_path / "corrupt" / "a" / "broken.jpg").write_bytes(b"\x00not a jpeg at all")
+    corrupt = CliRunner().invoke(_app(), ["shards", str(tmp_path / "corrupt"), str(tmp_path / "out2")])
+    assert corrupt.exit_code == 1, corrupt.output
+    last = corrupt.stderr.strip().splitlines()[-1]
+    assert last == f"error: cannot decode image {tmp_path / 'corrupt' / 'a' / 'broken.jpg'} (UnidentifiedImageError)"
+
 
 @pytest.mark.e2e
 def test_s3_image_folder_to_s3_shards(ray_session, s3_server, tmp_path):
@@ -114,6 +127,14 @@ def test_s3_image_folder_to_s3_shards(ray_session, s3_server, tmp_path):
     get = lambda name: s3.get_object(Bucket="cfvit-shards-test", Key=f"wds/train/{name}")["Body"].read()  # noqa: E731
     files = {name: get(name) for name in keys if name.endswith(".tar")}
     check_output(files, get("classes.json"), expected, shard_size=4)
+
+    # --overwrite replaces the previous shards: 2 shards of 6 now, the stale third one is gone.
+    report = shards.convert("s3://cfvit-shards-test/imagefolder/train", "s3://cfvit-shards-test/wds/train",
+                            shard_size=6, overwrite=True)
+    listing = s3.list_objects_v2(Bucket="cfvit-shards-test", Prefix="wds/train/")["Contents"]
+    keys = {obj["Key"].rsplit("/", 1)[1] for obj in listing}
+    assert keys == {"classes.json", "shard-000000.tar", "shard-000001.tar"} and report.num_samples == 12
+    check_output({name: get(name) for name in keys if name.endswith(".tar")}, get("classes.json"), expected, shard_size=6)
 
 
 def test_bad_sources_are_clear_errors(tmp_path):
@@ -137,5 +158,5 @@ def test_sample_keys_and_image_entries():
     Image.new("RGB", (3, 3)).save(buf, format="GIF")
     ext, data = shards.image_entry(buf.getvalue(), "x.gif")
     assert ext == "png" and data.startswith(b"\x89PNG")
-    with pytest.raises(shards.ShardError, match="cannot decode image broken.jpg"):
+    with pytest.raises(shards.ShardError, match=r"cannot decode image broken.jpg \(UnidentifiedImageError\)"):
         shards.image_entry(b"definitely not an image", "broken.jpg")
