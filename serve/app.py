@@ -15,7 +15,7 @@ from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .deployments import CoarseStage, FineStage
+from .deployments import BackboneStage, CoarseStage, FineStage
 from .inputs import (RAW_TYPES, APIError, check_count, decode_and_transform, media_type, parse_json_body,
                      read_body, resolve_eta)
 from .schemas import BatchPrediction, ErrorBody, Health, ModelInfo, Prediction, TopClass
@@ -90,7 +90,10 @@ def _normalise_table(raw) -> Optional[List[Dict[str, float]]]:
 @serve.deployment(name="CFViTIngress", max_ongoing_requests=128)
 @serve.ingress(api)
 class CFViTIngress:
-    def __init__(self, coarse: DeploymentHandle, fine: DeploymentHandle, args: Dict[str, Any]):
+    """HTTP front: parses and pre-processes, then sends each image to `coarse` and the hard ones on to
+    `fine`. With `fine=None` (stages="backbone"), `coarse` is the single-stage BackboneStage."""
+
+    def __init__(self, coarse: DeploymentHandle, fine: Optional[DeploymentHandle], args: Dict[str, Any]):
         import torch
 
         from cfvit.transforms import build_transform
@@ -106,6 +109,7 @@ class CFViTIngress:
         self.data_config = dict(model.data_config)
         self.transform = build_transform(self.data_config, is_training=False)
         self.stage_gflops = {k: float(v) for k, v in model.stage_gflops().items()}
+        self.backbone_gflops = float(model.backbone_gflops())
         self.num_classes = int(model.num_classes)
         self.class_names = [str(c) for c in cfg.get("class_names") or range(self.num_classes)]
         self.eta_table = _normalise_table(cfg.get("eta_table"))
@@ -203,6 +207,9 @@ class CFViTIngress:
         return files
 
     async def _classify_one(self, image, eta: float) -> Prediction:
+        if self.fine is None:
+            out = await self.coarse.run.remote(image)
+            return self._prediction(out["probs"], "backbone", eta, out["probs"], None)
         coarse = await self.coarse.run.remote(image, eta)
         if coarse["exit"]:
             return self._prediction(coarse["probs"], "coarse", eta, coarse["probs"], None)
@@ -214,7 +221,8 @@ class CFViTIngress:
         top_p, top_i = probs.topk(k)
         top = [TopClass(label=int(i), class_name=self.class_names[int(i)], probability=float(p))
                for p, i in zip(top_p, top_i)]
-        gflops = self.stage_gflops["coarse"] + (self.stage_gflops["fine"] if stage == "fine" else 0.0)
+        gflops = {"coarse": self.stage_gflops["coarse"], "backbone": self.backbone_gflops,
+                  "fine": self.stage_gflops["coarse"] + self.stage_gflops["fine"]}[stage]
         return Prediction(label=top[0].label, class_name=top[0].class_name, confidence=top[0].probability,
                           top5=top, stage=stage, gflops=gflops, eta=eta,
                           coarse_confidence=float(coarse_probs.max()), regions=regions)
@@ -225,15 +233,20 @@ def _stage_options(deployment, opts, name: str):
         name=name,
         ray_actor_options={"num_cpus": opts.num_cpus, "num_gpus": opts.num_gpus},
         max_ongoing_requests=opts.max_ongoing_requests,
-        **({"autoscaling_config": opts.autoscaling_config} if opts.autoscaling_config else {"num_replicas": 1}),
+        **({"autoscaling_config": opts.autoscaling_config} if opts.autoscaling_config
+           else {"num_replicas": opts.num_replicas}),
     )
 
 
 def build_app(args: Dict[str, Any]) -> Application:
     """Serve application builder: `args` as in `serve.settings.AppArgs`."""
     cfg = AppArgs(**(args.model_dump() if isinstance(args, AppArgs) else args))
-    coarse = _stage_options(CoarseStage, cfg.coarse, "CoarseStage").bind(cfg.checkpoint, cfg.coarse.model_dump())
-    fine = _stage_options(FineStage, cfg.fine, "FineStage").bind(cfg.checkpoint, cfg.fine.model_dump())
+    if cfg.stages == "backbone":
+        coarse = _stage_options(BackboneStage, cfg.coarse, "BackboneStage").bind(cfg.checkpoint, cfg.coarse.model_dump())
+        fine = None
+    else:
+        coarse = _stage_options(CoarseStage, cfg.coarse, "CoarseStage").bind(cfg.checkpoint, cfg.coarse.model_dump())
+        fine = _stage_options(FineStage, cfg.fine, "FineStage").bind(cfg.checkpoint, cfg.fine.model_dump())
     ingress = CFViTIngress.options(
         ray_actor_options={"num_cpus": cfg.ingress_num_cpus},
         **({"autoscaling_config": cfg.ingress_autoscaling_config} if cfg.ingress_autoscaling_config

@@ -121,3 +121,24 @@ class FineStage(_Stage):
         out, dt = await self._compute(self._forward, images, states)
         self.metrics.observe(len(images), dt)
         return out
+
+
+@serve.deployment(name="BackboneStage", max_ongoing_requests=256)
+class BackboneStage(_Stage):
+    """The plain timm ViT of the same checkpoint on all fine tokens: the single-stage baseline."""
+
+    def __init__(self, checkpoint: str, options: Dict[str, Any]):
+        super().__init__(checkpoint, options, "backbone")
+
+    def _forward(self, images):
+        import torch
+
+        with torch.inference_mode():
+            probs = self.model.vit(torch.stack(images)).float().softmax(-1)
+            return [{"probs": probs[i].clone()} for i in range(len(images))]
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def run(self, images: List[Any]) -> List[Dict[str, Any]]:
+        out, dt = await self._compute(self._forward, images)
+        self.metrics.observe(len(images), dt)
+        return out

@@ -17,7 +17,8 @@ class Prediction(BaseModel):
     class_name: str
     confidence: float = Field(description="softmax probability of the predicted class")
     top5: List[TopClass]
-    stage: Literal["coarse", "fine"] = Field(description="the stage that answered")
+    stage: Literal["coarse", "fine", "backbone"] = Field(
+        description="the stage that answered (`backbone` only when the app serves the single-stage baseline)")
     gflops: float = Field(description="GFLOPs (multiply-accumulates) spent: coarse, or coarse + fine")
     eta: float = Field(description="the exit threshold applied to this image")
     coarse_confidence: float = Field(description="top softmax probability of the coarse stage")

@@ -1,7 +1,7 @@
 """Arguments of the Serve application (what `serve run serve.app:build_app k=v` and config.yaml pass)."""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Literal, Optional
 
 from pydantic import BaseModel, Field
 
@@ -21,6 +21,7 @@ class StageOptions(BaseModel):
     # Intra-op threads for torch in each replica; 0 = one per CPU the replica reserves (at least 1).
     torch_threads: int = Field(0, ge=0)
     max_ongoing_requests: int = Field(256, ge=1)
+    num_replicas: int = Field(1, ge=1, description="used when autoscaling_config is null")
     autoscaling_config: Optional[Dict[str, Any]] = None
 
 
@@ -55,6 +56,9 @@ class AppArgs(BaseModel):
     """
 
     checkpoint: str
+    # "backbone" serves the plain ViT on every fine token through the same ingress (the baseline of
+    # `cfvit bench serve`, or an A/B comparison); the `coarse` options then apply to it.
+    stages: Literal["cfvit", "backbone"] = "cfvit"
     eta: float = Field(0.5, ge=ETA_MIN, le=ETA_MAX, description="default η when a request names none")
     max_images: int = Field(32, ge=1, le=1024, description="most images in one request")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest request body (413 above)")

@@ -1,0 +1,72 @@
+"""`cfvit serve`: start (or join) Ray, deploy the application, block, and shut down cleanly on SIGINT/SIGTERM."""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from typing import Any, Dict, Optional
+
+
+class _Stop(Exception):
+    """Raised in the main thread by the SIGINT/SIGTERM handler."""
+
+
+def _raise_stop(signum, _frame):
+    raise _Stop(signal.Signals(signum).name)
+
+
+def start_ray(address: Optional[str], num_cpus: Optional[int] = None) -> bool:
+    """Join the cluster at `address` (or $RAY_ADDRESS), else start a private local instance.
+
+    Returns True when this process started Ray (and so must stop it).
+    """
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+        return False
+    # address="local" always starts a new instance, never silently joins someone else's.
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    return True
+
+
+def serve_forever(app_args: Dict[str, Any], host: str, port: int, address: Optional[str] = None,
+                  num_cpus: Optional[int] = None, name: str = "cfvit", echo=print) -> None:
+    import ray
+    from ray import serve
+
+    from .app import build_app
+
+    # Signals raise in the main thread from here on; a second signal during shutdown is ignored so the
+    # clean-up finishes (SIGKILL remains for the impatient).
+    previous = {s: signal.signal(s, _raise_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    started = False
+    try:
+        started = start_ray(address, num_cpus)
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(build_app(app_args), name=name, route_prefix="/")
+        url = f"http://{host}:{port}/"
+        echo(f"CF-ViT is serving at {url}  (API docs: {url}docs) — Ctrl-C to stop")
+        sys.stdout.flush()
+        while True:
+            time.sleep(3600)
+    except (_Stop, KeyboardInterrupt) as e:
+        echo(f"received {e or 'SIGINT'}: shutting down")
+    finally:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)
+        try:
+            if ray.is_initialized():
+                if started:
+                    serve.shutdown()
+                else:
+                    serve.delete(name)
+        finally:
+            if started and ray.is_initialized():
+                ray.shutdown()
+            for s, h in previous.items():
+                signal.signal(s, h)
+        echo("stopped")
+        sys.stdout.flush()
