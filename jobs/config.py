@@ -3,6 +3,7 @@ up-front checks (unknown keys, bad values, unreachable data) that fail with the 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -11,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "fmnist_tiny.yaml"
-BUILTIN_DATASETS = ("fashion-mnist",)
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 class ConfigError(ValueError):
@@ -177,7 +178,7 @@ class JobConfig(_Section):
     @property
     def split_epochs(self) -> int:
         """Epochs [0, split_epochs) re-split every patch; informative selection from then on."""
-        return round(self.schedule.split_fraction * self.schedule.epochs)
+        return int(self.schedule.split_fraction * self.schedule.epochs + 0.5)
 
     def flat(self) -> dict[str, Any]:
         """Dotted keys → values (MLflow params)."""
@@ -207,6 +208,8 @@ def parse_set(items: list[str] | None) -> dict:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {e}") from None
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-3 as a string
         node = out
         parts = key.split(".")
         for p in parts[:-1]:

@@ -7,6 +7,7 @@ image becomes a row with `valid=False` (counted and dropped by the train loop), 
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -192,35 +193,37 @@ def _webdataset_rows(df):
     return pd.DataFrame({"bytes": df[img_col], "label": np.asarray(labels, dtype=np.int64)})
 
 
-class Preprocess:
-    """Decode + timm transform on a Ray Data CPU worker → `image` (C,H,W float32), `label`, `valid`."""
+@functools.lru_cache(maxsize=8)
+def _transform(data_config_json: str, is_training: bool, aug_json: str):
+    from cfvit.transforms import build_transform
 
-    def __init__(self, data_config: dict, is_training: bool, aug: dict, num_classes: int):
-        from cfvit.transforms import build_transform
+    aug = json.loads(aug_json) if is_training else {}
+    return build_transform(json.loads(data_config_json), is_training=is_training, **aug)
 
-        self.tf = build_transform(data_config, is_training=is_training, **(aug if is_training else {}))
-        self.shape = tuple(data_config["input_size"])
-        self.num_classes = num_classes
 
-    def __call__(self, batch: dict) -> dict:
-        from PIL import Image
+def preprocess(batch: dict, data_config_json: str, is_training: bool, aug_json: str, num_classes: int) -> dict:
+    """Decode + timm transform on a Ray Data CPU task → `image` (C,H,W float32), `label`, `valid`.
 
-        from cfvit.transforms import ImageDecodeError, decode_image
+    A stateless task (not an actor pool) so that it never holds CPUs the train workers need."""
+    from PIL import Image
 
-        raw = batch["image"] if "image" in batch else batch["bytes"]
-        out = np.zeros((len(raw), *self.shape), dtype=np.float32)
-        labels = np.asarray(batch["label"], dtype=np.int64)
-        valid = (labels >= 0) & (labels < self.num_classes)
-        for i, item in enumerate(raw):
-            if not valid[i]:
-                continue
-            try:
-                img = Image.fromarray(np.asarray(item, dtype=np.uint8)) if "image" in batch else decode_image(item)
-                out[i] = self.tf(img).numpy()
-            except (ImageDecodeError, OSError, ValueError):
-                valid[i] = False  # skipped and counted downstream, never fatal
-        labels = np.where(valid, labels, 0)
-        return {"image": out, "label": labels, "valid": valid}
+    from cfvit.transforms import ImageDecodeError, decode_image
+
+    tf = _transform(data_config_json, is_training, aug_json)
+    shape = tuple(json.loads(data_config_json)["input_size"])
+    raw = batch["image"] if "image" in batch else batch["bytes"]
+    out = np.zeros((len(raw), *shape), dtype=np.float32)
+    labels = np.asarray(batch["label"], dtype=np.int64)
+    valid = (labels >= 0) & (labels < num_classes)
+    for i, item in enumerate(raw):
+        if not valid[i]:
+            continue
+        try:
+            img = Image.fromarray(np.asarray(item, dtype=np.uint8)) if "image" in batch else decode_image(item)
+            out[i] = tf(img).numpy()
+        except (ImageDecodeError, OSError, ValueError):
+            valid[i] = False  # skipped and counted downstream, never fatal
+    return {"image": out, "label": np.where(valid, labels, 0), "valid": valid}
 
 
 def build_datasets(cfg, data_config: dict, train_src: Source, val_src: Source) -> dict:
@@ -231,6 +234,7 @@ def build_datasets(cfg, data_config: dict, train_src: Source, val_src: Source) -
     out = {}
     for role, src, limit in (("train", train_src, cfg.data.train_limit), ("val", val_src, cfg.data.val_limit)):
         ds = read(src, role=role, limit=limit, seed=cfg.seed)
-        out[role] = ds.map_batches(Preprocess, fn_constructor_args=(data_config, role == "train", train_aug, n),
-                                   batch_size=64, batch_format="numpy", concurrency=(1, 4))
+        kw = dict(data_config_json=json.dumps(data_config), is_training=role == "train",
+                  aug_json=json.dumps(train_aug), num_classes=n)
+        out[role] = ds.map_batches(preprocess, fn_kwargs=kw, batch_size=64, batch_format="numpy")
     return out

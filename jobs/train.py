@@ -66,9 +66,14 @@ def _sum(values: list[float]) -> list[float]:
 
 
 def _kill_drill(cfg: JobConfig, epoch: int, rank: int) -> None:
+    """Failure drill (tests): SIGKILL this worker once, after Ray has registered the last checkpoint
+    (reports are registered asynchronously; waiting makes the drill's outcome deterministic)."""
+    import ray.train
+
     d = cfg.debug
     if d.kill_at_epoch != epoch or d.kill_rank != rank or not d.kill_marker or os.path.exists(d.kill_marker):
         return
+    ray.train.get_all_reported_checkpoints(timeout_s=120)
     Path(d.kill_marker).write_text(f"rank {rank} killed at epoch {epoch}\n")
     os.kill(os.getpid(), signal.SIGKILL)
 
@@ -175,6 +180,7 @@ def train_loop_per_worker(config: dict) -> None:
             "images_per_s": images / train_s if train_s else 0.0, "lr": optimizer.param_groups[0]["lr"],
             "split_all": int(split_all), "skipped_images": skipped + sum(p[3] for p in parts_all),
             "train_skipped_images": skipped, "epoch_seconds": epoch_s,
+            "start_epoch": start_epoch,  # where this worker group (re)started: shows resumes
         }
         curve = None
         if rank == 0 and any(p[2] for p in parts_all):
