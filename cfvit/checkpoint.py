@@ -24,7 +24,9 @@ def model_config(model) -> dict:
     return {
         "format_version": FORMAT_VERSION,
         "model_name": model.model_name,
-        "model_kwargs": model.model_kwargs,
+        # α, β and the selection rule can change after training (`set_inference`): rebuild with the current ones
+        "model_kwargs": {**model.model_kwargs, "alpha": model.alpha, "beta": model.beta,
+                         "selection": model.selection},
         "embed_dim": model.embed_dim,
         "depth": len(model.vit.blocks),
         "num_heads": model.vit.blocks[0].attn.num_heads,

@@ -190,6 +190,23 @@ class CFViT(nn.Module):
         # Both position tables and the class token (the authors' code decayed pos-embeds by accident).
         return {"coarse_pos_embed", "vit.pos_embed", "vit.cls_token"}
 
+    def set_inference(self, alpha: Optional[float] = None, beta: Optional[float] = None,
+                      selection: Optional[str] = None) -> "CFViT":
+        """Change α, β or the selection rule without retraining: they only steer which patches the fine stage
+        re-splits (the weights do not depend on them). `cfvit.save` records the current values."""
+        if alpha is not None:
+            c2f.num_selected(self.n_coarse, alpha)  # validates
+            self.alpha = float(alpha)
+        if beta is not None:
+            if not 0.0 <= beta <= 1.0:
+                raise ValueError(f"beta must be in [0, 1], got {beta}")
+            self.beta = float(beta)
+        if selection is not None:
+            if selection not in c2f.SELECTIONS:
+                raise ValueError(f"unknown selection {selection!r}; choose one of {c2f.SELECTIONS}")
+            self.selection = selection
+        return self
+
     # ------------------------------------------------------------------ inputs
     def check_input(self, images: torch.Tensor) -> None:
         expected = (self.in_chans, self.img_size, self.img_size)

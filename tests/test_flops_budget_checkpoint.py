@@ -149,9 +149,14 @@ def test_checkpoint_round_trip(tmp_path):
     assert m2.cfvit_config["class_names"][0] == "a" and m2.cfvit_config["eta_table"][0]["eta"] == 0.5
     out = m2.infer(x, 0.12, return_indices=True)
     assert torch.equal(out.logits, ref.logits) and torch.equal(out.selected, ref.selected)
-    # saving a loaded model keeps its metadata
+    # saving a loaded model keeps its metadata, and α/β/selection changed after training
+    m2.set_inference(alpha=0.5, beta=0.9, selection="last")
     cfvit.save(m2, tmp_path / "again")
-    assert cfvit.load(tmp_path / "again").cfvit_config["class_names"][0] == "a"
+    m3 = cfvit.load(tmp_path / "again")
+    assert m3.cfvit_config["class_names"][0] == "a"
+    assert (m3.alpha, m3.beta, m3.selection, m3.k_selected) == (0.5, 0.9, "last", 25)
+    with pytest.raises(ValueError, match="alpha"):
+        m3.set_inference(alpha=2.0)
 
 
 def test_corrupt_or_mismatched_checkpoint_is_a_clear_error(tmp_path):
