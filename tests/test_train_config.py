@@ -113,3 +113,21 @@ def test_cli_reports_config_errors():
     res = CliRunner().invoke(app, ["train", "--config", "fmnist_tiny", "--set", "data.trian=x"])
     assert res.exit_code == 2
     assert "data.trian: unknown key" in res.output
+
+
+def test_compact_validation_gives_the_exact_curve():
+    """Workers send (confidence, prediction) pairs, not N x C probabilities; the η curve must not change."""
+    import numpy as np
+
+    from cfvit.budget import eta_curve
+    from jobs.train import _as_probs
+
+    rng = np.random.default_rng(0)
+    n, c = 500, 10
+    cp, fp = (rng.dirichlet(np.ones(c), n).astype(np.float32) for _ in range(2))
+    y = rng.integers(0, c, n)
+    full = eta_curve(cp, fp, y, coarse_gflops=1.0, fine_gflops=2.0)
+    small = eta_curve(*_as_probs(np.stack([cp.max(1), cp.argmax(1)], 1), fp.argmax(1), c), y,
+                      coarse_gflops=1.0, fine_gflops=2.0)
+    for k in ("eta", "accuracy", "gflops", "exit_fraction"):
+        assert np.array_equal(getattr(full, k), getattr(small, k)), k
