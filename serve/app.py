@@ -4,6 +4,7 @@
 """
 
 import asyncio
+import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
@@ -51,8 +52,19 @@ _BODY_DOC = {
 }
 
 
+def _finite(x: Any) -> Any:
+    """JSON has no NaN/inf: echo such client values back as strings."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
 def _error(status: int, error: str, detail: Any = None) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": error, "detail": detail})
+    return JSONResponse(status_code=status, content={"error": error, "detail": _finite(detail)})
 
 
 @api.exception_handler(APIError)

@@ -8,6 +8,7 @@ import base64
 import binascii
 import io
 import json
+import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .settings import ETA_MAX, ETA_MIN
@@ -130,7 +131,7 @@ def resolve_eta(eta: Optional[float], budget: Optional[float], default: float,
     if eta is not None and budget is not None:
         raise APIError(422, "give eta or budget_gflops, not both", {"eta": eta, "budget_gflops": budget})
     if budget is not None:
-        if not budget > 0:
+        if not (budget > 0 and math.isfinite(budget)):
             raise APIError(422, "budget_gflops out of range", {"budget_gflops": budget, "min_exclusive": 0})
         return eta_from_table(table, budget)
     if eta is None:

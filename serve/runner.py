@@ -45,6 +45,9 @@ def serve_forever(app_args: Dict[str, Any], host: str, port: int, address: Optio
     started = False
     try:
         started = start_ray(address, num_cpus)
+        # Ray's core installs its own (aborting) SIGTERM handler in ray.init: take the signals back.
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, _raise_stop)
         serve.start(http_options={"host": host, "port": port})
         serve.run(build_app(app_args), name=name, route_prefix="/")
         url = f"http://{host}:{port}/"

@@ -16,7 +16,9 @@ class StageOptions(BaseModel):
 
     max_batch_size: int = Field(32, ge=1, le=4096)
     batch_wait_timeout_s: float = Field(0.005, ge=0.0, le=5.0)
-    num_cpus: float = Field(1.0, ge=0.0)
+    # Logical CPUs per replica. Half a CPU by default so one coarse + one fine + the ingress fit a
+    # 2-core laptop (`cfvit serve`); serve/config.yaml reserves whole CPUs on a cluster.
+    num_cpus: float = Field(0.5, ge=0.0)
     num_gpus: float = Field(0.0, ge=0.0)
     # Intra-op threads for torch in each replica; 0 = one per CPU the replica reserves (at least 1).
     torch_threads: int = Field(0, ge=0)
@@ -65,6 +67,6 @@ class AppArgs(BaseModel):
     max_pixels: int = Field(40_000_000, ge=1, description="largest decoded image, width × height")
     coarse: StageOptions = Field(default_factory=_coarse_default)
     fine: StageOptions = Field(default_factory=_fine_default)
-    ingress_num_cpus: float = Field(0.25, ge=0.0)
+    ingress_num_cpus: float = Field(0.1, ge=0.0)
     ingress_autoscaling_config: Optional[Dict[str, Any]] = Field(
         default_factory=lambda: {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 64})

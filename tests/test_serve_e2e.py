@@ -1,0 +1,248 @@
+"""The Serve application over real HTTP on 127.0.0.1, with a model trained for the session."""
+import base64
+import io
+import json
+import shutil
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.fixtures.serve_app import APP_NAME, served  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.e2e
+
+
+def png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def fmnist_test():
+    from cfvit.data import load_fashion_mnist
+
+    x, y = load_fashion_mnist("test")
+    return x[2000:2200], y[2000:2200]  # away from the 1000 images the fixture calibrated η on
+
+
+@pytest.fixture(scope="module")
+def local_model(fmnist_checkpoint):
+    import cfvit
+
+    return cfvit.load(str(fmnist_checkpoint)).eval()
+
+
+def classify(url, data: bytes, ctype="image/png", **params):
+    return httpx.post(url + "/v1/classify", content=data, headers={"content-type": ctype}, params=params, timeout=60)
+
+
+def test_health_model_docs_and_page(served):
+    assert httpx.get(served + "/healthz").json() == {"status": "ok"}
+    info = httpx.get(served + "/v1/model").json()
+    assert info["name"] == "cfvit_tiny_fmnist"
+    assert info["class_names"][0] == "T-shirt/top" and info["num_classes"] == 10
+    assert info["input_size"] == [1, 56, 56] and info["coarse_grid"] == 7
+    assert info["stage_gflops"]["coarse"] > 0 and info["stage_gflops"]["fine"] > 0
+    assert info["eta_table"] and {"eta", "gflops"} <= set(info["eta_table"][0])
+    assert info["version"].startswith("sha256:")
+    spec = httpx.get(served + "/openapi.json").json()
+    assert {"/v1/classify", "/v1/model", "/healthz"} <= set(spec["paths"])
+    assert "image/png" in spec["paths"]["/v1/classify"]["post"]["requestBody"]["content"]
+    assert httpx.get(served + "/docs").status_code == 200
+    page = httpx.get(served + "/")
+    assert page.status_code == 200 and "<canvas" in page.text and "://" not in page.text  # no CDNs
+
+
+def test_accuracy_on_fashion_mnist(served, fmnist_test, fmnist_checkpoint):
+    x, y = fmnist_test
+    preds, stages = [], []
+    for i in range(0, len(x), 32):  # JSON batches of base64 PNGs at the native 28 px
+        body = {"images": [base64.b64encode(png(a)).decode() for a in x[i:i + 32]]}
+        r = httpx.post(served + "/v1/classify", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert len(out["predictions"]) == len(x[i:i + 32])
+        assert out["gflops"] == pytest.approx(sum(p["gflops"] for p in out["predictions"]))
+        preds += [p["label"] for p in out["predictions"]]
+        stages += [p["stage"] for p in out["predictions"]]
+    acc = float(np.mean(np.array(preds) == y))
+    calibrated = json.loads((Path(fmnist_checkpoint) / "config.json").read_text()).get("val_accuracy")
+    assert acc >= 0.6, f"accuracy {acc:.2f} on {len(y)} Fashion-MNIST test images (checkpoint's own: {calibrated})"
+    assert set(stages) <= {"coarse", "fine"}
+
+
+def test_answers_match_the_library(served, fmnist_test, local_model):
+    """The split deployment answers exactly as `model.infer` does in one process."""
+    from cfvit.transforms import build_transform, decode_image
+
+    x, _ = fmnist_test
+    tf = build_transform(local_model.data_config)
+    files = [png(a) for a in x[:12]]
+    batch = torch.stack([tf(decode_image(f)) for f in files])
+    for eta in (0.0, 0.7, 1.0001):
+        ref = local_model.infer(batch, eta, return_indices=True)
+        for i, f in enumerate(files):
+            out = classify(served, f, eta=eta).json()
+            assert out["stage"] == ("fine" if ref.exit_stage[i] else "coarse")
+            assert out["label"] == int(ref.logits[i].argmax())
+            assert out["confidence"] == pytest.approx(float(ref.logits[i].softmax(-1).max()), abs=1e-4)
+            if out["stage"] == "fine":
+                assert sorted(out["regions"]) == sorted(ref.selected[i].tolist())
+            else:
+                assert out["regions"] is None
+
+
+def test_eta_changes_the_answering_stage(served, fmnist_test, local_model):
+    img = png(fmnist_test[0][0])
+    g = local_model.stage_gflops()
+    low = classify(served, img, eta=0).json()
+    assert low["stage"] == "coarse" and low["gflops"] == pytest.approx(g["coarse"]) and low["regions"] is None
+    high = classify(served, img, eta=1.0001).json()
+    assert high["stage"] == "fine" and high["gflops"] == pytest.approx(g["coarse"] + g["fine"])
+    assert len(high["regions"]) == local_model.k_selected
+    assert all(0 <= i < local_model.coarse_grid ** 2 for i in high["regions"])
+    assert len(high["top5"]) == 5 and high["top5"][0]["label"] == high["label"]
+    # η from a budget: the cheapest calibrated point and an infeasible one.
+    table = httpx.get(served + "/v1/model").json()["eta_table"]
+    cheapest = min(table, key=lambda p: p["gflops"])
+    r = classify(served, img, budget_gflops=cheapest["gflops"])
+    assert r.status_code == 200 and r.json()["eta"] == pytest.approx(cheapest["eta"])
+    r = classify(served, img, budget_gflops=g["coarse"] / 2)
+    assert r.status_code == 422 and r.json()["error"] == "budget infeasible"
+
+
+def test_each_request_keeps_its_own_eta_inside_a_batch(served, fmnist_test):
+    img = png(fmnist_test[0][0])
+    etas = [0.0, 1.0001] * 12
+
+    def one(eta):
+        return eta, classify(served, img, eta=eta).json()["stage"]
+
+    with ThreadPoolExecutor(24) as pool:  # concurrent, so they share coarse batches
+        for eta, stage in pool.map(one, etas):
+            assert stage == ("coarse" if eta == 0.0 else "fine")
+
+
+def test_images_as_users_have_them(served):
+    rng = np.random.default_rng(0)
+    colour = Image.fromarray(rng.integers(0, 255, (240, 320, 3), dtype=np.uint8))
+    jpeg = io.BytesIO()
+    colour.save(jpeg, format="JPEG")
+    grey16 = png(rng.integers(0, 255, (17, 50), dtype=np.uint8))
+    rgba = io.BytesIO()
+    Image.new("RGBA", (90, 90), (10, 200, 30, 128)).save(rgba, format="PNG")
+    for data, ctype in ((jpeg.getvalue(), "image/jpeg"), (grey16, "image/png"), (rgba.getvalue(), "image/png")):
+        r = classify(served, data, ctype)
+        assert r.status_code == 200, r.text
+    # multipart, one file → one prediction; two files → a batch
+    r = httpx.post(served + "/v1/classify", files={"file": ("a.jpg", jpeg.getvalue(), "image/jpeg")}, timeout=60)
+    assert r.status_code == 200 and "label" in r.json()
+    r = httpx.post(served + "/v1/classify", files=[("file", ("a.png", grey16, "image/png")),
+                                                   ("file", ("b.png", rgba.getvalue(), "image/png"))],
+                   params={"eta": 0}, timeout=60)
+    assert r.status_code == 200 and [p["stage"] for p in r.json()["predictions"]] == ["coarse", "coarse"]
+
+
+def _bad_requests(img: bytes):
+    big = png(np.zeros((1100, 1100), dtype=np.uint8))  # 1.2 MP > max_pixels, yet a small file
+    b64 = base64.b64encode(img).decode()
+    yield "not an image", dict(content=b"hello, I am not a PNG", headers={"content-type": "image/png"}), 400
+    yield "truncated", dict(content=img[: len(img) // 2], headers={"content-type": "image/png"}), 400
+    yield "empty body", dict(content=b"", headers={"content-type": "image/png"}), 400
+    yield "oversized body", dict(content=b"\0" * (1024 * 1024 + 1), headers={"content-type": "image/png"}), 413
+    yield "oversized chunked body", dict(content=iter([b"\0" * 65536] * 20), headers={"content-type": "image/png"}), 413
+    yield "too many pixels", dict(content=big, headers={"content-type": "image/png"}), 413
+    yield "wrong content type", dict(content=img, headers={"content-type": "text/plain"}), 415
+    yield "no content type", dict(content=img), 415
+    yield "too many images", dict(json={"images": [b64] * 33}), 413
+    yield "too many files", dict(files=[("file", ("a.png", img, "image/png"))] * 33), 413
+    yield "eta too high", dict(content=img, headers={"content-type": "image/png"}, params={"eta": 1.5}), 422
+    yield "eta negative", dict(content=img, headers={"content-type": "image/png"}, params={"eta": -0.1}), 422
+    yield "eta not a number", dict(content=img, headers={"content-type": "image/png"}, params={"eta": "abc"}), 422
+    yield "eta NaN", dict(content=img, headers={"content-type": "image/png"}, params={"eta": "nan"}), 422
+    yield "eta in JSON too high", dict(json={"images": [b64], "eta": 7}), 422
+    yield "eta in JSON NaN", dict(content=b'{"images": ["%s"], "eta": NaN}' % b64.encode(),
+                                  headers={"content-type": "application/json"}), 422
+    yield "budget infinite", dict(content=img, headers={"content-type": "image/png"}, params={"budget_gflops": "inf"}), 422
+    yield "eta and budget", dict(content=img, headers={"content-type": "image/png"},
+                                 params={"eta": 0.5, "budget_gflops": 1}), 422
+    yield "malformed JSON", dict(content=b'{"images": [', headers={"content-type": "application/json"}), 400
+    yield "bad base64", dict(json={"images": ["***not base64***"]}), 400
+    yield "base64 of junk", dict(json={"images": [base64.b64encode(b"junk").decode()]}), 400
+    yield "images not a list", dict(json={"images": "abc"}), 422
+    yield "no images", dict(json={"images": []}), 422
+    yield "unknown JSON field", dict(json={"images": [b64], "etaa": 0.1}), 422
+    yield "multipart without file", dict(data={"note": "x"}, files={"other": ("a.png", img, "image/png")}), 422
+    yield "malformed multipart", dict(content=b"--xx\r\nbroken", headers={"content-type": "multipart/form-data; boundary=xx"}), 422
+    yield "multipart without boundary", dict(content=b"abc", headers={"content-type": "multipart/form-data"}), 400
+
+
+def test_bad_input_gives_4xx_json_and_the_service_stays_up(served, fmnist_test):
+    from ray import serve
+
+    img = png(fmnist_test[0][0])
+    for name, kwargs, status in _bad_requests(img):
+        r = httpx.post(served + "/v1/classify", timeout=60, **kwargs)
+        assert r.status_code == status, (name, r.status_code, r.text)
+        body = r.json()
+        assert set(body) == {"error", "detail"} and body["error"], (name, body)
+    assert httpx.get(served + "/v1/nothing").json()["error"] == "Not Found"
+    assert httpx.get(served + "/healthz").status_code == 200
+    assert classify(served, img).status_code == 200
+    app = serve.status().applications[APP_NAME]
+    assert app.status == "RUNNING"
+    for name, dep in app.deployments.items():
+        assert dep.status == "HEALTHY", (name, dep)
+
+
+def test_32_concurrent_clients_zero_errors(served, fmnist_test):
+    x, _ = fmnist_test
+    files = [png(a) for a in x[:32]]
+
+    def client(k):
+        codes = []
+        with httpx.Client(base_url=served, timeout=120) as c:
+            for j in range(3):  # raw, multipart and JSON bodies, in turn
+                f = files[(k + j) % len(files)]
+                if j == 0:
+                    r = c.post("/v1/classify", content=f, headers={"content-type": "image/png"})
+                elif j == 1:
+                    r = c.post("/v1/classify", files={"file": ("x.png", f, "image/png")})
+                else:
+                    r = c.post("/v1/classify", json={"images": [base64.b64encode(f).decode()] * 2})
+                codes.append(r.status_code)
+        return codes
+
+    with ThreadPoolExecutor(32) as pool:
+        codes = [c for cs in pool.map(client, range(32)) for c in cs]
+    assert codes == [200] * 96
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium package is not installed")
+def test_page_classifies_in_headless_chromium(served):
+    """The page at / loads, classifies a generated image (?demo=1) and shows the answer and the regions."""
+    profile = tempfile.mkdtemp(prefix="cfvit-chromium-")
+    try:
+        out = subprocess.run(
+            ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={profile}", "--virtual-time-budget=30000", "--dump-dom",
+             served + "/?demo=1&eta=1.0001"],
+            capture_output=True, text=True, timeout=120)
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+    dom = out.stdout
+    assert 'data-state="done"' in dom, (out.stderr[-2000:], dom[-3000:])
+    assert '<span id="stage" class="badge fine">fine</span>' in dom
+    assert '<span id="n_regions">25</span>' in dom
+    info = httpx.get(served + "/v1/model").json()
+    shown = dom.split('<b id="class_name">')[1].split("</b>")[0]
+    assert shown.replace("&amp;", "&") in info["class_names"]

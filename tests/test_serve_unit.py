@@ -1,0 +1,133 @@
+"""Serving pieces that need no running Ray: config, argument checks, η from a budget, bench maths, S3."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from serve.inputs import APIError, eta_from_table, resolve_eta
+from serve.settings import ETA_MAX, AppArgs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_config_yaml_is_a_valid_serve_deploy_config():
+    from ray.serve.schema import ServeDeploySchema
+
+    raw = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(raw) if hasattr(ServeDeploySchema, "model_validate") \
+        else ServeDeploySchema.parse_obj(raw)
+    app = schema.applications[0]
+    assert app.import_path == "serve.app:build_app"
+    args = AppArgs(**app.args)
+    # the fine stage is sized below the coarse one (it sees only the hard images)
+    assert args.fine.autoscaling_config["max_replicas"] < args.coarse.autoscaling_config["max_replicas"]
+
+
+def test_build_app_composes_three_named_deployments(tmp_path):
+    from serve.app import build_app
+
+    app = build_app({"checkpoint": str(tmp_path), "eta": "0.3"})  # `serve run k=v` passes strings
+    ingress = app._bound_deployment
+    assert ingress.name == "CFViTIngress"
+    names = {a._bound_deployment.name for a in ingress.init_args[:2]}
+    assert names == {"CoarseStage", "FineStage"}
+    assert ingress.init_args[2]["eta"] == 0.3
+    coarse = ingress.init_args[0]._bound_deployment
+    assert coarse._deployment_config.autoscaling_config.max_replicas == 4
+    single = build_app({"checkpoint": str(tmp_path), "stages": "backbone"})._bound_deployment
+    assert single.init_args[0]._bound_deployment.name == "BackboneStage" and single.init_args[1] is None
+
+
+def test_app_args_reject_nonsense():
+    with pytest.raises(ValueError):
+        AppArgs(checkpoint="x", eta=3)
+    with pytest.raises(ValueError):
+        AppArgs(checkpoint="x", max_images=0)
+
+
+TABLE = [{"budget_gflops": 0.05, "eta": 0.9, "accuracy": 0.80, "gflops": 0.048},
+         {"budget_gflops": 0.08, "eta": 0.99, "accuracy": 0.84, "gflops": 0.079},
+         {"budget_gflops": 0.12, "eta": 0.999, "accuracy": 0.83, "gflops": 0.11}]
+
+
+def test_eta_from_budget_picks_the_most_accurate_point_that_fits():
+    assert eta_from_table(TABLE, 0.05) == 0.9
+    assert eta_from_table(TABLE, 0.2) == 0.99  # more budget, but the costlier point is less accurate
+    with pytest.raises(APIError) as e:
+        eta_from_table(TABLE, 0.01)
+    assert e.value.status == 422 and e.value.detail["min_gflops"] == 0.048
+    with pytest.raises(APIError) as e:
+        eta_from_table(None, 1.0)
+    assert e.value.status == 422 and "no calibrated" in e.value.detail
+
+
+def test_eta_from_the_library_table():
+    from cfvit.budget import eta_curve, eta_table
+
+    rng = np.random.default_rng(0)
+    cp, fp = rng.dirichlet(np.ones(10), 200), rng.dirichlet(np.ones(10), 200)
+    y = rng.integers(0, 10, 200)
+    curve = eta_curve(cp, fp, y, coarse_gflops=1.0, fine_gflops=3.0)
+    table = eta_table(curve, [1.5, 2.5, 4.0])
+    assert eta_from_table(table, 2.5) == table[1]["eta"]
+
+
+@pytest.mark.parametrize("eta,budget", [(-0.01, None), (ETA_MAX + 1e-3, None), (float("nan"), None),
+                                        (0.5, 1.0), (None, 0.0), (None, -1.0),
+                                        (None, float("inf")), (None, float("nan"))])
+def test_resolve_eta_refuses(eta, budget):
+    with pytest.raises(APIError) as e:
+        resolve_eta(eta, budget, 0.5, TABLE)
+    assert e.value.status == 422
+
+
+def test_resolve_eta_accepts():
+    assert resolve_eta(None, None, 0.4, TABLE) == 0.4
+    assert resolve_eta(0.0, None, 0.4, None) == 0.0
+    assert resolve_eta(ETA_MAX, None, 0.4, None) == ETA_MAX
+    assert resolve_eta(None, 0.1, 0.4, TABLE) == 0.99
+
+
+def test_ratio_at_equal_p99_interpolates_both_curves():
+    from serve.bench import ratio_at_equal_p99
+
+    cf = [{"p99_ms": 10, "throughput": 100}, {"p99_ms": 30, "throughput": 300}]
+    base = [{"p99_ms": 20, "throughput": 100}, {"p99_ms": 40, "throughput": 150}]
+    rows = ratio_at_equal_p99(cf, base)
+    assert [r["p99_ms"] for r in rows] == [20, 30]
+    assert rows[0]["ratio"] == pytest.approx(200 / 100)
+    assert rows[1]["ratio"] == pytest.approx(300 / 125)
+    assert ratio_at_equal_p99(cf, [{"p99_ms": 99, "throughput": 1}]) == []
+
+
+def test_cli_registers_serve_and_bench_serve():
+    from typer.testing import CliRunner
+
+    from cfvit import cli
+
+    cli._register_plugins()
+    runner = CliRunner()
+    out = runner.invoke(cli.app, ["serve", "--help"])
+    assert out.exit_code == 0 and "--checkpoint" in out.output and "--port" in out.output
+    out = runner.invoke(cli.app, ["bench", "serve", "--help"])
+    assert out.exit_code == 0 and "--concurrency" in out.output
+
+
+def test_s3_checkpoint_is_downloaded(s3_server, tmp_path, monkeypatch):
+    from serve.source import resolve_checkpoint
+
+    monkeypatch.setenv("CFVIT_CACHE", str(tmp_path / "cache"))
+    s3 = s3_server.client()
+    s3.create_bucket(Bucket="serve-models")
+    s3.put_object(Bucket="serve-models", Key="runs/a/ckpt/config.json", Body=b"{}")
+    s3.put_object(Bucket="serve-models", Key="runs/a/ckpt/model.safetensors", Body=b"weights")
+    s3.put_object(Bucket="serve-models", Key="runs/a/ckpt2/config.json", Body=b"other")  # same prefix, not inside
+    local = resolve_checkpoint("s3://serve-models/runs/a/ckpt")
+    assert sorted(p.name for p in local.iterdir()) == ["config.json", "model.safetensors"]
+    assert (local / "model.safetensors").read_bytes() == b"weights"
+    assert resolve_checkpoint("s3://serve-models/runs/a/ckpt") == local  # cached
+    with pytest.raises(FileNotFoundError):
+        resolve_checkpoint("s3://serve-models/nothing/here")
+    with pytest.raises(FileNotFoundError):
+        resolve_checkpoint(str(tmp_path / "missing"))
