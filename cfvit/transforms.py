@@ -23,7 +23,9 @@ def decode_image(data: bytes) -> Image.Image:
         img.load()
     except ImageDecodeError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except UnidentifiedImageError:
+        raise ImageDecodeError("not a readable image: unrecognised or corrupt image data") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ImageDecodeError(f"not a readable image: {e}") from None
     return img
 
