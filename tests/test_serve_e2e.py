@@ -75,7 +75,12 @@ def test_accuracy_on_fashion_mnist(served, fmnist_test, fmnist_checkpoint):
         stages += [p["stage"] for p in out["predictions"]]
     acc = float(np.mean(np.array(preds) == y))
     calibrated = json.loads((Path(fmnist_checkpoint) / "config.json").read_text()).get("val_accuracy")
-    assert acc >= 0.6, f"accuracy {acc:.2f} on {len(y)} Fashion-MNIST test images (checkpoint's own: {calibrated})"
+    # The session fixture is a few hundred CPU steps of training: well above chance (0.1), not converged.
+    # What the service answers must match the model's own offline accuracy on held-out data.
+    assert acc >= 0.25, f"accuracy {acc:.2f} on {len(y)} Fashion-MNIST test images (checkpoint's own: {calibrated})"
+    if calibrated:
+        lo, hi = sorted((calibrated["coarse"], calibrated["fine"]))  # the served mix lies near that range
+        assert lo - 0.1 <= acc <= hi + 0.1, f"served {acc:.2f} vs offline {calibrated}"
     assert set(stages) <= {"coarse", "fine"}
 
 
