@@ -22,6 +22,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         depth: Optional[int] = typer.Option(None, "--depth"),
         num_heads: Optional[int] = typer.Option(None, "--num-heads"),
         batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+        lr: Optional[float] = typer.Option(None, "--lr", help="Peak AdamW learning rate of every arm."),
         tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="Default: MLFLOW_TRACKING_URI or ./mlflow.db."),
         note: Optional[str] = typer.Option(None, "--note", help="A sentence for RESULTS.md (e.g. why the run was downsized)."),
     ):
@@ -29,7 +30,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         from .reproduce import make_config, reproduce
 
         cfg = make_config(quick, full, epochs=epochs, seed=seed, train_limit=train_limit, test_limit=test_limit,
-                          embed_dim=embed_dim, depth=depth, num_heads=num_heads, batch_size=batch_size)
+                          embed_dim=embed_dim, depth=depth, num_heads=num_heads, batch_size=batch_size, lr=lr)
         command = "cfvit " + " ".join(map(shlex.quote, sys.argv[1:]))
         res = reproduce(cfg, out, tracking_uri=tracking_uri, command=command, note=note)
         ff = res["flops_fraction_at_backbone_accuracy"]

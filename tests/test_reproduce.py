@@ -35,7 +35,7 @@ def test_make_config_overrides():
     assert (cfg.epochs, cfg.seed, cfg.quick, cfg.train_limit) == (3, 7, True, rp.QUICK["train_limit"])
     assert cfg.split_epochs == 2  # 2/3 of 3 epochs split every patch
     full = rp.make_config(full=True)
-    assert full.full and not full.quick and full.train_limit is None and full.test_limit is None
+    assert full.full and not full.quick and full.train_limit == rp.ReproConfig().train_limit and full.test_limit is None
 
 
 def test_eta_points_and_match_on_synthetic_logits():
