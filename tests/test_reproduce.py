@@ -141,3 +141,11 @@ def test_quick_run_is_in_mlflow(quick_run):
     children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
     assert {c.info.run_name for c in children} == {"backbone", "cfvit"}
     assert all(c.info.status == "FINISHED" and "train_loss" in c.data.metrics for c in children)
+
+
+def test_render_from_json_reproduces_the_markdown(quick_run, tmp_path):
+    out, _ = quick_run
+    copy = tmp_path / "results.json"
+    copy.write_text((out / "results.json").read_text())
+    assert rp.render_from_json(copy) == (out / "RESULTS.md").read_text()
+    assert (tmp_path / "RESULTS.md").is_file()
