@@ -188,14 +188,15 @@ def test_calibrate_too_low_and_too_high_budgets_do_not_crash(fmnist_checkpoint, 
     model = cfvit.load(fmnist_checkpoint)
     g = model.stage_gflops()
     lo, hi = g["coarse"], g["coarse"] + g["fine"]
-    cal = calibrate(str(fmnist_checkpoint), [f"{lo / 2:.6f}", f"{hi * 3:.6f}"], limit=128, output=str(tmp_path / "o"))
+    too_low, too_high = f"{lo / 2:.6f}", f"{hi * 3:.6f}"
+    cal = calibrate(str(fmnist_checkpoint), [too_low, too_high], limit=128, output=str(tmp_path / "o"))
     low, high = cal.results
     assert not low.feasible and low.note.startswith("infeasible: reachable ")
     assert f"{low.reachable[0]:.3f}–{low.reachable[1]:.3f} GFLOPs" in low.note
     assert low.reachable[0] >= lo - 1e-12 and low.reachable[1] <= hi + 1e-12
     assert high.feasible and "above every operating point" in high.note
     written = json.loads((tmp_path / "o" / "config.json").read_text())
-    assert [r["budget_gflops"] for r in written["eta_table"]] == [pytest.approx(hi * 3, rel=1e-6)]
+    assert [r["budget_gflops"] for r in written["eta_table"]] == [float(too_high)]
     assert written["calibration"]["infeasible"][0]["budget"] == f"{lo / 2:.6f}"
 
 
@@ -219,7 +220,8 @@ def test_cli_calibrate_prints_table_and_infeasible(cli, fmnist_checkpoint, tmp_p
                               "--limit", "128", "--output", str(tmp_path / "c"), "--json", str(tmp_path / "c.json")],
                         terminal_width=200)
     assert res.exit_code == 0, res.output
-    assert "infeasible: reachable" in res.output and "60%" in res.output
+    flat = " ".join(res.output.split())  # rich wraps table cells at the console width
+    assert "below the cheapest operating point" in flat and "reachable budgets are" in flat and "60%" in flat
     summary = json.loads((tmp_path / "c.json").read_text())
     assert [b["feasible"] for b in summary["budgets"]] == [False, True]
     assert cfvit.load(tmp_path / "c").cfvit_config["eta_table"]
