@@ -113,7 +113,7 @@ def throughput(model_name: str = "cfvit_deit_small_patch16_224", batch_size: int
                    "fine_images_per_s": n_images / t_fine, "coarse_gflops": g["coarse"], "fine_gflops": g["fine"]},
         "settings": {"model": model_name, "batch_size": batch_size, "n_batches": n_batches, "device": str(dev),
                      "bf16": bf16, "compile": compile, "torch": torch.__version__,
-                     "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
+                     "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name(),
                      "threads": torch.get_num_threads()},
     }
 
@@ -159,7 +159,8 @@ def _eta_for_exit_fraction(conf: torch.Tensor, f: float) -> float:
     return float(srt[max(0, int(round(f * len(srt))) - 1)])
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The processor's model name (for benchmark tables)."""
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):

@@ -623,7 +623,9 @@ def reproduce(cfg: ReproConfig, out_dir="docs", *, tracking_uri: Optional[str] =
             "arms": {"backbone": asdict(bb_res), "cfvit": asdict(cf_res)},
             "mlflow": {"tracking_uri": uri, "experiment": experiment, "run_id": parent},
         }
-        results["settings"]["cpu"] = _cpu_name()
+        from cfvit.bench import cpu_name
+
+        results["settings"]["cpu"] = cpu_name()
         (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         (out / "RESULTS.md").write_text(render_markdown(results))
         flat = {"backbone_top1": bb_top1, "backbone_gflops": bb_g, "wall_seconds": results["wall_seconds"],
@@ -643,16 +645,6 @@ def reproduce(cfg: ReproConfig, out_dir="docs", *, tracking_uri: Optional[str] =
         return results
     finally:
         tracking.end_run(uri, parent, status)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 def main(argv=None) -> None:

@@ -301,7 +301,9 @@ def prepare(cfg: JobConfig) -> dict:
             "backbone_gflops": model.backbone_gflops()}
 
 
-def _init_ray(cfg: JobConfig) -> None:
+def init_ray(cfg: JobConfig, need_cpus: Optional[float] = None) -> None:
+    """Join `scaling.ray_address` / RAY_ADDRESS, else start a local Ray with at least `need_cpus` logical CPUs
+    (default: the train workers plus room for Ray Data's readers)."""
     import ray
 
     if ray.is_initialized():
@@ -309,9 +311,10 @@ def _init_ray(cfg: JobConfig) -> None:
     address = cfg.scaling.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address)
-    else:  # local: logical CPUs for the train workers plus room for Ray Data's readers
-        need = int(math.ceil(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)) + 2
-        ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False)
+    else:
+        if need_cpus is None:
+            need_cpus = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 2
+        ray.init(num_cpus=max(os.cpu_count() or 1, int(math.ceil(need_cpus))), include_dashboard=False)
 
 
 def run_training(cfg: JobConfig, *, callbacks: Optional[list] = None, parent_run_id: Optional[str] = None,
@@ -328,7 +331,7 @@ def run_training(cfg: JobConfig, *, callbacks: Optional[list] = None, parent_run
     if cfg.mlflow.enabled:
         run_id = tracking.start_run(uri, cfg.mlflow.experiment, cfg.run_name, cfg.flat(), parent_run_id=parent_run_id,
                                     tags={"cfvit.job": cfg.name, "cfvit.model": cfg.model.name})
-    _init_ray(cfg)
+    init_ray(cfg)
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # the epoch lines are the progress

@@ -177,15 +177,9 @@ def fit_concurrency(cfg: JobConfig, resources: dict, requested: Optional[int], t
 
 
 def _init_ray(cfg: JobConfig) -> None:
-    import ray
+    from .train import init_ray
 
-    if ray.is_initialized():
-        return
-    address = cfg.scaling.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-    else:
-        ray.init(num_cpus=max(os.cpu_count() or 1, int(math.ceil(trial_cpus(cfg)))), include_dashboard=False)
+    init_ray(cfg, need_cpus=trial_cpus(cfg))
 
 
 # ---------------------------------------------------------------------------------------------- outcome
