@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
-import os
 import re
 import time
 from dataclasses import dataclass, field
