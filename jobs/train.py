@@ -79,6 +79,10 @@ def _kill_drill(cfg: JobConfig, epoch: int, rank: int) -> None:
 
 
 def train_loop_per_worker(config: dict) -> None:
+    import warnings
+
+    # DeepSpeed's ZeRO calls a torch.distributed API that warns on every step: keep the epoch lines readable.
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
     import deepspeed
     import numpy as np
     import ray.train
