@@ -126,7 +126,7 @@ def run_pipeline(config: Optional[str] = None, sets: tuple[str, ...] = (), *, qu
         s = r.summary()
         rows.append(BudgetServed(spec=r.budget.spec, budget_gflops=r.budget.gflops, eta=s.get("eta"),
                                  val_top1=s.get("accuracy"), expected_gflops=s.get("gflops"),
-                                 note="" if r.feasible else (s.get("message") or "infeasible")))
+                                 note="" if r.feasible else (s.get("note") or "infeasible")))
 
     echo(f"[3/4] starting the Serve application on http://{host}:{port}/")
     endpoint = f"http://{host}:{port}/"
