@@ -494,9 +494,10 @@ def _log_mlflow(client, uri, parent, trials, results, plot, summary_path) -> Non
         if not t.mlflow_run_id:
             continue
         run = client.get_run(t.mlflow_run_id)
-        if run.info.status == RunStatus.to_string(RunStatus.RUNNING):  # killed by ASHA mid-run
+        if run.info.status == RunStatus.to_string(RunStatus.RUNNING):  # Tune ended the trial before the run closed
             client.set_tag(t.mlflow_run_id, "cfvit.tune.status", t.status)
-            client.set_terminated(t.mlflow_run_id, "KILLED" if t.status == "stopped early" else "FAILED")
+            final = {"completed": "FINISHED", "stopped early": "KILLED"}.get(t.status, "FAILED")
+            client.set_terminated(t.mlflow_run_id, final)
         else:
             client.set_tag(t.mlflow_run_id, "cfvit.tune.status", t.status)
         own = [v for v in t.variants if v.alpha == v.meta.get("trained_alpha") and v.beta == v.meta.get("trained_beta")]
