@@ -494,12 +494,12 @@ def _log_mlflow(client, uri, parent, trials, results, plot, summary_path) -> Non
         if not t.mlflow_run_id:
             continue
         run = client.get_run(t.mlflow_run_id)
-        if run.info.status == RunStatus.to_string(RunStatus.RUNNING):  # Tune ended the trial before the run closed
-            client.set_tag(t.mlflow_run_id, "cfvit.tune.status", t.status)
-            final = {"completed": "FINISHED", "stopped early": "KILLED"}.get(t.status, "FAILED")
+        # Tune ends a trial's training its own way (an early stop interrupts `fit`, which marks the run FAILED):
+        # the run's final status follows what happened to the trial.
+        client.set_tag(t.mlflow_run_id, "cfvit.tune.status", t.status)
+        final = {"completed": "FINISHED", "stopped early": "KILLED"}.get(t.status, "FAILED")
+        if run.info.status != final:
             client.set_terminated(t.mlflow_run_id, final)
-        else:
-            client.set_tag(t.mlflow_run_id, "cfvit.tune.status", t.status)
         own = [v for v in t.variants if v.alpha == v.meta.get("trained_alpha") and v.beta == v.meta.get("trained_beta")]
         if own:
             from .calibrate import best_per_budget
