@@ -488,7 +488,6 @@ def _log_mlflow(client, uri, parent, trials, results, plot, summary_path) -> Non
     from . import tracking
     from .calibrate import _metric_key
 
-    from mlflow.entities import RunStatus
 
     for t in trials:
         if not t.mlflow_run_id:
