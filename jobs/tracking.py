@@ -97,12 +97,8 @@ def log_curve(uri: str, run_id: str, curve, backbone_gflops=None, title: str = "
         plt.close(fig)
 
 
-def log_model(uri: str, run_id: str, model_dir, name: Optional[str], alias: Optional[str] = None) -> Optional[int]:
-    """Log the cfvit checkpoint directory as artifacts; register it under `name` (returns the version)."""
-    client = _client(uri)
-    client.log_artifacts(run_id, str(model_dir), MODEL_ARTIFACT)
-    if not name:
-        return None
+def register_artifacts(client, run_id: str, artifact_path: str, name: str, aliases=(), tags=None) -> int:
+    """Register the run's `artifact_path` (a cfvit checkpoint directory) as a new version of `name`, with aliases."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -110,11 +106,20 @@ def log_model(uri: str, run_id: str, model_dir, name: Optional[str], alias: Opti
     except MlflowException as e:
         if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code):
             raise
-    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{MODEL_ARTIFACT}"
-    mv = client.create_model_version(name, source, run_id=run_id, tags={"format": "cfvit"})
-    if alias:
+    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
+    mv = client.create_model_version(name, source, run_id=run_id, tags={"format": "cfvit", **(tags or {})})
+    for alias in aliases:
         client.set_registered_model_alias(name, alias, mv.version)
     return int(mv.version)
+
+
+def log_model(uri: str, run_id: str, model_dir, name: Optional[str], alias: Optional[str] = None) -> Optional[int]:
+    """Log the cfvit checkpoint directory as artifacts; register it under `name` (returns the version)."""
+    client = _client(uri)
+    client.log_artifacts(run_id, str(model_dir), MODEL_ARTIFACT)
+    if not name:
+        return None
+    return register_artifacts(client, run_id, MODEL_ARTIFACT, name, [alias] if alias else [])
 
 
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:

@@ -307,20 +307,11 @@ def _child_runs(client, parent_run_id: str) -> dict:
 
 
 def _register(client, parent_run_id: str, name: str, local_dir: str, label: str, aliases: list[str]) -> int:
-    from mlflow.exceptions import MlflowException
+    from .tracking import register_artifacts
 
     artifact = f"winners/{label}"
     client.log_artifacts(parent_run_id, local_dir, artifact)
-    try:
-        client.create_registered_model(name)
-    except MlflowException as e:
-        if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code):
-            raise
-    source = f"{client.get_run(parent_run_id).info.artifact_uri.rstrip('/')}/{artifact}"
-    mv = client.create_model_version(name, source, run_id=parent_run_id, tags={"format": "cfvit", "tuned": "true"})
-    for a in aliases:
-        client.set_registered_model_alias(name, a, mv.version)
-    return int(mv.version)
+    return register_artifacts(client, parent_run_id, artifact, name, aliases, tags={"tuned": "true"})
 
 
 # ---------------------------------------------------------------------------------------------- driver
