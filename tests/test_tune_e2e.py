@@ -127,9 +127,11 @@ def test_mlflow_parent_with_two_children_and_registered_winner(tuned, tmp_path):
     arts = [a.path for a in client.list_artifacts(o.parent_run_id, "plots")]
     assert "plots/pareto.png" in arts
 
-    # the champion is registered; its config carries the η table serving reads
-    mv = client.get_model_version_by_alias("cfvit-tune-e2e", "champion")
-    path = download_model("models:/cfvit-tune-e2e@champion", str(tmp_path / "dl"), uri)
+    # the champion is registered (as <training model name>-tuned by default, beside the training job's own
+    # registrations); its config carries the η table serving reads
+    name = "cfvit-tune-e2e-tuned"
+    mv = client.get_model_version_by_alias(name, "champion")
+    path = download_model(f"models:/{name}@champion", str(tmp_path / "dl"), uri)
     model = cfvit.load(path)
     table = model.cfvit_config["eta_table"]
     assert table and {"budget_gflops", "eta", "accuracy", "gflops", "exit_fraction"} <= set(table[0])
@@ -142,8 +144,8 @@ def test_mlflow_parent_with_two_children_and_registered_winner(tuned, tmp_path):
         if r.feasible:
             from jobs.tune import _alias_for
 
-            v = client.get_model_version_by_alias("cfvit-tune-e2e", _alias_for(r.budget))
-            p = download_model(f"models:/cfvit-tune-e2e/{v.version}", str(tmp_path / f"v{v.version}"), uri)
+            v = client.get_model_version_by_alias(name, _alias_for(r.budget))
+            p = download_model(f"models:/{name}/{v.version}", str(tmp_path / f"v{v.version}"), uri)
             rows = {row["budget_gflops"]: row for row in cfvit.load(p).cfvit_config["eta_table"]}
             assert rows[r.budget.gflops]["eta"] == r.eta
             assert rows[r.budget.gflops]["accuracy"] == pytest.approx(r.accuracy)
