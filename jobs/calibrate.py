@@ -258,25 +258,10 @@ def inference_settings(model, alphas: Sequence[float] = (), betas: Sequence[floa
 # ---------------------------------------------------------------------------------------------- data
 def eval_batch(batch: dict, data_config_json: str, num_classes: int) -> dict:
     """Rows (`image` uint8 arrays, or encoded `bytes`) + `label` → the eval transform serving uses too
-    (`image` float32 C×H×W, `label`, `valid`: unreadable images are marked, never fatal)."""
-    from PIL import Image
+    (`image` float32 C×H×W, `label`, `valid`): the training job's validation preprocessing."""
+    from .data import preprocess
 
-    from cfvit.transforms import ImageDecodeError, build_transform, decode_image
-
-    data_config = json.loads(data_config_json)
-    tf = build_transform(data_config, is_training=False)
-    raw = batch["image"] if "image" in batch else batch["bytes"]
-    out = np.zeros((len(raw), *data_config["input_size"]), dtype=np.float32)
-    labels = np.asarray(batch["label"], dtype=np.int64)
-    valid = (labels >= 0) & (labels < num_classes)
-    for i, item in enumerate(raw):
-        if valid[i]:
-            try:
-                img = Image.fromarray(np.asarray(item, dtype=np.uint8)) if "image" in batch else decode_image(item)
-                out[i] = tf(img).numpy()
-            except (ImageDecodeError, OSError, ValueError):
-                valid[i] = False
-    return {"image": out, "label": np.where(valid, labels, 0), "valid": valid}
+    return preprocess(batch, data_config_json, False, "{}", num_classes)
 
 
 def validation_batches(uri: str, data_config: dict, num_classes: int, *, limit: Optional[int] = None,
