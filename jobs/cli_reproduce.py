@@ -16,8 +16,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         out: str = typer.Option("docs", "--out", help="Folder for RESULTS.md, results.json and figures/."),
         epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs of every arm."),
         seed: Optional[int] = typer.Option(None, "--seed"),
-        train_limit: Optional[int] = typer.Option(None, "--train-limit", help="Training images (default: all 60k)."),
-        test_limit: Optional[int] = typer.Option(None, "--test-limit", help="Test images (default: all 10k)."),
+        train_limit: Optional[int] = typer.Option(None, "--train-limit", help="Training images (default: 30000; 0: all 60k)."),
+        test_limit: Optional[int] = typer.Option(None, "--test-limit", help="Test images (default or 0: all 10k)."),
         embed_dim: Optional[int] = typer.Option(None, "--embed-dim"),
         depth: Optional[int] = typer.Option(None, "--depth"),
         num_heads: Optional[int] = typer.Option(None, "--num-heads"),
@@ -29,8 +29,12 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         """Train the backbone and CF-ViT with one recipe, evaluate, write docs/RESULTS.md + results.json + figures."""
         from .reproduce import make_config, reproduce
 
-        cfg = make_config(quick, full, epochs=epochs, seed=seed, train_limit=train_limit, test_limit=test_limit,
-                          embed_dim=embed_dim, depth=depth, num_heads=num_heads, batch_size=batch_size, lr=lr)
+        try:
+            cfg = make_config(quick, full, epochs=epochs, seed=seed, train_limit=train_limit, test_limit=test_limit,
+                              embed_dim=embed_dim, depth=depth, num_heads=num_heads, batch_size=batch_size, lr=lr)
+        except ValueError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
         command = "cfvit " + " ".join(map(shlex.quote, sys.argv[1:]))
         res = reproduce(cfg, out, tracking_uri=tracking_uri, command=command, note=note)
         ff = res["flops_fraction_at_backbone_accuracy"]

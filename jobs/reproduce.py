@@ -59,6 +59,18 @@ class ReproConfig:
     def split_epochs(self) -> int:
         return int(self.split_fraction * self.epochs + 0.5)
 
+    def __post_init__(self):
+        positive = ("epochs", "embed_dim", "depth", "num_heads", "batch_size", "bench_images", "bench_batch", "n_regions")
+        bad = [f"{k}={getattr(self, k)!r} (must be a positive integer)" for k in positive
+               if not isinstance(getattr(self, k), int) or getattr(self, k) < 1]
+        bad += [f"{k}={getattr(self, k)!r} (must be >= 0; 0 or None: the whole split)"
+                for k in ("train_limit", "test_limit") if getattr(self, k) is not None and getattr(self, k) < 0]
+        bad += [f"{k}={getattr(self, k)!r} (must be > 0)" for k in ("lr",) if not self.lr > 0]
+        if self.embed_dim % self.num_heads:
+            bad.append(f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}")
+        if bad:
+            raise ValueError("invalid reproduce config: " + "; ".join(bad))
+
     def model_kwargs(self) -> dict:
         return dict(embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads)
 
@@ -669,9 +681,12 @@ def main(argv=None) -> None:
     if a.render:
         render_from_json(a.render)
         return
-    cfg = make_config(a.quick, a.full, epochs=a.epochs, seed=a.seed, train_limit=a.train_limit, test_limit=a.test_limit,
-                      embed_dim=a.embed_dim, depth=a.depth, num_heads=a.num_heads, batch_size=a.batch_size, lr=a.lr,
-                      bench_images=a.bench_images)
+    try:
+        cfg = make_config(a.quick, a.full, epochs=a.epochs, seed=a.seed, train_limit=a.train_limit,
+                          test_limit=a.test_limit, embed_dim=a.embed_dim, depth=a.depth, num_heads=a.num_heads,
+                          batch_size=a.batch_size, lr=a.lr, bench_images=a.bench_images)
+    except ValueError as e:
+        p.error(str(e))
     cmd = "python -m jobs.reproduce " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv))
     reproduce(cfg, a.out, tracking_uri=a.tracking_uri, command=cmd.strip(), note=a.note)
 

@@ -38,6 +38,18 @@ def test_make_config_overrides():
     assert full.full and not full.quick and full.train_limit == rp.ReproConfig().train_limit and full.test_limit is None
 
 
+@pytest.mark.parametrize("args, key", [
+    (["--epochs", "0"], "epochs=0"),
+    (["--train-limit", "-5"], "train_limit=-5"),
+    (["--embed-dim", "30", "--num-heads", "4"], "not divisible"),
+    (["--lr", "0"], "lr=0"),
+])
+def test_bad_options_fail_fast_with_the_key_named(args, key, tmp_path):
+    res = CliRunner().invoke(_app(), ["reproduce", "--quick", "--out", str(tmp_path), *args])
+    assert res.exit_code == 2 and key in res.output, res.output
+    assert not list(tmp_path.iterdir())  # nothing trained, nothing written
+
+
 def test_eta_points_and_match_on_synthetic_logits():
     from cfvit.budget import eta_curve
 
