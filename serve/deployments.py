@@ -15,7 +15,7 @@ from typing import Any, Dict, List
 from ray import serve
 from ray.serve import metrics
 
-from .model_host import load_model, threads_for
+from .model_host import load_model, placement, threads_for
 from .settings import StageOptions
 
 _LATENCY_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]
@@ -43,12 +43,25 @@ class _Stage:
     def __init__(self, checkpoint: str, options: Dict[str, Any], stage: str):
         opts = StageOptions(**options)
         self.model, _ = load_model(checkpoint, threads_for(opts.num_cpus, opts.torch_threads))
+        self.device, self.dtype = placement(opts.num_gpus, opts.precision)
+        self.model.to(self.device)
         # One worker thread: torch runs off the event loop (health checks and queueing stay live),
         # one batch at a time.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"cfvit-{stage}")
         self.run.set_max_batch_size(opts.max_batch_size)
         self.run.set_batch_wait_timeout_s(opts.batch_wait_timeout_s)
         self.metrics = _Metrics(stage)
+
+    def _batch(self, images):
+        """Stack a batch of preprocessed images onto the replica's device."""
+        import torch
+
+        return torch.stack(images).to(self.device, non_blocking=True)
+
+    def _autocast(self):
+        import torch
+
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)
 
     async def _compute(self, fn, *args):
         t0 = time.perf_counter()
@@ -71,9 +84,11 @@ class CoarseStage(_Stage):
 
         from cfvit.model import exit_mask
 
+        with torch.inference_mode(), self._autocast():
+            state = self.model.coarse_stage(self._batch(images))
+        # Replies (and the state a fine replica picks up, maybe on another node) travel as CPU tensors.
+        state = state.to("cpu")
         with torch.inference_mode():
-            x = torch.stack(images)
-            state = self.model.coarse_stage(x)
             logits = state.logits.float()
             exits = exit_mask(logits, torch.tensor(etas, dtype=torch.float32))
             probs = logits.softmax(-1)
@@ -111,9 +126,11 @@ class FineStage(_Stage):
 
         from cfvit.model import CoarseState
 
-        with torch.inference_mode():
-            logits, selected = self.model.fine_stage(torch.stack(images), CoarseState.cat(states))
-            probs = logits.float().softmax(-1)
+        with torch.inference_mode(), self._autocast():
+            state = CoarseState.cat(states).to(self.device, non_blocking=True)
+            logits, selected = self.model.fine_stage(self._batch(images), state)
+            probs = logits.float().softmax(-1).cpu()
+            selected = selected.cpu()
             return [{"probs": probs[i].clone(), "selected": selected[i].tolist()} for i in range(len(images))]
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
@@ -133,8 +150,8 @@ class BackboneStage(_Stage):
     def _forward(self, images):
         import torch
 
-        with torch.inference_mode():
-            probs = self.model.vit(torch.stack(images)).float().softmax(-1)
+        with torch.inference_mode(), self._autocast():
+            probs = self.model.vit(self._batch(images)).float().softmax(-1).cpu()
             return [{"probs": probs[i].clone()} for i in range(len(images))]
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)

@@ -36,5 +36,23 @@ def checkpoint_version(local_dir: Path, config: Dict[str, Any]) -> str:
     return "sha256:" + h.hexdigest()[:12]
 
 
+def placement(num_gpus: float, precision: str = "auto"):
+    """(device, autocast dtype or None) of a replica: its GPU when it reserves one, else the CPU.
+
+    A replica that asks for a GPU but sees none fails loudly instead of silently serving from the CPU.
+    """
+    import torch
+
+    if num_gpus > 0:
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"this replica reserves num_gpus={num_gpus} but torch sees no CUDA device")
+        device = torch.device("cuda")  # Ray sets CUDA_VISIBLE_DEVICES to the replica's GPU
+    else:
+        device = torch.device("cpu")
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return device, torch.bfloat16
+    return device, None
+
+
 def threads_for(num_cpus: float, torch_threads: int) -> int:
     return torch_threads if torch_threads > 0 else max(1, int(round(num_cpus)))

@@ -19,7 +19,9 @@ class StageOptions(BaseModel):
     # Logical CPUs per replica. Half a CPU by default so one coarse + one fine + the ingress fit a
     # 2-core laptop (`cfvit serve`); serve/config.yaml reserves whole CPUs on a cluster.
     num_cpus: float = Field(0.5, ge=0.0)
+    # A replica that reserves a GPU runs its model there; "auto" precision is bf16 autocast on CUDA, fp32 on CPU.
     num_gpus: float = Field(0.0, ge=0.0)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     # Intra-op threads for torch in each replica; 0 = one per CPU the replica reserves (at least 1).
     torch_threads: int = Field(0, ge=0)
     max_ongoing_requests: int = Field(256, ge=1)

@@ -131,3 +131,55 @@ def test_s3_checkpoint_is_downloaded(s3_server, tmp_path, monkeypatch):
         resolve_checkpoint("s3://serve-models/nothing/here")
     with pytest.raises(FileNotFoundError):
         resolve_checkpoint(str(tmp_path / "missing"))
+
+
+def test_replica_placement_follows_its_gpu_reservation():
+    import torch
+
+    from serve.model_host import placement
+
+    assert placement(0) == (torch.device("cpu"), None)
+    assert placement(0, "bf16") == (torch.device("cpu"), torch.bfloat16)
+    if torch.cuda.is_available():
+        assert placement(0.5) == (torch.device("cuda"), torch.bfloat16)
+        assert placement(1, "fp32") == (torch.device("cuda"), None)
+    else:  # a replica that reserved a GPU but sees none must not quietly serve from the CPU
+        with pytest.raises(RuntimeError, match="no CUDA device"):
+            placement(1)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_stage_forward_passes_run_on_the_replica_device_and_reply_on_cpu(precision):
+    """The stages' batch functions (without Serve around them) on the placement a replica would get:
+    coarse + fine answers equal the library's early-exit inference; replies are CPU tensors."""
+    import torch
+
+    import cfvit
+    from serve.deployments import BackboneStage, CoarseStage, FineStage
+    from serve.model_host import placement
+
+    torch.manual_seed(0)
+    model = cfvit.create_model("cfvit_tiny_fmnist", embed_dim=32, depth=3, num_heads=2).eval()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def stage(cls):
+        s = object.__new__(cls.func_or_class)  # the class Serve would instantiate, minus the replica plumbing
+        s.model = model.to(device)
+        s.device, s.dtype = device, placement(0, precision)[1]
+        return s
+
+    x = torch.randn(5, 1, 56, 56)
+    coarse = stage(CoarseStage)._forward(list(x), [0.0, 2.0, 0.0, 2.0, 2.0])
+    assert [c["exit"] for c in coarse] == [True, False, True, False, False]
+    hard = [i for i, c in enumerate(coarse) if not c["exit"]]
+    fine = stage(FineStage)._forward([x[i] for i in hard], [coarse[i]["state"] for i in hard])
+    base = stage(BackboneStage)._forward(list(x))
+    assert all(r["probs"].device.type == "cpu" for r in coarse + fine + base)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        ref = model.infer(x.to(device), torch.tensor([0.0, 2.0, 0.0, 2.0, 2.0], device=device))
+    got = torch.stack([coarse[i]["probs"] for i in range(5) if coarse[i]["exit"]] + [f["probs"] for f in fine])
+    order = [0, 2] + hard
+    want = ref.logits.float().softmax(-1).cpu()[order]
+    tol = 1e-5 if precision == "fp32" else 2e-2
+    torch.testing.assert_close(got, want, atol=tol, rtol=0)
+    assert len(fine[0]["selected"]) == model.k_selected
