@@ -271,11 +271,14 @@ def validation_batches(uri: str, data_config: dict, num_classes: int, *, limit: 
     (the training job's readers). Unreadable images are skipped, as in training."""
     dc = json.dumps(data_config, default=list)
     if uri.split(":", 1)[0] == "fashion-mnist":
-        from cfvit.data import load_fashion_mnist
+        from cfvit.data import FASHION_MNIST_CLASSES, load_fashion_mnist
 
         split = uri.split(":", 1)[1] if ":" in uri else "test"
         if split not in ("train", "test"):
             raise ValueError(f"{uri!r}: the fashion-mnist split must be 'train' or 'test'")
+        if num_classes != len(FASHION_MNIST_CLASSES):
+            raise ValueError(f"{uri} has {len(FASHION_MNIST_CLASSES)} classes but the model has {num_classes}: "
+                             f"pass the model's own validation data with --data")
         images, labels = load_fashion_mnist(split)
         if limit:
             images, labels = images[:limit], labels[:limit]

@@ -263,8 +263,9 @@ def _export(module, path: Path, meta: dict, cfg: JobConfig, curve, epoch: int) -
     table = eta_table(curve, budgets) if curve is not None else []
     was = model.split_all
     model.split_all = False  # exported for inference: informative selection
+    # `data.val`: what `cfvit calibrate` re-calibrates on when no --data is given
     cfvit.save(model, path, class_names=meta["classes"], eta_table=table, trained_epochs=epoch + 1,
-               job=cfg.name)
+               job=cfg.name, data={"val": cfg.data.val})
     model.split_all = was
 
 

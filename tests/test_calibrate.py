@@ -200,6 +200,16 @@ def test_calibrate_too_low_and_too_high_budgets_do_not_crash(fmnist_checkpoint, 
     assert written["calibration"]["infeasible"][0]["budget"] == f"{lo / 2:.6f}"
 
 
+def test_calibrate_refuses_data_with_other_classes_and_leaves_the_checkpoint_alone(tmp_path):
+    torch.manual_seed(0)
+    model = cfvit.create_model("cfvit_tiny_fmnist", embed_dim=32, depth=3, num_heads=2, num_classes=5)
+    cfvit.save(model, tmp_path / "m")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()}
+    with pytest.raises(ValueError, match="10 classes but the model has 5"):
+        calibrate(str(tmp_path / "m"), ["50%"], limit=64)  # no --data, none stored: fashion-mnist:test
+    assert {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()} == before
+
+
 # ------------------------------------------------------------------ CLI
 @pytest.fixture(scope="module")
 def cli():

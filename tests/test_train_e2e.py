@@ -89,6 +89,7 @@ def test_registered_model_loads_and_predicts(trained, mlflow_server):
     model = cfvit.load(local).eval()
     meta = model.cfvit_config
     assert meta["trained_epochs"] == EPOCHS and meta["eta_table"]
+    assert meta["data"]["val"] == f"s3://{BUCKET}/fmnist/val"  # what `cfvit calibrate` uses when given no --data
     assert [n.split("_", 1)[1] for n in meta["class_names"]] == \
         [c.replace("/", "_").replace(" ", "_") for c in FASHION_MNIST_CLASSES]
     x, y = load_fashion_mnist("test")
