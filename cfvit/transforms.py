@@ -14,6 +14,8 @@ class ImageDecodeError(ValueError):
 
 def decode_image(data: bytes) -> Image.Image:
     """Decode JPEG/PNG/... bytes fully (so a truncated file fails here, not later)."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ImageDecodeError(f"expected encoded image bytes, got {type(data).__name__}")
     if not data:
         raise ImageDecodeError("empty image data")
     try:

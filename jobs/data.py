@@ -181,16 +181,19 @@ def _folder_rows(df, index):
 def _webdataset_rows(df):
     import pandas as pd
 
-    img_col = next((c for c in df.columns if c.lower() in IMAGE_EXTS), None)
-    if img_col is None:
+    img_cols = [c for c in df.columns if c.lower() in IMAGE_EXTS]
+    if not img_cols:
         raise ValueError(f"WebDataset samples have no image entry (columns: {list(df.columns)})")
+    # Samples may differ in extension (`.jpg` here, `.png` there): each row takes whichever it has.
+    images = [next((v for v in (row[c] for c in img_cols) if isinstance(v, (bytes, bytearray))), b"")
+              for _, row in df[img_cols].iterrows()]
     labels = []
-    for v in df["cls"]:
+    for v in (df["cls"] if "cls" in df.columns else [None] * len(df)):
         try:
             labels.append(int(v.decode() if isinstance(v, bytes) else v))
         except (TypeError, ValueError):
-            labels.append(-1)
-    return pd.DataFrame({"bytes": df[img_col], "label": np.asarray(labels, dtype=np.int64)})
+            labels.append(-1)  # no/bad label: skipped and counted like an unreadable image
+    return pd.DataFrame({"bytes": images, "label": np.asarray(labels, dtype=np.int64)})
 
 
 @functools.lru_cache(maxsize=8)
@@ -221,7 +224,7 @@ def preprocess(batch: dict, data_config_json: str, is_training: bool, aug_json: 
         try:
             img = Image.fromarray(np.asarray(item, dtype=np.uint8)) if "image" in batch else decode_image(item)
             out[i] = tf(img).numpy()
-        except (ImageDecodeError, OSError, ValueError):
+        except (ImageDecodeError, OSError, ValueError, TypeError):
             valid[i] = False  # skipped and counted downstream, never fatal
     return {"image": out, "label": np.where(valid, labels, 0), "valid": valid}
 

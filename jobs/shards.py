@@ -32,6 +32,7 @@ import json
 import os
 import posixpath
 import re
+import uuid
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -140,16 +141,49 @@ def delete_files(filesystem, root: str, names: List[str]) -> None:
     from pyarrow import fs
 
     if isinstance(filesystem, fs.S3FileSystem):
-        import boto3
-
         bucket, _, prefix = root.partition("/")
-        client = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None)
+        client = _s3_client()
         for i in range(0, len(names), 1000):  # DeleteObjects takes at most 1000 keys
             keys = [{"Key": posixpath.join(prefix, n) if prefix else n} for n in names[i:i + 1000]]
             client.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
     else:
         for name in names:
             filesystem.delete_file(posixpath.join(root, name))
+
+
+def _s3_client():
+    import boto3
+
+    return boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None)
+
+
+def promote(filesystem, staging: str, root: str, names: List[str]) -> None:
+    """Move ``staging/name`` to ``root/name`` (a rename locally, a server-side copy + delete on S3)."""
+    from pyarrow import fs
+
+    if isinstance(filesystem, fs.S3FileSystem):
+        client = _s3_client()
+        for name in names:
+            src_bucket, _, src_key = posixpath.join(staging, name).partition("/")
+            bucket, _, key = posixpath.join(root, name).partition("/")
+            client.copy_object(Bucket=bucket, Key=key, CopySource={"Bucket": src_bucket, "Key": src_key})
+        delete_files(filesystem, staging, names)
+    else:
+        for name in names:
+            filesystem.move(posixpath.join(staging, name), posixpath.join(root, name))
+        filesystem.delete_dir(staging)
+
+
+def discard(filesystem, staging: str) -> None:
+    """Best-effort removal of a failed run's staging folder."""
+    try:
+        delete_files(filesystem, staging, sorted(existing_shards(filesystem, staging)))
+        from pyarrow import fs
+
+        if not isinstance(filesystem, fs.S3FileSystem):
+            filesystem.delete_dir(staging)
+    except OSError:
+        pass
 
 
 # --------------------------------------------------------------------------- per-sample work
@@ -248,6 +282,9 @@ def convert(
         def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
             return SHARD_PATTERN.format(index=task_index)
 
+    # Written to a staging folder first and promoted only once complete, so a failed (or --overwrite)
+    # run never leaves DST without its old shards or with a mix of old and new ones.
+    staging = posixpath.join(dst_root, f"_staging-{uuid.uuid4().hex[:12]}")
     try:
         ds = ray.data.read_binary_files(
             [posixpath.join(src_root, name) for name in classes],
@@ -259,9 +296,8 @@ def convert(
         ds = ds.map_batches(_ToSamples(src_root, classes), batch_format="numpy")
         # Strict repartition: every block but the last has exactly shard_size rows, one block per file.
         ds = ds.repartition(target_num_rows_per_block=shard_size, strict=True)
-        delete_files(dst_fs, dst_root, sorted(occupied))  # only our own files: DST may hold other data
         ds.write_webdataset(
-            dst_root,
+            staging,
             filesystem=dst_fs,
             try_create_dir=not dst.startswith("s3://"),  # S3 has no folders: no empty marker objects
             encoder=encode_sample,
@@ -270,6 +306,7 @@ def convert(
             mode=SaveMode.APPEND,
         )
     except Exception as exc:  # Ray wraps UDF errors in long task tracebacks: surface ours as one line
+        discard(dst_fs, staging)
         ours = _find_shard_error(exc)
         if ours:
             raise ShardError(ours) from None
@@ -277,9 +314,13 @@ def convert(
             raise ShardError(f"no images under {src!r} (extensions: {', '.join(IMAGE_EXTENSIONS)})") from None
         raise
 
-    shards = sorted(n for n in existing_shards(dst_fs, dst_root) if n.endswith(".tar"))
+    shards = sorted(n for n in existing_shards(dst_fs, staging) if n.endswith(".tar"))
     if not shards:
+        discard(dst_fs, staging)
         raise ShardError(f"no images found under {src!r} (extensions: {', '.join(IMAGE_EXTENSIONS)})")
+    # only our own files: DST may hold other data
+    delete_files(dst_fs, dst_root, sorted(n for n in occupied if n not in shards and n != CLASSES_FILE))
+    promote(dst_fs, staging, dst_root, shards)
     with dst_fs.open_output_stream(posixpath.join(dst_root, CLASSES_FILE)) as f:
         f.write(json.dumps(classes, indent=1).encode())
     # Count from the files rather than ds.count(), which would re-run the whole read.

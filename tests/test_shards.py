@@ -108,6 +108,18 @@ def test_local_image_folder_to_local_shards(ray_session, tmp_path):
     last = corrupt.stderr.strip().splitlines()[-1]
     assert last == f"error: cannot decode image {tmp_path / 'corrupt' / 'a' / 'broken.jpg'} (UnidentifiedImageError)"
 
+    # --overwrite from a source that fails half-way keeps the old shards intact (staged, then promoted) ...
+    before = {p.name: p.read_bytes() for p in dst.iterdir()}
+    failed = CliRunner().invoke(_app(), ["shards", str(tmp_path / "corrupt"), str(dst), "--overwrite"])
+    assert failed.exit_code == 1, failed.output
+    assert {p.name: p.read_bytes() for p in dst.iterdir()} == before  # nothing lost, no staging left behind
+    # ... and a successful one replaces them completely (fewer, larger shards: no stale shard left).
+    redo = CliRunner().invoke(_app(), ["shards", str(tmp_path / "src"), str(dst), "--shard-size", "12", "--overwrite"])
+    assert redo.exit_code == 0, redo.output
+    assert sorted(p.name for p in dst.iterdir()) == ["classes.json", "shard-000000.tar"]
+    check_output({"shard-000000.tar": (dst / "shard-000000.tar").read_bytes()}, (dst / "classes.json").read_bytes(),
+                 expected, shard_size=12)
+
 
 @pytest.mark.e2e
 def test_s3_image_folder_to_s3_shards(ray_session, s3_server, tmp_path):
@@ -160,3 +172,33 @@ def test_sample_keys_and_image_entries():
     assert ext == "png" and data.startswith(b"\x89PNG")
     with pytest.raises(shards.ShardError, match=r"cannot decode image broken.jpg \(UnidentifiedImageError\)"):
         shards.image_entry(b"definitely not an image", "broken.jpg")
+
+
+@pytest.mark.e2e
+def test_training_reader_takes_mixed_extension_shards(ray_session, tmp_path):
+    """The training/calibration reader over `cfvit shards` output (JPEG and PNG samples side by side) plus
+    a shard from another tool holding a corrupt image and an unlabelled sample: both skipped, not fatal."""
+    from jobs.data import describe, preprocess, read
+
+    make_image_folder(tmp_path / "src")
+    shards.convert(str(tmp_path / "src"), str(tmp_path / "wds"), shard_size=5)
+    png = io.BytesIO()
+    Image.new("RGB", (12, 10), (80, 7, 200)).save(png, format="PNG")
+    with tarfile.open(tmp_path / "wds" / "extra.tar", "w") as tar:
+        for name, data in (("bad.jpg", b"\xff\xd8\xffnot really a jpeg"), ("bad.cls", b"1"),
+                           ("nolabel.png", png.getvalue())):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+    src = describe(str(tmp_path / "wds"))
+    assert src.kind == "webdataset" and src.classes == CLASSES
+    dc = {"input_size": (3, 16, 16), "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
+    rows = read(src, role="val").map_batches(
+        preprocess, fn_kwargs=dict(data_config_json=json.dumps(dc), is_training=False, aug_json="{}", num_classes=3),
+        batch_format="numpy").take_all()
+    valid = [r for r in rows if r["valid"]]
+    assert len(rows) == 14 and len(valid) == 12
+    assert sorted(int(r["label"]) for r in valid) == [0] * 4 + [1] * 4 + [2] * 4
+    for r in valid:  # image and label travel together: the red channel encodes the label
+        assert r["image"].shape == (3, 16, 16) and abs(float(r["image"][0].mean()) - 80 * int(r["label"]) / 255) < 0.04
