@@ -130,33 +130,41 @@ def run_pipeline(config: Optional[str] = None, sets: tuple[str, ...] = (), *, qu
 
     echo(f"[3/4] starting the Serve application on http://{host}:{port}/")
     endpoint = f"http://{host}:{port}/"
-    serve.start(http_options={"host": host, "port": port})
-    args = AppArgs(checkpoint=str(out_dir))
-    for stage in (args.coarse, args.fine):  # two cores: one replica each is what fits
-        stage.autoscaling_config.update(min_replicas=1, initial_replicas=1, max_replicas=1)
-    args.ingress_autoscaling_config = None
-    serve.run(build_app(args.model_dump()), name="cfvit", route_prefix="/")
-    _wait_healthy(endpoint)
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        args = AppArgs(checkpoint=str(out_dir))
+        for stage in (args.coarse, args.fine):  # two cores: one replica each is what fits
+            stage.autoscaling_config.update(min_replicas=1, initial_replicas=1, max_replicas=1)
+        args.ingress_autoscaling_config = None
+        serve.run(build_app(args.model_dump()), name="cfvit", route_prefix="/")
+        _wait_healthy(endpoint)
 
-    echo(f"[4/4] classifying {n_images} Fashion-MNIST test images over HTTP at each budget")
-    images, labels = load_fashion_mnist("test")
-    # the last test images: the calibration pass used the first val_limit ones
-    images, labels = images[-n_images:], labels[-n_images:]
-    for row in rows:
-        if row.eta is None:
-            continue
-        got = classify_over_http(endpoint, images, labels, row.budget_gflops)
-        row.http_top1, row.exit_rate, row.served_gflops = got["top1"], got["exit_rate"], got["gflops"]
-    t_http = time.perf_counter()
-    result = PipelineResult(train_metrics=outcome.metrics, mlflow_run_id=outcome.mlflow_run_id, tracking_uri=uri,
-                            model_uri=model_uri, checkpoint=str(out_dir), endpoint=endpoint, budgets=rows,
-                            seconds={"train": t_train - t0, "calibrate": t_cal - t_train, "serve+http": t_http - t_cal})
-    if keep_serving:
-        echo(f"serving at {endpoint} (docs: {endpoint}docs) — Ctrl-C to stop")
-        _block_until_signal()
-    serve.shutdown()
-    if started_ray:
-        ray.shutdown()
+        echo(f"[4/4] classifying {n_images} Fashion-MNIST test images over HTTP at each budget")
+        images, labels = load_fashion_mnist("test")
+        # the last test images: the calibration pass used the first val_limit ones
+        images, labels = images[-n_images:], labels[-n_images:]
+        for row in rows:
+            if row.eta is None:
+                continue
+            got = classify_over_http(endpoint, images, labels, row.budget_gflops)
+            row.http_top1, row.exit_rate, row.served_gflops = got["top1"], got["exit_rate"], got["gflops"]
+        t_http = time.perf_counter()
+        result = PipelineResult(train_metrics=outcome.metrics, mlflow_run_id=outcome.mlflow_run_id, tracking_uri=uri,
+                                model_uri=model_uri, checkpoint=str(out_dir), endpoint=endpoint, budgets=rows,
+                                seconds={"train": t_train - t0, "calibrate": t_cal - t_train, "serve+http": t_http - t_cal})
+        if keep_serving:
+            echo(f"serving at {endpoint} (docs: {endpoint}docs) — Ctrl-C to stop")
+            _block_until_signal()
+    finally:
+        # Our own Ray: stop Serve with it. A shared cluster: remove only our application.
+        if started_ray:
+            serve.shutdown()
+            ray.shutdown()
+        elif ray.is_initialized():
+            try:
+                serve.delete("cfvit")
+            except Exception as e:  # never mask the error that brought us here
+                echo(f"warning: could not delete the Serve application 'cfvit': {e}")
     return result
 
 
