@@ -495,13 +495,16 @@ def log_to_mlflow(cal: Calibration, tracking_uri: Optional[str], experiment: str
         if r.feasible:
             key = _metric_key(r.budget)
             metrics.update({f"{key}_accuracy": r.accuracy, f"{key}_gflops": r.gflops, f"{key}_eta": r.eta})
-    tracking.log_metrics(uri, run_id, metrics, step=0)
-    client = tracking._client(uri)
-    client.log_dict(run_id, cal.summary(), "calibration.json")
-    version = None
-    if register and cal.written_to and not cal.written_to.startswith("s3://"):
-        version = tracking.log_model(uri, run_id, cal.written_to, register, alias)
-    tracking.end_run(uri, run_id)
+    status = "FAILED"
+    try:
+        tracking.log_metrics(uri, run_id, metrics, step=0)
+        tracking._client(uri).log_dict(run_id, cal.summary(), "calibration.json")
+        version = None
+        if register and cal.written_to and not cal.written_to.startswith("s3://"):
+            version = tracking.log_model(uri, run_id, cal.written_to, register, alias)
+        status = "FINISHED"
+    finally:
+        tracking.end_run(uri, run_id, status)
     return {"run_id": run_id, "model_version": version}
 
 

@@ -548,6 +548,12 @@ def reproduce(cfg: ReproConfig, out_dir="docs", *, tracking_uri: Optional[str] =
 
     client = MlflowClient(tracking_uri=uri)
     status = "FAILED"
+    open_runs: list = []  # child runs not yet ended: closed as FAILED if anything below raises
+
+    def close(rid):
+        tracking.end_run(uri, rid)
+        open_runs.remove(rid)
+
     try:
         probe = cfvit.create_model(MODEL, **cfg.model_kwargs())
         train_set, test_x, test_y = load_data(cfg, probe.data_config)
@@ -556,6 +562,7 @@ def reproduce(cfg: ReproConfig, out_dir="docs", *, tracking_uri: Optional[str] =
         def arm(name, **kw):
             rid = tracking.start_run(uri, experiment, name, {**_flat_params(cfg), "arm": name, **kw},
                                      parent_run_id=parent)
+            open_runs.append(rid)
             model, res = train_arm(name, cfg, train_set, log_epoch=lambda m, e: tracking.log_metrics(uri, rid, m, e), **kw)
             return model, res, rid
 
@@ -564,7 +571,7 @@ def reproduce(cfg: ReproConfig, out_dir="docs", *, tracking_uri: Optional[str] =
         bb_top1 = _top1(bb_logits, test_y)
         bb_g = bb_model.backbone_gflops()
         tracking.log_metrics(uri, bb_rid, {"test_top1": bb_top1, "gflops": bb_g}, cfg.epochs)
-        tracking.end_run(uri, bb_rid)
+        close(bb_rid)
         _log(f"backbone test top-1 {bb_top1:.4f}")
 
         cf_model, cf_res, cf_rid = arm("cfvit")
@@ -599,7 +606,7 @@ def reproduce(cfg: ReproConfig, out_dir="docs", *, tracking_uri: Optional[str] =
                 entry = {"coarse_top1": _top1(c_, test_y), "fine_top1": _top1(f_, test_y), "train_seconds": res_.train_seconds}
                 tracking.log_metrics(uri, rid_, {"test_coarse_top1": entry["coarse_top1"], "test_fine_top1": entry["fine_top1"]},
                                      cfg.epochs)
-                tracking.end_run(uri, rid_)
+                close(rid_)
                 ablations[key][next(iter(kw.values()))] = entry
                 _log(f"{name}: {entry}")
             main_entry = {"coarse_top1": _top1(coarse, test_y), "fine_top1": _top1(fine, test_y),
@@ -610,7 +617,7 @@ def reproduce(cfg: ReproConfig, out_dir="docs", *, tracking_uri: Optional[str] =
         tracking.log_metrics(uri, cf_rid, {"test_coarse_top1": _top1(coarse, test_y), "test_fine_top1": _top1(fine, test_y)},
                              cfg.epochs)
         tracking.log_curve(uri, cf_rid, curve, bb_g, "CF-ViT on Fashion-MNIST")
-        tracking.end_run(uri, cf_rid)
+        close(cf_rid)
 
         results = {
             "command": command or "python -m jobs.reproduce",
@@ -656,6 +663,8 @@ def reproduce(cfg: ReproConfig, out_dir="docs", *, tracking_uri: Optional[str] =
         _log(f"done in {results['wall_seconds'] / 60:.1f} min → {out / 'RESULTS.md'}")
         return results
     finally:
+        for rid in open_runs:
+            tracking.end_run(uri, rid, "FAILED")
         tracking.end_run(uri, parent, status)
 
 

@@ -336,39 +336,41 @@ def run_training(cfg: JobConfig, *, callbacks: Optional[list] = None, parent_run
     if cfg.mlflow.enabled:
         run_id = tracking.start_run(uri, cfg.mlflow.experiment, cfg.run_name, cfg.flat(), parent_run_id=parent_run_id,
                                     tags={"cfvit.job": cfg.name, "cfvit.model": cfg.model.name})
-    init_ray(cfg)
-    import ray.data
-
-    ray.data.DataContext.get_current().enable_progress_bars = False  # the epoch lines are the progress
-    meta = {k: prep[k] for k in ("classes", "data_config", "stage_gflops", "backbone_gflops")}
-    meta.update(mlflow_run_id=run_id, tracking_uri=uri)
-    env = {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES)}
-    if run_id:
-        env["MLFLOW_TRACKING_URI"] = uri
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"job": cfg.model_dump(mode="json"), "meta": meta},
-        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
-        run_config=RunConfig(
-            name=cfg.run_name, **storage(cfg.checkpoint.storage_path),
-            failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
-            callbacks=callbacks, worker_runtime_env={"env_vars": env}),
-        datasets=build_datasets(cfg, prep["data_config"], prep["train_src"], prep["val_src"]),
-    )
+    # Whatever fails after the run starts (Ray, data, training, registration) closes it as FAILED.
     try:
+        init_ray(cfg)
+        import ray.data
+
+        ray.data.DataContext.get_current().enable_progress_bars = False  # the epoch lines are the progress
+        meta = {k: prep[k] for k in ("classes", "data_config", "stage_gflops", "backbone_gflops")}
+        meta.update(mlflow_run_id=run_id, tracking_uri=uri)
+        env = {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES)}
+        if run_id:
+            env["MLFLOW_TRACKING_URI"] = uri
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"job": cfg.model_dump(mode="json"), "meta": meta},
+            torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+            scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                         resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+            run_config=RunConfig(
+                name=cfg.run_name, **storage(cfg.checkpoint.storage_path),
+                failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
+                callbacks=callbacks, worker_runtime_env={"env_vars": env}),
+            datasets=build_datasets(cfg, prep["data_config"], prep["train_src"], prep["val_src"]),
+        )
         result = trainer.fit()
+        version = None
+        if run_id and result.checkpoint is not None:
+            with result.checkpoint.as_directory() as d:
+                version = tracking.log_model(uri, run_id, Path(d) / EXPORT_DIR,
+                                             cfg.mlflow.registered_model if register else None, cfg.mlflow.alias)
     except BaseException:
         if run_id:
             tracking.end_run(uri, run_id, "FAILED")
         raise
-    version = None
-    if run_id and result.checkpoint is not None:
-        with result.checkpoint.as_directory() as d:
-            version = tracking.log_model(uri, run_id, Path(d) / EXPORT_DIR,
-                                         cfg.mlflow.registered_model if register else None, cfg.mlflow.alias)
+    if run_id:
         tracking.end_run(uri, run_id)
     return TrainingOutcome(result=result, metrics=dict(result.metrics or {}),
                            checkpoint_path=result.checkpoint.path if result.checkpoint else None,
