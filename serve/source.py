@@ -34,24 +34,29 @@ def _download_s3(uri: str) -> Path:
 
     bucket, _, prefix = uri[len("s3://"):].partition("/")
     prefix = prefix.strip("/")
-    dest = cache_root() / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    s3 = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None)
+    objects = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/" if prefix else ""):
+        objects += [(obj["Key"], obj.get("ETag", ""), obj.get("Size", 0)) for obj in page.get("Contents", [])]
+    if not objects:
+        raise FileNotFoundError(f"nothing stored under {uri}")
+    # The cache is keyed on the listing (keys, ETags, sizes) as well as the URI, so a checkpoint rewritten
+    # in place (e.g. `cfvit calibrate s3://…` writing a new η table) is fetched again, never served stale.
+    fingerprint = hashlib.sha256("\n".join([uri, *map(repr, sorted(objects))]).encode()).hexdigest()[:16]
+    dest = cache_root() / fingerprint
     if (dest / "config.json").exists():
         return dest
-    s3 = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
-    keys = []
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/" if prefix else ""):
-        keys += [obj["Key"] for obj in page.get("Contents", [])]
-    if not keys:
-        raise FileNotFoundError(f"nothing stored under {uri}")
     # Several replicas on one node may race: download into a private dir, then rename into place.
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".part-"))
     try:
-        for key in keys:
+        for key, _, _ in objects:
             rel = key[len(prefix):].lstrip("/") if prefix else key
             if not rel or rel.endswith("/"):
                 continue
-            target = tmp / rel
+            target = (tmp / rel).resolve()
+            if not target.is_relative_to(tmp.resolve()):
+                raise ValueError(f"refusing S3 key {key!r}: it would be written outside the checkpoint folder")
             target.parent.mkdir(parents=True, exist_ok=True)
             s3.download_file(bucket, key, str(target))
         try:

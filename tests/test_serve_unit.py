@@ -127,6 +127,14 @@ def test_s3_checkpoint_is_downloaded(s3_server, tmp_path, monkeypatch):
     assert sorted(p.name for p in local.iterdir()) == ["config.json", "model.safetensors"]
     assert (local / "model.safetensors").read_bytes() == b"weights"
     assert resolve_checkpoint("s3://serve-models/runs/a/ckpt") == local  # cached
+    # rewritten in place (as `cfvit calibrate s3://…` does): fetched again, not served from the stale cache
+    s3.put_object(Bucket="serve-models", Key="runs/a/ckpt/config.json", Body=b'{"eta_table": []}')
+    fresh = resolve_checkpoint("s3://serve-models/runs/a/ckpt")
+    assert fresh != local and (fresh / "config.json").read_bytes() == b'{"eta_table": []}'
+    s3.put_object(Bucket="serve-models", Key="runs/evil/ckpt/../../../escape.txt", Body=b"x")
+    with pytest.raises(ValueError, match="outside the checkpoint folder"):
+        resolve_checkpoint("s3://serve-models/runs/evil/ckpt")
+    assert not list((tmp_path / "cache").rglob("escape.txt")) and not (tmp_path / "escape.txt").exists()
     with pytest.raises(FileNotFoundError):
         resolve_checkpoint("s3://serve-models/nothing/here")
     with pytest.raises(FileNotFoundError):
