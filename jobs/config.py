@@ -112,7 +112,7 @@ class CheckpointSection(_Section):
 
 class MLflowSection(_Section):
     enabled: bool = True
-    tracking_uri: Optional[str] = None  # None: MLFLOW_TRACKING_URI, else ./mlruns
+    tracking_uri: Optional[str] = None  # None: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db (artifacts under ./mlruns)
     experiment: str = "cfvit"
     registered_model: Optional[str] = "cfvit-fmnist-tiny"
     alias: Optional[str] = "candidate"  # models:/NAME@ALIAS ("latest" is reserved by MLflow)

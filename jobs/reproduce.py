@@ -66,6 +66,8 @@ class ReproConfig:
         bad += [f"{k}={getattr(self, k)!r} (must be >= 0; 0 or None: the whole split)"
                 for k in ("train_limit", "test_limit") if getattr(self, k) is not None and getattr(self, k) < 0]
         bad += [f"{k}={getattr(self, k)!r} (must be > 0)" for k in ("lr",) if not self.lr > 0]
+        if self.train_limit and self.train_limit < self.batch_size:
+            bad.append(f"train_limit={self.train_limit} is smaller than batch_size={self.batch_size} (no full batch)")
         if self.embed_dim % self.num_heads:
             bad.append(f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}")
         if bad:
@@ -90,7 +92,7 @@ def _log(msg: str) -> None:
 
 
 def _subset(images, labels, limit: Optional[int], seed: int):
-    """A class-stratified-ish random subset (a seeded permutation), or everything."""
+    """A random subset (a seeded permutation; roughly class-balanced as the splits are), or everything."""
     import numpy as np
 
     if not limit or limit >= len(labels):

@@ -442,7 +442,7 @@ def run_tune(cfg: JobConfig, settings: TuneSettings, console=None) -> TuneOutcom
                     "wins": w["budgets"], "parent_run_id": parent}
             path = save_calibrated(model, out / "winners" / label, v, table, info)
             entry = {"path": str(path), "aliases": w["aliases"], "budgets": w["budgets"], "version": None}
-            if client and short.mlflow.registered_model is not None:
+            if client and (settings.registered_model or short.mlflow.registered_model is not None):
                 entry["version"] = _register(client, parent, reg_name, str(path), label, w["aliases"])
             registered[label] = entry
 
