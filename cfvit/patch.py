@@ -15,7 +15,9 @@ def cls_attention_row(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.T
     q, k: (B, H, N, d). Costs N*d per head instead of the N*N*d of the full matrix. Returns (B, N-1)
     in float32 (the class token's own column dropped), detached: only the ranking is used.
     """
-    with torch.no_grad():
+    # Autocast off: it would round the float32 scores back to bf16 before the softmax, and the ranking
+    # of near-tied patches is exactly what the selection uses.
+    with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
         logits = (q[:, :, :1].float() * scale) @ k.float().transpose(-2, -1)  # (B, H, 1, N)
         return logits.softmax(dim=-1)[:, :, 0, 1:].mean(dim=1)
 

@@ -238,6 +238,18 @@ def test_class_attention_row_matches_full_attention_matrix():
     assert (fast.scores >= 0).all() and (fast.scores.sum(-1) <= 1 - m.beta ** n + 1e-6).all()
 
 
+def test_class_attention_row_stays_float32_under_bf16_autocast():
+    from cfvit.patch import cls_attention_row
+
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 3, 50, 16).bfloat16(), torch.randn(2, 3, 50, 16).bfloat16()
+    exact = cls_attention_row(q, k, 0.25)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = cls_attention_row(q, k, 0.25)
+    assert under_autocast.dtype == torch.float32
+    torch.testing.assert_close(under_autocast, exact, atol=0, rtol=0)  # not rounded through bf16
+
+
 def test_from_timm_wraps_timm_models_with_their_own_modules():
     vit = timm.create_model("deit_tiny_patch16_224", pretrained=False, num_classes=3)
     blocks = list(vit.blocks)
