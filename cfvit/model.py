@@ -114,8 +114,8 @@ class CFViT(nn.Module):
             gca_start_block = min(3, len(vit.blocks) - 1)  # the paper's 4th block
         if not 0 <= gca_start_block < len(vit.blocks):
             raise ValueError(f"gca_start_block must be in [0, {len(vit.blocks)}), got {gca_start_block}")
-        if not 0.0 <= beta <= 1.0:
-            raise ValueError(f"beta must be in [0, 1], got {beta}")
+        if not 0.0 <= beta < 1.0:  # at β = 1 the EMA never leaves 0: every patch ties
+            raise ValueError(f"beta must be in [0, 1), got {beta}")
         if selection not in c2f.SELECTIONS:
             raise ValueError(f"unknown selection {selection!r}; choose one of {c2f.SELECTIONS}")
 
@@ -198,8 +198,8 @@ class CFViT(nn.Module):
             c2f.num_selected(self.n_coarse, alpha)  # validates
             self.alpha = float(alpha)
         if beta is not None:
-            if not 0.0 <= beta <= 1.0:
-                raise ValueError(f"beta must be in [0, 1], got {beta}")
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"beta must be in [0, 1), got {beta}")
             self.beta = float(beta)
         if selection is not None:
             if selection not in c2f.SELECTIONS:

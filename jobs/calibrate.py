@@ -72,8 +72,9 @@ def parse_budgets(text: str | Sequence[str], backbone_gflops: Optional[float] = 
     return out
 
 
-def parse_floats(text: Optional[str], name: str, lo: float, hi: float, lo_open: bool = False) -> list[float]:
-    """`"0.3,0.5"` → [0.3, 0.5], each in [lo, hi] (or (lo, hi] with lo_open)."""
+def parse_floats(text: Optional[str], name: str, lo: float, hi: float, lo_open: bool = False,
+                 hi_open: bool = False) -> list[float]:
+    """`"0.3,0.5"` → [0.3, 0.5], each in [lo, hi] (open at either end with lo_open / hi_open)."""
     if text is None or not str(text).strip():
         return []
     out = []
@@ -83,8 +84,8 @@ def parse_floats(text: Optional[str], name: str, lo: float, hi: float, lo_open: 
             v = float(item)
         except ValueError:
             raise BudgetSpecError(f"{name}: {item!r} is not a number") from None
-        if not (lo < v <= hi if lo_open else lo <= v <= hi):
-            raise BudgetSpecError(f"{name}: {v} is outside {'(' if lo_open else '['}{lo}, {hi}]")
+        if not ((lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)):
+            raise BudgetSpecError(f"{name}: {v} is outside {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}")
         out.append(v)
     return out
 
@@ -566,7 +567,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         cal = calibrate(args.checkpoint, args.budgets, data=args.data, limit=args.limit,
                         alphas=parse_floats(args.alphas, "--alphas", 0, 1, lo_open=True),
-                        betas=parse_floats(args.betas, "--betas", 0, 1), adopt_best=args.adopt_best,
+                        betas=parse_floats(args.betas, "--betas", 0, 1, hi_open=True), adopt_best=args.adopt_best,
                         write=not args.no_write, output=args.output)
     except (BudgetSpecError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

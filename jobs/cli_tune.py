@@ -47,7 +47,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
 
         try:
             a = parse_floats(alphas, "--alphas", 0.0, 1.0, lo_open=True)
-            b = parse_floats(betas, "--betas", 0.0, 1.0)
+            b = parse_floats(betas, "--betas", 0.0, 1.0, hi_open=True)
             cal = calibrate(checkpoint, budgets, data=data, limit=limit, alphas=a, betas=b, adopt_best=adopt_best,
                             write=write, output=output, tracking_uri=tracking_uri, batch_size=batch_size,
                             device=device)

@@ -67,8 +67,8 @@ class TuneSettings(BaseModel):
             raise ValueError(f"expected low <= high, got {lo}, {hi}")
         if info.field_name == "alpha" and not (0 < lo and hi <= 1):
             raise ValueError("α must lie in (0, 1]")
-        if info.field_name == "beta" and not (0 <= lo and hi <= 1):
-            raise ValueError("β must lie in [0, 1]")
+        if info.field_name == "beta" and not (0 <= lo and hi < 1):
+            raise ValueError("β must lie in [0, 1)")
         if info.field_name == "lr" and not lo > 0:
             raise ValueError("learning rates must be > 0")
         return v
@@ -84,9 +84,9 @@ class TuneSettings(BaseModel):
     @field_validator("posthoc_betas")
     @classmethod
     def _betas(cls, v):
-        bad = [b for b in v if not 0 <= b <= 1]
+        bad = [b for b in v if not 0 <= b < 1]
         if bad:
-            raise ValueError(f"β must lie in [0, 1], got {bad}")
+            raise ValueError(f"β must lie in [0, 1), got {bad}")
         return v
 
     @field_validator("alias")
@@ -595,7 +595,7 @@ def settings_from_cli(budgets: str, *, alpha_range=None, beta_range=None, lr_ran
     try:
         parse_budgets(budgets, 1.0)  # syntax only; % are resolved against the model later
         pa = parse_floats(posthoc_alphas, "--posthoc-alphas", 0, 1, lo_open=True)
-        pb = parse_floats(posthoc_betas, "--posthoc-betas", 0, 1)
+        pb = parse_floats(posthoc_betas, "--posthoc-betas", 0, 1, hi_open=True)
     except BudgetSpecError as e:
         raise ConfigError(str(e)) from None
     return make_settings(budgets=[s.strip() for s in budgets.split(",") if s.strip()],

@@ -57,6 +57,9 @@ def test_parse_floats_ranges():
         parse_floats("0", "--alphas", 0, 1, lo_open=True)
     with pytest.raises(BudgetSpecError, match="--betas: 'x' is not a number"):
         parse_floats("x", "--betas", 0, 1)
+    assert parse_floats("0,0.999", "--betas", 0, 1, hi_open=True) == [0.0, 0.999]
+    with pytest.raises(BudgetSpecError, match=r"--betas: 1.0 is outside \[0, 1\)"):  # the EMA would stay 0
+        parse_floats("1", "--betas", 0, 1, hi_open=True)
 
 
 # ------------------------------------------------------------------ choosing across variants, infeasible budgets

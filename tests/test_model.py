@@ -32,6 +32,10 @@ def test_fine_token_counts():
     assert cfvit.create_model("cfvit_deit_tiny_patch16_224", coarse_grid=9).n_fine == 204
     with pytest.raises(ValueError, match="alpha"):
         c2f.num_fine_tokens(49, 1.5)
+    with pytest.raises(ValueError, match=r"beta must be in \[0, 1\)"):  # β = 1: the EMA stays 0, all patches tie
+        cfvit.create_model("cfvit_tiny_fmnist", embed_dim=32, depth=2, num_heads=2, beta=1.0)
+    with pytest.raises(ValueError, match="beta"):
+        cfvit.create_model("cfvit_tiny_fmnist", embed_dim=32, depth=2, num_heads=2).set_inference(beta=1.0)
 
 
 def test_coarse_to_fine_index_mapping():
