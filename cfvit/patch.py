@@ -45,7 +45,7 @@ class CFAttention(Attention):
         else:
             x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
             cls_row = cls_attention_row(q, k, self.scale)
-        x = x.transpose(1, 2).reshape(B, N, -1)
+        x = x.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)  # explicit: B may be 0
         x = self.norm(x)
         if gate is not None:
             x = x * gate

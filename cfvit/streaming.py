@@ -27,6 +27,8 @@ def infer_stream(
     `fine_batch_size` defaults to the size of the first batch. Reading a batch's exit decisions waits for
     the device; with `lookahead` batches' coarse stages queued ahead, the device stays busy meanwhile.
     """
+    if fine_batch_size is not None and fine_batch_size < 1:
+        raise ValueError(f"fine_batch_size must be at least 1, got {fine_batch_size}")
     results: dict[int, list] = {}  # batch_id -> [output, samples still waiting]
     order: deque[int] = deque()
     queued: deque = deque()  # coarse stages launched, exit decisions not read yet
@@ -64,7 +66,7 @@ def infer_stream(
             pool_rows.append(hard.cpu())
             pool_ids.append(torch.full((n_hard,), batch_id, dtype=torch.long))
             pooled += n_hard
-        while pooled >= fine_batch_size:
+        while fine_batch_size and pooled >= fine_batch_size:
             run_fine(fine_batch_size)
 
     def ready():
@@ -73,7 +75,7 @@ def infer_stream(
 
     for batch_id, images in enumerate(batches):
         model.check_input(images)
-        fine_batch_size = fine_batch_size or images.shape[0]
+        fine_batch_size = fine_batch_size or images.shape[0]  # the first non-empty batch's size
         state = model.coarse_stage(images)
         coarse_logits = state.logits.float()
         exits = exit_mask(coarse_logits, eta)

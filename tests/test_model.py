@@ -293,6 +293,23 @@ def test_streaming_pooled_fine_stage_matches_per_batch_inference():
             torch.testing.assert_close(o.logits, ref.logits, atol=1e-4, rtol=1e-4)
 
 
+def test_empty_batches_in_a_stream_and_alone():
+    from cfvit.streaming import infer_stream
+
+    m = small()
+    empty = images(1, m)[:0]
+    batches = [empty, images(3, m, seed=1), empty, images(2, m, seed=2)]
+    # the first batch is empty: the pooled fine batch size comes from the first non-empty one
+    outs = list(infer_stream(m, batches, 1.01, return_indices=True))
+    assert [len(o.logits) for o in outs] == [0, 3, 0, 2]
+    for b, o in zip(batches, outs):
+        if len(b):
+            torch.testing.assert_close(o.logits, m.infer(b, 1.01).logits, atol=1e-4, rtol=1e-4)
+    assert m.infer(empty, 0.5).logits.shape == (0, m.num_classes)
+    with pytest.raises(ValueError, match="fine_batch_size"):
+        list(infer_stream(m, batches, 0.5, fine_batch_size=0))
+
+
 def test_draw_regions_makes_a_figure(tmp_path):
     from cfvit.visualize import draw_regions
 
