@@ -51,6 +51,6 @@ def cfvit_tiny_fmnist(**kwargs):
     defaults = dict(patch_size=4, in_chans=1, num_classes=10, embed_dim=96, depth=6, num_heads=3,
                     mlp_ratio=4.0, qkv_bias=True)
     # The EMA skips the first blocks: the paper skips 3 of 12 (a quarter); this shallow model skips a
-    # third (2 of 6 blocks by default), whose class attention is still close to uniform.
+    # third (2 of 6 blocks by default).
     kwargs.setdefault("gca_start_block", kwargs.get("depth", defaults["depth"]) // 3)
     return build_cfvit(_fmnist_vit, defaults, 4, 7, kwargs)
