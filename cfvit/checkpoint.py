@@ -55,7 +55,14 @@ def save(model, path, **metadata) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    config = {**model.cfvit_config, **metadata, **model_config(model)}
+    carried = dict(model.cfvit_config)
+    now = model_config(model)
+    if any(carried.get(k) is not None and carried.get(k) != now[k] for k in ("alpha", "beta", "selection")):
+        # An η table (and its calibration record) was chosen for other inference settings: its accuracies
+        # and GFLOPs no longer hold. Dropped unless the caller passes a fresh one.
+        for k in ("eta_table", "calibration"):
+            carried.pop(k, None)
+    config = {**carried, **metadata, **now}
     save_file(state, str(path / WEIGHTS), metadata={"format": "pt", "model_name": model.model_name})
     (path / CONFIG).write_text(json.dumps(config, indent=2, default=_jsonable))
     return path

@@ -155,6 +155,12 @@ def test_checkpoint_round_trip(tmp_path):
     m3 = cfvit.load(tmp_path / "again")
     assert m3.cfvit_config["class_names"][0] == "a"
     assert (m3.alpha, m3.beta, m3.selection, m3.k_selected) == (0.5, 0.9, "last", 25)
+    # ... but not an η table chosen for the old α/β: its accuracies and GFLOPs no longer hold
+    assert "eta_table" not in m3.cfvit_config
+    cfvit.save(m2, tmp_path / "fresh", eta_table=[{"budget_gflops": 0.2, "eta": 0.7}])
+    assert cfvit.load(tmp_path / "fresh").cfvit_config["eta_table"][0]["eta"] == 0.7
+    cfvit.save(cfvit.load(tmp_path / "ckpt"), tmp_path / "same")  # unchanged settings: the table stays
+    assert cfvit.load(tmp_path / "same").cfvit_config["eta_table"][0]["eta"] == 0.5
     with pytest.raises(ValueError, match="alpha"):
         m3.set_inference(alpha=2.0)
 
