@@ -155,6 +155,12 @@ def load_backbone_weights(model, path) -> dict:
         if k in state and hasattr(head, k.split(".")[1]) and state[k].shape != getattr(head, k.split(".")[1]).shape:
             del state[k]
     result = model.vit.load_state_dict(state, strict=False)
+    # Only the classifier may stay fresh: any other missing weight means the file does not fit this backbone
+    # (e.g. another stem's key names), and loading it "successfully" would leave random layers behind.
+    missing = [k for k in result.missing_keys if not k.startswith("head.")]
+    if missing:
+        raise CheckpointError(f"{path} does not fit {model.model_name or 'this backbone'}: {len(missing)} weights "
+                              f"missing, e.g. {', '.join(missing[:5])}")
     with torch.no_grad():
         model.coarse_pos_embed.copy_(
             resample_abs_pos_embed(model.vit.pos_embed, [model.coarse_grid] * 2, num_prefix_tokens=1)

@@ -201,3 +201,8 @@ def test_backbone_from_local_timm_checkpoint(tmp_path):
     torch.save({"model": vit.state_dict(), "evil": timm.create_model}, tmp_path / "evil.pth")
     with pytest.raises(cfvit.CheckpointError, match="weights_only"):
         cfvit.create_model("cfvit_deit_tiny_patch16_224", checkpoint_path=str(tmp_path / "evil.pth"))
+    # weights under other names (another stem, another family) are an error, not a silently random layer
+    renamed = {k.replace("patch_embed.proj", "patch_embed.conv1"): v for k, v in vit.state_dict().items()}
+    torch.save(renamed, tmp_path / "other.pth")
+    with pytest.raises(cfvit.CheckpointError, match=r"2 weights missing, e.g. patch_embed.proj"):
+        cfvit.create_model("cfvit_deit_tiny_patch16_224", checkpoint_path=str(tmp_path / "other.pth"))
