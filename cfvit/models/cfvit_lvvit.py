@@ -2,8 +2,10 @@
 
 LV-ViT-S: a 4-conv stem (7x7/2 + two 3x3 convs, then an 8x8/8 projection: stride 16 overall),
 384 dim, 16 blocks, 6 heads, MLP ratio 3. LV-ViT scales each residual branch by 1/skip_lam (2.0);
-here that is timm's LayerScale initialised at 0.5, which holds the same function at init and can load
-LV-ViT weights with gamma = 0.5. The token-labelling auxiliary head is not included.
+here that is timm's LayerScale initialised at 0.5, which holds the same function at init. The
+token-labelling auxiliary head is not included. Weights load in this module's (timm-style) key layout;
+the authors' TokenLabeling checkpoints name the stem and residual scales differently and would need a
+key map, which is not provided (`load_backbone_weights` refuses a file that does not fit).
 """
 import torch.nn as nn
 from timm.layers import PatchEmbed
