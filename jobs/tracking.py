@@ -141,14 +141,49 @@ def download_model(model_uri: str, dst: Optional[str] = None, tracking: Optional
             mv = (client.get_model_version_by_alias(name, version[1:]) if version.startswith("@")
                   else client.get_model_version(name, version))
             source = mv.source
+            key = f"{name}/{mv.version}/{mv.run_id}/{source}"
         else:
-            source = model_uri
-        dst = dst or tempfile.mkdtemp(prefix="cfvit-model-")
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=dst, tracking_uri=uri))
+            source = key = model_uri
+        if dst:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=dst, tracking_uri=uri))
+        else:
+            local = _cached_download(source, key, uri)
     found = [local] if (local / "config.json").is_file() else sorted(p.parent for p in local.rglob("config.json"))
     if not found:
         raise FileNotFoundError(f"{model_uri}: no cfvit checkpoint (config.json) in the downloaded artifacts")
     return str(found[0])
+
+
+def cache_dir(kind: str) -> Path:
+    """`$CFVIT_CACHE/<kind>` (default ~/.cache/cfvit/<kind>): downloaded checkpoints, shared by the CLI and
+    every Serve replica on a node."""
+    return Path(os.environ.get("CFVIT_CACHE", Path.home() / ".cache" / "cfvit")) / kind
+
+
+def _cached_download(source: str, key: str, uri: str) -> Path:
+    """Download a model version's artifacts once per node. The key holds the version's run id (a UUID), so
+    a different server or a re-created model never hits another's cache entry."""
+    import hashlib
+    import shutil
+
+    import mlflow.artifacts
+
+    dest = cache_dir("mlflow") / hashlib.sha256(key.encode()).hexdigest()[:16]
+    if (dest / "done").is_file():
+        return dest / "artifacts"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".part-"))
+    try:  # into a private folder, then renamed into place: replicas starting together may race
+        mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp / "artifacts"), tracking_uri=uri)
+        (tmp / "done").touch()
+        try:
+            tmp.rename(dest)
+        except OSError:  # another process won the race
+            if not (dest / "done").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest / "artifacts"
 
 
 def _parse_models_uri(uri: str) -> tuple[str, str]:

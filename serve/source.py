@@ -11,7 +11,9 @@ MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("CFVIT_CACHE", Path.home() / ".cache" / "cfvit")) / "checkpoints"
+    from jobs.tracking import cache_dir
+
+    return cache_dir("checkpoints")
 
 
 def resolve_checkpoint(uri: str) -> Path:

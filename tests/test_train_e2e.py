@@ -86,6 +86,9 @@ def test_registered_model_loads_and_predicts(trained, mlflow_server):
     _, out, _ = trained
     assert out.model_version is not None
     local = download_model("models:/cfvit-e2e@candidate", tracking=mlflow_server)
+    # downloaded once per node (replicas share it); by version too, as the alias points at that version
+    assert download_model("models:/cfvit-e2e@candidate", tracking=mlflow_server) == local
+    assert download_model(f"models:/cfvit-e2e/{out.model_version}", tracking=mlflow_server) == local
     model = cfvit.load(local).eval()
     meta = model.cfvit_config
     assert meta["trained_epochs"] == EPOCHS and meta["eta_table"]
