@@ -4,6 +4,7 @@
 """
 
 import asyncio
+import logging
 import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
@@ -22,6 +23,8 @@ from .inputs import (RAW_TYPES, APIError, check_count, decode_and_transform, med
 from .schemas import BatchPrediction, ErrorBody, Health, ModelInfo, Prediction, TopClass
 from .settings import ETA_MAX, ETA_MIN, AppArgs
 
+logger = logging.getLogger("ray.serve")
+
 STATIC = Path(__file__).parent / "static"
 
 api = FastAPI(
@@ -35,7 +38,7 @@ api = FastAPI(
     version="1",
 )
 
-_ERRORS = {s: {"model": ErrorBody} for s in (400, 413, 415, 422, 503)}
+_ERRORS = {s: {"model": ErrorBody} for s in (400, 413, 415, 422, 500, 503)}
 _BODY_DOC = {
     "requestBody": {
         "required": True,
@@ -81,6 +84,24 @@ async def _validation_error(_: Request, exc: RequestValidationError):
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(_: Request, exc: StarletteHTTPException):
     return _error(exc.status_code, str(exc.detail), None)
+
+
+def _stage_unavailable(exc: BaseException) -> bool:
+    from ray.exceptions import ActorUnavailableError, RayActorError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+
+    return isinstance(exc, (BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError,
+                            ActorUnavailableError, RayActorError))
+
+
+@api.exception_handler(Exception)
+async def _unexpected(_: Request, exc: Exception):
+    # Clients get JSON for every failure, never a plain-text page or a traceback: 503 (retry) when a model
+    # stage is overloaded or restarting, 500 otherwise.
+    if _stage_unavailable(exc):
+        return _error(503, "model stage unavailable, retry later", type(exc).__name__)
+    logger.exception("unexpected error while serving a request")
+    return _error(500, "internal error", type(exc).__name__)
 
 
 def _normalise_table(raw) -> Optional[List[Dict[str, float]]]:
@@ -206,17 +227,24 @@ class CFViTIngress:
         try:
             form = await Request(request.scope, replay).form(max_files=self.args.max_images + 1, max_fields=16)
         except Exception as e:  # noqa: BLE001 - malformed multipart of any kind is the client's error
-            raise APIError(400, "malformed multipart body", str(getattr(e, "detail", e))) from None
-        uploads = form.getlist("file")
-        if not uploads:
-            raise APIError(422, "no `file` field in the multipart form", {"fields": list(form.keys())})
-        check_count(len(uploads), self.args.max_images)
-        files = []
-        for u in uploads:
-            if isinstance(u, str):
-                raise APIError(422, "`file` must be a file upload, not a text field")
-            files.append(await u.read())
-        return files
+            detail = str(getattr(e, "detail", e))
+            if detail.startswith("Too many files"):  # more than max_images: the same answer as JSON bodies
+                raise APIError(413, "too many images", {"max_images": self.args.max_images,
+                                                        "got": f"more than {self.args.max_images + 1}"}) from None
+            raise APIError(400, "malformed multipart body", detail) from None
+        try:
+            uploads = form.getlist("file")
+            if not uploads:
+                raise APIError(422, "no `file` field in the multipart form", {"fields": list(form.keys())})
+            check_count(len(uploads), self.args.max_images)
+            files = []
+            for u in uploads:
+                if isinstance(u, str):
+                    raise APIError(422, "`file` must be a file upload, not a text field")
+                files.append(await u.read())
+            return files
+        finally:
+            await form.close()  # spooled upload files are released now, not at garbage collection
 
     async def _classify_one(self, image, eta: float) -> Prediction:
         if self.fine is None:

@@ -169,6 +169,7 @@ def _bad_requests(img: bytes):
     yield "no content type", dict(content=img), 415
     yield "too many images", dict(json={"images": [b64] * 33}), 413
     yield "too many files", dict(files=[("file", ("a.png", img, "image/png"))] * 33), 413
+    yield "far too many files", dict(files=[("file", ("a.png", img, "image/png"))] * 40), 413
     yield "eta too high", dict(content=img, headers={"content-type": "image/png"}, params={"eta": 1.5}), 422
     yield "eta negative", dict(content=img, headers={"content-type": "image/png"}, params={"eta": -0.1}), 422
     yield "eta not a number", dict(content=img, headers={"content-type": "image/png"}, params={"eta": "abc"}), 422

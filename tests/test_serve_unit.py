@@ -191,3 +191,18 @@ def test_stage_forward_passes_run_on_the_replica_device_and_reply_on_cpu(precisi
     tol = 1e-5 if precision == "fp32" else 2e-2
     torch.testing.assert_close(got, want, atol=tol, rtol=0)
     assert len(fine[0]["selected"]) == model.k_selected
+
+
+def test_unexpected_failures_are_json_errors_503_when_a_stage_is_unavailable():
+    import asyncio
+    import json as _json
+
+    from ray.serve.exceptions import BackPressureError
+
+    from serve.app import _unexpected
+
+    busy = asyncio.run(_unexpected(None, BackPressureError(num_queued_requests=9, max_queued_requests=8)))
+    assert busy.status_code == 503
+    assert _json.loads(busy.body) == {"error": "model stage unavailable, retry later", "detail": "BackPressureError"}
+    bug = asyncio.run(_unexpected(None, RuntimeError("secret internals")))
+    assert bug.status_code == 500 and _json.loads(bug.body) == {"error": "internal error", "detail": "RuntimeError"}
