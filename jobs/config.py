@@ -27,9 +27,12 @@ class DataConfig(_Section):
     train: str = Field("fashion-mnist", description="URI: fashion-mnist[:train|:test], s3://bucket/prefix or a local path")
     val: str = "fashion-mnist:test"
     format: Literal["auto", "imagefolder", "webdataset"] = "auto"
-    train_limit: Optional[int] = Field(None, ge=1, description="use only the first N training images")
+    train_limit: Optional[int] = Field(None, ge=1, description="use only N training images (the first N of the "
+                                       "built-in set; of files, N from the epoch's shuffled order)")
     val_limit: Optional[int] = Field(None, ge=1)
     check_uris: bool = True  # reachability check before anything starts
+    # per-worker buffer of preprocessed training images shuffled locally each epoch (0: off)
+    shuffle_buffer: int = Field(512, ge=0)
 
 
 class AugmentConfig(_Section):

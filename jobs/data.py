@@ -159,7 +159,9 @@ def read(src: Source, *, role: str, limit: int | None = None, seed: int = 0):
         ds = ray.data.from_pandas(pd.DataFrame({"image": list(images), "label": labels}))
         return ds
     fs, root = resolve(src.uri)
-    shuffle = "files" if role == "train" else None
+    from ray.data import FileShuffleConfig
+
+    shuffle = FileShuffleConfig(seed=seed) if role == "train" else None  # a new seeded order each epoch
     if src.kind == "webdataset":
         ds = ray.data.read_webdataset(root, filesystem=fs, decoder=None, file_extensions=["tar"], shuffle=shuffle)
         ds = ds.map_batches(_webdataset_rows, batch_format="pandas")

@@ -138,8 +138,13 @@ def train_loop_per_worker(config: dict) -> None:
         t0 = time.perf_counter()
         sums = np.zeros(5)  # loss*n, ce*n, aux*n, images, skipped
         shard = ray.train.get_dataset_shard("train")
-        for step, batch in enumerate(shard.iter_torch_batches(batch_size=cfg.deepspeed.micro_batch_size,
-                                                              drop_last=True, local_shuffle_buffer_size=None)):
+        # Files are shuffled per epoch by the reader; the buffer also mixes images within files/blocks
+        # (the built-in set is one block). Seeded per epoch and rank: reproducible, different each epoch.
+        buffer = cfg.data.shuffle_buffer or None
+        batches = shard.iter_torch_batches(batch_size=cfg.deepspeed.micro_batch_size, drop_last=True,
+                                           local_shuffle_buffer_size=buffer,
+                                           local_shuffle_seed=(cfg.seed + 1000 * epoch + rank) if buffer else None)
+        for step, batch in enumerate(batches):
             if cfg.debug.max_steps_per_epoch and step >= cfg.debug.max_steps_per_epoch:
                 break
             valid = batch["valid"].bool()
