@@ -201,9 +201,11 @@ def train_loop_per_worker(config: dict) -> None:
                 "val_images": len(labels),
                 "val_coarse_top1": float((cprob.argmax(1) == labels).mean()),
                 "val_fine_top1": float((fprob.argmax(1) == labels).mean()),
-                "val_top1_eta_0.5": float(np.interp(0.5, curve.eta, curve.accuracy)),
-                "val_gflops_eta_0.5": float(np.interp(0.5, curve.eta, curve.gflops)),
             })
+            exits = cprob.max(1) >= 0.5  # the inference rule at η = 0.5, exactly
+            pred = np.where(exits, cprob.argmax(1), fprob.argmax(1))
+            metrics["val_top1_eta_0.5"] = float((pred == labels).mean())
+            metrics["val_gflops_eta_0.5"] = float(gflops["coarse"] + (1 - exits.mean()) * gflops["fine"])
         remaining = (s.epochs - epoch - 1) * (sum(history[-3:]) / len(history[-3:]))
         metrics["eta_seconds"] = remaining
         if rank == 0:
