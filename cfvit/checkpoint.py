@@ -4,6 +4,7 @@ No pickles anywhere: weights are safetensors; backbone initialisation from timm/
 through `torch.load(weights_only=True)`.
 """
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -63,8 +64,18 @@ def save(model, path, **metadata) -> Path:
         for k in ("eta_table", "calibration"):
             carried.pop(k, None)
     config = {**carried, **metadata, **now}
-    save_file(state, str(path / WEIGHTS), metadata={"format": "pt", "model_name": model.model_name})
-    (path / CONFIG).write_text(json.dumps(config, indent=2, default=_jsonable))
+    text = json.dumps(config, indent=2, default=_jsonable)  # fails before anything is written
+    # Each file is written beside its target and renamed into place: re-saving over a checkpoint (as
+    # `cfvit calibrate` does) never leaves a half-written file behind if interrupted.
+    tmp_weights, tmp_config = path / f".{WEIGHTS}.tmp", path / f".{CONFIG}.tmp"
+    try:
+        save_file(state, str(tmp_weights), metadata={"format": "pt", "model_name": model.model_name})
+        tmp_config.write_text(text)
+        os.replace(tmp_weights, path / WEIGHTS)
+        os.replace(tmp_config, path / CONFIG)
+    finally:
+        tmp_weights.unlink(missing_ok=True)
+        tmp_config.unlink(missing_ok=True)
     return path
 
 
