@@ -96,6 +96,8 @@ def train_loop_per_worker(config: dict) -> None:
     from cfvit.budget import eta_curve
     from cfvit.losses import cfvit_loss
 
+    from .ds_checkpoint import use_weights_only_loading
+
     cfg = JobConfig.model_validate(config["job"])
     meta = config["meta"]
     ctx = ray.train.get_context()
@@ -113,6 +115,7 @@ def train_loop_per_worker(config: dict) -> None:
                                        warmup_lr=s.warmup_lr, min_lr=s.min_lr)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            config=deepspeed_config(cfg, on_gpu), dist_init_required=False)
+    use_weights_only_loading(engine)  # resuming never unpickles arbitrary objects from the storage
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else (torch.float16 if engine.fp16_enabled() else torch.float32)
     a = cfg.augment
     mixup = Mixup(mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, prob=a.mixup_prob, switch_prob=a.mixup_switch_prob,
@@ -122,7 +125,7 @@ def train_loop_per_worker(config: dict) -> None:
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
-            engine.load_checkpoint(d, tag=DS_TAG)  # our own checkpoint (DeepSpeed pickles its optimizer state)
+            engine.load_checkpoint(d, tag=DS_TAG)  # weights_only: see jobs/ds_checkpoint.py
             state = json.loads((Path(d) / STATE_FILE).read_text())
         start_epoch, history = state["epoch"] + 1, state.get("epoch_seconds", [])
         if rank == 0:
