@@ -161,3 +161,29 @@ def test_render_from_json_reproduces_the_markdown(quick_run, tmp_path):
     copy.write_text((out / "results.json").read_text())
     assert rp.render_from_json(copy) == (out / "RESULTS.md").read_text()
     assert (tmp_path / "RESULTS.md").is_file()
+
+
+def test_full_quick_run_retrains_the_reuse_and_loss_ablations(tmp_path):
+    """`--full` mechanics on a sliver of data: three more arms, Table 5 + loss in the results, markdown and MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    res = CliRunner().invoke(_app(), ["reproduce", "--quick", "--full", "--out", str(tmp_path / "docs"),
+                                      "--train-limit", "64", "--test-limit", "32", "--tracking-uri", uri])
+    assert res.exit_code == 0, f"{res.output}\n{res.exception!r}"
+    r = json.loads((tmp_path / "docs" / "results.json").read_text())
+    ab = r["ablations"]
+    assert list(ab["reuse"]) == ["mlp", "linear", "none"] and list(ab["loss"]) == ["CE+KL", "CE+CE"]
+    assert ab["reuse"]["mlp"] == ab["loss"]["CE+KL"]  # the main CF-ViT arm is the reference row of both
+    assert math.isclose(ab["reuse"]["mlp"]["fine_top1"], r["cfvit"]["fine_top1"])
+    for v in [*ab["reuse"].values(), *ab["loss"].values()]:
+        assert 0 <= v["coarse_top1"] <= 1 and 0 <= v["fine_top1"] <= 1 and v["train_seconds"] > 0
+        assert math.isclose(v["fine_top1"] * 32, round(v["fine_top1"] * 32), abs_tol=1e-6)
+    md = (tmp_path / "docs" / "RESULTS.md").read_text()
+    assert "Ablations retrained with `--full`" in md and "| reuse `none` (CE+KL) |" in md and "| loss CE+CE" in md
+    client = MlflowClient(tracking_uri=uri)
+    children = client.search_runs([client.get_experiment_by_name("cfvit-reproduce").experiment_id],
+                                  f"tags.mlflow.parentRunId = '{r['mlflow']['run_id']}'")
+    assert {c.info.run_name for c in children} == {"backbone", "cfvit", "cfvit-reuse-linear", "cfvit-reuse-none",
+                                                   "cfvit-loss-ce"}
+    assert all(c.info.status == "FINISHED" for c in children)
