@@ -2,7 +2,7 @@
 
 DeepSpeed's torch checkpoint engine loads with `weights_only=False`, so a checkpoint planted in the
 storage a job resumes from (a shared bucket) could run code on every worker. Its optimizer state holds
-only tensors, containers and three plain DeepSpeed value types, so it loads with `weights_only=True` and
+only tensors, containers and a few plain DeepSpeed value types, so it loads with `weights_only=True` and
 those types allow-listed; anything else is refused by torch.
 """
 from __future__ import annotations
@@ -12,7 +12,8 @@ import importlib
 import torch
 from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 
-# What ZeRO 0-3 checkpoints (fp32, bf16, fp16 loss scaling) hold besides tensors and containers.
+# What ZeRO 0-3 checkpoints hold besides tensors and containers: LossScaler, ZeroStageEnum and
+# fragment_address found by loading fp32 and bf16 checkpoints of each stage; DynamicLossScaler is fp16's.
 SAFE_GLOBALS = (
     "deepspeed.runtime.fp16.loss_scaler.LossScaler",
     "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
