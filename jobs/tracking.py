@@ -164,26 +164,38 @@ def _cached_download(source: str, key: str, uri: str) -> Path:
     """Download a model version's artifacts once per node. The key holds the version's run id (a UUID), so
     a different server or a re-created model never hits another's cache entry."""
     import hashlib
-    import shutil
 
     import mlflow.artifacts
 
     dest = cache_dir("mlflow") / hashlib.sha256(key.encode()).hexdigest()[:16]
-    if (dest / "done").is_file():
-        return dest / "artifacts"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".part-"))
-    try:  # into a private folder, then renamed into place: replicas starting together may race
+
+    def fill(tmp: Path) -> None:
         mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp / "artifacts"), tracking_uri=uri)
         (tmp / "done").touch()
+
+    return fill_once(dest, fill, ready="done") / "artifacts"
+
+
+def fill_once(dest: Path, fill, ready: str) -> Path:
+    """`dest`, unless `dest/ready` exists already: filled by `fill(tmp)` into a private folder beside it,
+    then renamed into place. Processes starting together (Serve replicas on one node) may race: the
+    loser drops its copy and uses the winner's."""
+    import shutil
+
+    if (dest / ready).exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".part-"))
+    try:
+        fill(tmp)
         try:
             tmp.rename(dest)
         except OSError:  # another process won the race
-            if not (dest / "done").is_file():
+            if not (dest / ready).exists():
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return dest / "artifacts"
+    return dest
 
 
 def _parse_models_uri(uri: str) -> tuple[str, str]:

@@ -3,16 +3,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from jobs.tracking import cache_dir, fill_once
 
 MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
 
 
 def cache_root() -> Path:
-    from jobs.tracking import cache_dir
-
     return cache_dir("checkpoints")
 
 
@@ -46,12 +44,8 @@ def _download_s3(uri: str) -> Path:
     # in place (e.g. `cfvit calibrate s3://…` writing a new η table) is fetched again, never served stale.
     fingerprint = hashlib.sha256("\n".join([uri, *map(repr, sorted(objects))]).encode()).hexdigest()[:16]
     dest = cache_root() / fingerprint
-    if (dest / "config.json").exists():
-        return dest
-    # Several replicas on one node may race: download into a private dir, then rename into place.
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".part-"))
-    try:
+
+    def fill(tmp: Path) -> None:
         for key, _, _ in objects:
             rel = key[len(prefix):].lstrip("/") if prefix else key
             if not rel or rel.endswith("/"):
@@ -61,11 +55,5 @@ def _download_s3(uri: str) -> Path:
                 raise ValueError(f"refusing S3 key {key!r}: it would be written outside the checkpoint folder")
             target.parent.mkdir(parents=True, exist_ok=True)
             s3.download_file(bucket, key, str(target))
-        try:
-            tmp.rename(dest)
-        except OSError:  # another replica won the race
-            if not (dest / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+
+    return fill_once(dest, fill, ready="config.json")
