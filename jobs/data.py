@@ -187,8 +187,10 @@ def _webdataset_rows(df):
     if not img_cols:
         raise ValueError(f"WebDataset samples have no image entry (columns: {list(df.columns)})")
     # Samples may differ in extension (`.jpg` here, `.png` there): each row takes whichever it has.
-    images = [next((v for v in (row[c] for c in img_cols) if isinstance(v, (bytes, bytearray))), b"")
-              for _, row in df[img_cols].iterrows()]
+    images = df[img_cols[0]]
+    for c in img_cols[1:]:
+        images = images.combine_first(df[c])  # column-wise, not a Python loop over rows
+    images = images.where(images.notna(), b"")  # no image at all: empty bytes, skipped as unreadable
     labels = []
     for v in (df["cls"] if "cls" in df.columns else [None] * len(df)):
         try:
