@@ -65,7 +65,8 @@ class ReproConfig:
                if not isinstance(getattr(self, k), int) or getattr(self, k) < 1]
         bad += [f"{k}={getattr(self, k)!r} (must be >= 0; 0 or None: the whole split)"
                 for k in ("train_limit", "test_limit") if getattr(self, k) is not None and getattr(self, k) < 0]
-        bad += [f"{k}={getattr(self, k)!r} (must be > 0)" for k in ("lr",) if not self.lr > 0]
+        if not self.lr > 0:
+            bad.append(f"lr={self.lr!r} (must be > 0)")
         if self.train_limit and self.train_limit < self.batch_size:
             bad.append(f"train_limit={self.train_limit} is smaller than batch_size={self.batch_size} (no full batch)")
         if self.embed_dim % self.num_heads:
