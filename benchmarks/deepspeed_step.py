@@ -16,15 +16,10 @@ import cfvit
 
 
 def ds_config(zero: int, batch: int, bf16: bool) -> dict:
-    return {
-        "train_micro_batch_size_per_gpu": batch,
-        "gradient_accumulation_steps": 1,
-        "gradient_clipping": 5.0,
-        "zero_optimization": {"stage": zero},
-        "bf16": {"enabled": bf16},
-        "zero_allow_untested_optimizer": True,  # timm/torch AdamW, no fused-op build needed
-        "steps_per_print": 10**9,
-    }
+    from jobs.train.deepspeed import deepspeed_config
+
+    conf = deepspeed_config(None, True, micro_batch_size=batch, zero_stage=zero, precision="bf16" if bf16 else "fp32")
+    return {**conf, "gradient_clipping": 5.0}
 
 
 def run(kind: str, model_name: str, zero: int, batch: int, steps: int, warmup: int, device: str) -> dict:

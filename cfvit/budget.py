@@ -3,7 +3,9 @@
 A sample exits at the coarse stage when its top coarse probability is >= η. Only the distinct
 confidences matter: sorting them once gives every operating point with two cumulative sums.
 """
+import math
 from dataclasses import asdict, dataclass
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -99,3 +101,61 @@ def eta_table(curve: EtaCurve, budgets) -> list[dict]:
         except BudgetError:
             continue
     return rows
+
+
+# ---------------------------------------------------------------------------------------------- budgets
+class BudgetSpecError(ValueError):
+    """A budget string that cannot be read."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    spec: str  # as the user wrote it ("2.0", "40%")
+    gflops: float
+    percent: Optional[float] = None  # of the backbone, for "%" budgets
+
+    @property
+    def label(self) -> str:
+        return f"{self.spec} ({self.gflops:.3f} GFLOPs)" if self.percent is not None else f"{self.gflops:g} GFLOPs"
+
+
+def parse_budgets(text: str | Sequence[str], backbone_gflops: Optional[float] = None) -> list[Budget]:
+    """`"1.5,2.0"` (GFLOPs per image) or `"40%,50%"` (of the backbone's GFLOPs); a list of items works too."""
+    items = [s for part in ([text] if isinstance(text, str) else list(text)) for s in str(part).split(",")]
+    items = [s.strip() for s in items if s.strip()]
+    if not items:
+        raise BudgetSpecError("no budgets given: expected e.g. 1.5,2.0 (GFLOPs per image) or 40%,50% (of the backbone)")
+    out = []
+    for item in items:
+        is_pct = item.endswith("%")
+        raw = item[:-1].strip() if is_pct else item
+        low = raw.lower()
+        for suffix in ("gflops", "g"):  # "2.0GFLOPs" / "2g" are fine
+            if not is_pct and low.endswith(suffix):
+                raw = raw[: -len(suffix)].strip()
+                break
+        try:
+            value = float(raw)
+        except ValueError:
+            raise BudgetSpecError(f"budget {item!r} is not a number of GFLOPs (e.g. 2.0) or a percentage of the "
+                                  f"backbone (e.g. 50%)") from None
+        if not math.isfinite(value) or value <= 0:
+            raise BudgetSpecError(f"budget {item!r} must be a positive, finite number")
+        if is_pct:
+            if backbone_gflops is None:
+                raise BudgetSpecError(f"budget {item!r} is relative to the backbone, whose GFLOPs are unknown here")
+            out.append(Budget(item, value / 100.0 * float(backbone_gflops), value))
+        else:
+            out.append(Budget(item, value))
+    return out
+
+
+def point_at(coarse_probs, fine_probs, labels, eta: float, *, coarse_gflops: float, fine_gflops: float) -> EtaPoint:
+    """Accuracy and expected GFLOPs at one η, by the inference rule itself: an image exits after the
+    coarse stage when its top coarse probability (float32) is >= η."""
+    cp, fp, y = _np(coarse_probs), _np(fine_probs), _np(labels).astype(np.int64)
+    exits = cp.max(axis=1).astype(np.float32) >= np.float32(eta)
+    pred = np.where(exits, cp.argmax(axis=1), fp.argmax(axis=1))
+    frac = float(exits.mean()) if len(y) else 0.0
+    return EtaPoint(eta=float(eta), accuracy=float((pred == y).mean()) if len(y) else float("nan"),
+                    gflops=float(coarse_gflops + (1.0 - frac) * fine_gflops), exit_fraction=frac)

@@ -3,6 +3,8 @@
 `apply_patch(vit)` swaps them into a timm VisionTransformer in place (ToMe style): weights, state-dict
 keys and timm's own forward stay untouched; only the extra `forward_with_cls_attn` path is added.
 """
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from timm.layers import Attention
@@ -77,3 +79,14 @@ def apply_patch(vit: torch.nn.Module) -> torch.nn.Module:
         blk.__class__ = CFBlock
         blk.attn.__class__ = CFAttention
     return vit
+
+
+@contextlib.contextmanager
+def full_attention_matrix(enabled: bool):
+    """Materialise every attention matrix for the class-attention rows (the naive way)."""
+    old = CFAttention.full_attn_matrix
+    CFAttention.full_attn_matrix = enabled
+    try:
+        yield
+    finally:
+        CFAttention.full_attn_matrix = old

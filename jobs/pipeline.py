@@ -98,10 +98,9 @@ def run_pipeline(config: Optional[str] = None, sets: tuple[str, ...] = (), *, qu
     from serve.app import build_app
     from serve.settings import AppArgs
 
-    from . import tracking
-    from .calibrate import calibrate
-    from .config import load_config
-    from .train import EXPORT_DIR, run_training
+    from jobs.calibrate import calibrate
+    from jobs.common import tracking
+    from jobs.train import EXPORT_DIR, load_config, run_training
 
     t0 = time.perf_counter()
     cfg = load_config(config, [*(QUICK_SETS if quick else []), *sets])

@@ -5,7 +5,7 @@ import hashlib
 from pathlib import Path
 from typing import Any, Dict
 
-from .source import resolve_checkpoint
+from jobs.common.storage import resolve_checkpoint
 
 
 def load_model(checkpoint: str, num_threads: int = 0):

@@ -12,8 +12,9 @@ import torch
 
 import cfvit
 from cfvit.budget import eta_curve
-from jobs.calibrate import (Budget, BudgetSpecError, Variant, best_per_budget, bench, calibrate, parse_budgets,
-                            parse_floats, validation_batches)
+from benchmarks.calibrate import bench
+from jobs.calibrate import (Budget, BudgetSpecError, Variant, best_per_budget, calibrate, parse_budgets, parse_floats,
+                            validation_batches)
 
 LIMIT = 400  # validation images: enough ties and exits to make the scan interesting, quick on 2 cores
 
@@ -218,11 +219,9 @@ def test_calibrate_refuses_data_with_other_classes_and_leaves_the_checkpoint_alo
 def cli():
     from typer.testing import CliRunner
 
-    from cfvit.cli import _register_plugins, app
+    from jobs.cli import register_all
 
-    if not any(c.name == "calibrate" for c in app.registered_commands):
-        _register_plugins()
-    return CliRunner(), app
+    return CliRunner(), register_all()
 
 
 def test_cli_calibrate_prints_table_and_infeasible(cli, fmnist_checkpoint, tmp_path):

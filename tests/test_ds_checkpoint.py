@@ -13,7 +13,7 @@ SCRIPT = textwrap.dedent('''
     dist.init_process_group("gloo")
     import deepspeed
     from timm.optim import create_optimizer_v2
-    from jobs.ds_checkpoint import use_weights_only_loading
+    from jobs.train.deepspeed import use_weights_only_loading
 
     root = sys.argv[1]
 

@@ -139,9 +139,9 @@ def test_rayjobs(name, entrypoint):
     assert runtime_env["env_vars"]["MLFLOW_TRACKING_URI"].startswith("http://mlflow.")
     assert spec["shutdownAfterJobFinishes"] is True
     check_ray_cluster_spec(spec["rayClusterSpec"], ray.__version__)
-    module = ROOT / (argv[argv.index("-m") + 1].replace(".", "/") + ".py")
-    if not module.is_file():  # jobs.tune is written by another issue; the manifest is checked regardless
-        pytest.skip(f"{module.relative_to(ROOT)} does not exist yet")
+    module = ROOT / argv[argv.index("-m") + 1].replace(".", "/")
+    assert module.with_suffix(".py").is_file() or (module / "__main__.py").is_file(), \
+        f"python -m {argv[argv.index('-m') + 1]}: no such module in the repo"
 
 
 def _serve_config() -> tuple[dict, dict]:

@@ -7,7 +7,7 @@ import torch
 
 import cfvit
 from cfvit import coarse_to_fine as c2f
-from cfvit.bench import full_attention_matrix
+from cfvit.patch import full_attention_matrix
 
 
 def small(**kw):

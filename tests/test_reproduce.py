@@ -9,7 +9,7 @@ import typer
 from typer.testing import CliRunner
 
 from jobs import reproduce as rp
-from jobs.cli_reproduce import register
+from jobs.cli.reproduce import register
 
 
 def _app() -> typer.Typer:

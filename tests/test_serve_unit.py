@@ -90,7 +90,7 @@ def test_resolve_eta_accepts():
 
 
 def test_ratio_at_equal_p99_interpolates_both_curves():
-    from serve.bench import ratio_at_equal_p99
+    from benchmarks.serve import ratio_at_equal_p99
 
     cf = [{"p99_ms": 10, "throughput": 100}, {"p99_ms": 30, "throughput": 300}]
     base = [{"p99_ms": 20, "throughput": 100}, {"p99_ms": 40, "throughput": 150}]
@@ -104,9 +104,9 @@ def test_ratio_at_equal_p99_interpolates_both_curves():
 def test_cli_registers_serve_and_bench_serve():
     from typer.testing import CliRunner
 
-    from cfvit import cli
+    from jobs import cli
 
-    cli._register_plugins()
+    cli.register_all()
     runner = CliRunner()
     out = runner.invoke(cli.app, ["serve", "--help"])
     assert out.exit_code == 0 and "--checkpoint" in out.output and "--port" in out.output
@@ -115,7 +115,7 @@ def test_cli_registers_serve_and_bench_serve():
 
 
 def test_s3_checkpoint_is_downloaded(s3_server, tmp_path, monkeypatch):
-    from serve.source import resolve_checkpoint
+    from jobs.common.storage import resolve_checkpoint
 
     monkeypatch.setenv("CFVIT_CACHE", str(tmp_path / "cache"))
     s3 = s3_server.client()

@@ -11,7 +11,8 @@ import typer
 from PIL import Image
 from typer.testing import CliRunner
 
-from jobs import cli_cluster, shards
+from jobs.cli import cluster as cli_cluster
+from jobs.ops import shards
 
 CLASSES = ["cat", "dog", "fish"]  # sorted → labels 0, 1, 2
 
@@ -178,7 +179,7 @@ def test_sample_keys_and_image_entries():
 def test_training_reader_takes_mixed_extension_shards(ray_session, tmp_path):
     """The training/calibration reader over `cfvit shards` output (JPEG and PNG samples side by side) plus
     a shard from another tool holding a corrupt image and an unlabelled sample: both skipped, not fatal."""
-    from jobs.data import describe, preprocess, read
+    from jobs.train.data import describe, preprocess, read
 
     make_image_folder(tmp_path / "src")
     shards.convert(str(tmp_path / "src"), str(tmp_path / "wds"), shard_size=5)

@@ -18,7 +18,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from jobs import cli_cluster, submit
+from jobs.cli import cluster as cli_cluster
+from jobs.ops import submit
 
 
 def _free_ports(n: int) -> list[int]:
@@ -190,3 +191,36 @@ def test_runtime_env_and_entrypoint_quoting(tmp_path):
         submit.build_runtime_env(str(tmp_path / "missing"), {})
     assert submit.resolve_address("10.0.0.5:8265") == "http://10.0.0.5:8265"
     assert submit.resolve_address("https://ray.example.com") == "https://ray.example.com"
+
+
+# ------------------------------------------------------------------ results that would vanish with the job
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.e2e
+def test_submit_refuses_a_job_whose_results_would_vanish(ray_head):
+    """The shipped config keeps checkpoints in ./outputs and MLflow in ./mlflow.db: under Ray Jobs both land in
+    the uploaded working dir, which Ray deletes. Refused before anything is submitted, with the fix named."""
+    client = submit.connect(ray_head)
+    before = {j.submission_id for j in submit.list_jobs(client)}
+    result = CliRunner().invoke(_app(), [
+        "submit", "run", "--address", ray_head, "--working-dir", REPO, "--",
+        "python", "-m", "jobs.train", "--config", "jobs/configs/fmnist_tiny.yaml"])
+    assert result.exit_code == 1, result.output
+    assert "refusing to submit" in result.stderr
+    assert "--set checkpoint.storage_path=s3://" in result.stderr and "MLFLOW_TRACKING_URI=http" in result.stderr
+    assert {j.submission_id for j in submit.list_jobs(client)} == before  # nothing reached the cluster
+
+
+@pytest.mark.e2e
+def test_the_job_itself_refuses_under_ray_jobs(ray_head):
+    """Submitted past the CLI (the plain Ray client, as a KubeRay RayJob would): the job fails at once, before
+    training, and its log says why."""
+    client = submit.connect(ray_head)
+    runtime_env = submit.build_runtime_env(REPO, {"RAY_DEDUP_LOGS": "0"})
+    job_id = submit.submit(client, ["python", "-m", "jobs.train", "--config", "jobs/configs/fmnist_tiny.yaml",
+                                    "--set", "mlflow.enabled=false"], runtime_env, "cfvit-test-vanishing")
+    assert submit.wait(client, job_id, timeout_s=240) == "FAILED"
+    log = submit.logs(client, job_id)
+    assert "would lose its results" in log and "checkpoint.storage_path './outputs/ray_results' is relative" in log
+    assert "epoch" not in log.split("would lose its results")[0].lower()  # refused before any training

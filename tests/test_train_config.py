@@ -5,7 +5,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from jobs.config import ConfigError, load_config, parse_set
+from jobs.train.config import ConfigError, load_config, parse_set
 from jobs.train import deepspeed_config, prepare
 
 
@@ -105,7 +105,7 @@ def test_unreachable_s3_data(s3_server, monkeypatch):
 
 
 def test_cli_reports_config_errors():
-    from jobs import cli_train
+    from jobs.cli import train as cli_train
 
     app, bench = typer.Typer(), typer.Typer()
     cli_train.register(app, bench)
@@ -120,7 +120,7 @@ def test_compact_validation_gives_the_exact_curve():
     import numpy as np
 
     from cfvit.budget import eta_curve
-    from jobs.train import _as_probs
+    from jobs.train.worker import _as_probs
 
     rng = np.random.default_rng(0)
     n, c = 500, 10

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jobs.config import load_config
+from jobs.train.config import load_config
 from jobs.train import run_training
 from tests.fixtures.services import upload_fashion_mnist
 
@@ -80,7 +80,7 @@ def test_run_finishes_with_metrics_in_mlflow(trained, mlflow_server):
 def test_registered_model_loads_and_predicts(trained, mlflow_server):
     import cfvit
     from cfvit.data import FASHION_MNIST_CLASSES, load_fashion_mnist
-    from jobs.tracking import download_model
+    from jobs.common.tracking import download_model
     from tests.fixtures.quick_train import to_batch
 
     _, out, _ = trained

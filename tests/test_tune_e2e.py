@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 import cfvit
-from jobs.config import ConfigError, load_config
-from jobs.tune import TuneSettings, fit_concurrency, pareto_front, run_tune, settings_from_cli
+from jobs.train.config import ConfigError, load_config
+from jobs.tune import (ClusterTooSmall, TuneSettings, fit_concurrency, pareto_front, run_tune, settings_from_cli,
+                       trial_cpus)
 
 TINY = {"depth": 2, "embed_dim": 48, "num_heads": 2}
 
@@ -29,12 +30,20 @@ def test_settings_from_cli_rejects_bad_input():
 
 
 def test_concurrency_fits_the_cluster():
-    cfg = load_config("fmnist_tiny", check_uris=False)  # 2 workers × 1 CPU + 1 for data = 3 CPUs a trial
+    # 2 workers × 1 CPU + 0.01 for the trial itself + 1 left free for Ray Data = 3.01 CPUs a trial
+    cfg = load_config("fmnist_tiny", check_uris=False)
+    assert trial_cpus(cfg) == pytest.approx(3.01)
     assert fit_concurrency(cfg, {"CPU": 4}, None, 8) == 1
-    assert fit_concurrency(cfg, {"CPU": 12}, None, 8) == 4
+    assert fit_concurrency(cfg, {"CPU": 12}, None, 8) == 3
     assert fit_concurrency(cfg, {"CPU": 12}, None, 2) == 2
-    assert fit_concurrency(cfg, {"CPU": 2}, None, 8) == 1
     assert fit_concurrency(cfg, {"CPU": 64}, 3, 8) == 3
+    assert fit_concurrency(cfg, {"CPU": 4}, 3, 8) == 1  # asking for more than fits does not starve the data
+    # a cluster that cannot hold one trial and its data pipeline is refused at once, with the numbers
+    with pytest.raises(ClusterTooSmall, match=r"has 3 CPUs but one trial needs 3\.01.*data\.cpus"):
+        fit_concurrency(cfg, {"CPU": 3}, None, 8)
+    with pytest.raises(ClusterTooSmall, match="GPUs"):
+        fit_concurrency(cfg.model_copy(update={"scaling": cfg.scaling.model_copy(update={"use_gpu": True})}),
+                        {"CPU": 16, "GPU": 1}, None, 8)
 
 
 def test_pareto_front():
@@ -110,7 +119,7 @@ def test_pareto_plot_written(tuned):
 def test_mlflow_parent_with_two_children_and_registered_winner(tuned, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from jobs.tracking import download_model
+    from jobs.common.tracking import download_model
 
     o, uri, _ = tuned
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -142,7 +151,7 @@ def test_mlflow_parent_with_two_children_and_registered_winner(tuned, tmp_path):
     # every feasible budget's winner has a budget-… alias pointing at a version with its η for that budget
     for r in o.results:
         if r.feasible:
-            from jobs.tune import _alias_for
+            from jobs.tune import alias_for as _alias_for
 
             v = client.get_model_version_by_alias(name, _alias_for(r.budget))
             p = download_model(f"models:/{name}/{v.version}", str(tmp_path / f"v{v.version}"), uri)

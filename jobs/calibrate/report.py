@@ -1,0 +1,74 @@
+"""What `cfvit calibrate` prints and logs: the per-budget table, MLflow run, the summary lines."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from cfvit.budget import Budget
+from cfvit.calibration import BudgetResult
+
+from .run import Calibration
+
+
+def results_table(results: Sequence[BudgetResult], title: str = "", show_source: bool = False):
+    from rich.table import Table
+
+    cols = ["budget", "GFLOPs"] + (["model"] if show_source else []) + ["α", "β", "η", "top-1", "expected GFLOPs",
+                                                                       "exit", "note"]
+    t = Table(*cols, title=title or None)
+    for r in results:
+        head = [r.budget.spec, f"{r.budget.gflops:.3f}"]
+        if not r.feasible:
+            t.add_row(*head, *([""] if show_source else []), "", "", "", "", "", "", f"[red]{r.note}[/red]")
+            continue
+        v = r.variant
+        t.add_row(*head, *([v.source] if show_source else []), f"{v.alpha:.3g}", f"{v.beta:.4g}", f"{r.eta:.6g}",
+                  f"{100 * r.accuracy:.2f}%", f"{r.gflops:.4f}", f"{100 * r.exit_fraction:.1f}%",
+                  f"[yellow]{r.note}[/yellow]" if r.note else "")
+    return t
+
+
+def log_to_mlflow(cal: Calibration, tracking_uri: Optional[str], experiment: str, register: Optional[str] = None,
+                  alias: Optional[str] = None) -> dict:
+    """A run with the calibration's metrics and table; optionally the calibrated model registered."""
+    from jobs.common import tracking
+
+    uri = tracking.tracking_uri(tracking_uri)
+    params = {"checkpoint": cal.checkpoint.origin, "budgets": ",".join(r.budget.spec for r in cal.results),
+              "alpha": cal.chosen.alpha, "beta": cal.chosen.beta, "images": cal.chosen.n}
+    metrics = {"coarse_top1": cal.chosen.coarse_top1, "fine_top1": cal.chosen.fine_top1}
+    for r in cal.results:
+        if r.feasible:
+            key = metric_key(r.budget)
+            metrics.update({f"{key}_accuracy": r.accuracy, f"{key}_gflops": r.gflops, f"{key}_eta": r.eta})
+    with tracking.run(uri, experiment, "calibrate", params, tags={"cfvit.job": "calibrate"}) as run_id:
+        tracking.log_metrics(uri, run_id, metrics, step=0)
+        tracking._client(uri).log_dict(run_id, cal.summary(), "calibration.json")
+        version = None
+        if register and cal.written_to and not cal.written_to.startswith("s3://"):
+            version = tracking.log_model(uri, run_id, cal.written_to, register, alias)
+    return {"run_id": run_id, "model_version": version}
+
+
+def metric_key(b: Budget) -> str:
+    s = b.spec.replace("%", "pct").replace(".", "_")
+    return f"budget_{s}" if b.percent is not None else f"budget_{s}gflops"
+
+
+def print_calibration(cal: Calibration, console) -> None:
+    multi = len(cal.variants) > 1
+    console.print(results_table(cal.results, title=f"η per budget · {cal.checkpoint.origin} · "
+                                                   f"{cal.variants[0].n} images · backbone {cal.backbone_gflops:.3f} GFLOPs"))
+    if multi:
+        from rich.table import Table
+
+        t = Table("α", "β", "coarse top-1", "fine top-1", "reachable GFLOPs", title="inference settings evaluated")
+        for v in cal.variants:
+            t.add_row(f"{v.alpha:g}", f"{v.beta:g}", f"{100 * v.coarse_top1:.2f}%", f"{100 * v.fine_top1:.2f}%",
+                      f"{v.reachable[0]:.3f}–{v.reachable[1]:.3f}")
+        console.print(t)
+    for r in cal.results:
+        if r.message:
+            console.print(f"note: {r.message}", highlight=False)
+    if cal.written_to:
+        console.print(f"η table ({len(cal.table)} rows, α={cal.chosen.alpha:g}, β={cal.chosen.beta:g}) written to "
+                      f"{cal.written_to}", highlight=False)

@@ -1,0 +1,174 @@
+"""Post-hoc calibration of a trained CF-ViT: the exact early-exit threshold η for each FLOPs budget, written
+into the checkpoint's `config.json` (where serving reads it). The maths is `cfvit.calibration`; this module
+fetches the checkpoint, streams the validation data, and writes the result back.
+
+    cfvit calibrate --checkpoint PATH|s3://…|models:/NAME@ALIAS --budgets 1.5,2.0 | 40%,50%
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+
+from cfvit.budget import parse_budgets
+from cfvit.calibration import (BudgetResult, Variant, best_per_budget, eta_table_for, inference_settings,
+                               pick_adopted, record_probs, variants_from_probs)
+
+DEFAULT_DATA = "fashion-mnist:test"
+
+
+def eval_batch(batch: dict, data_config_json: str, num_classes: int) -> dict:
+    """Rows (`image` uint8 arrays, or encoded `bytes`) + `label` → the eval transform serving uses too
+    (`image` float32 C×H×W, `label`, `valid`): the training job's validation preprocessing."""
+    from jobs.train.data import preprocess
+
+    return preprocess(batch, data_config_json, False, "{}", num_classes)
+
+
+def validation_batches(uri: str, data_config: dict, num_classes: int, *, limit: Optional[int] = None,
+                       batch_size: int = 256, fmt: str = "auto") -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Eval-transformed validation batches from the URIs training takes: the built-in
+    `fashion-mnist[:split]` in this process; `s3://…` or local ImageFolder / WebDataset through Ray Data
+    (the training job's readers). Unreadable images are skipped, as in training."""
+    dc = json.dumps(data_config, default=list)
+    if uri.split(":", 1)[0] == "fashion-mnist":
+        from cfvit.data import FASHION_MNIST_CLASSES, load_fashion_mnist
+
+        split = uri.split(":", 1)[1] if ":" in uri else "test"
+        if split not in ("train", "test"):
+            raise ValueError(f"{uri!r}: the fashion-mnist split must be 'train' or 'test'")
+        if num_classes != len(FASHION_MNIST_CLASSES):
+            raise ValueError(f"{uri} has {len(FASHION_MNIST_CLASSES)} classes but the model has {num_classes}: "
+                             f"pass the model's own validation data with --data")
+        images, labels = load_fashion_mnist(split)
+        if limit:
+            images, labels = images[:limit], labels[:limit]
+        for i in range(0, len(labels), batch_size):
+            out = eval_batch({"image": list(images[i:i + batch_size]), "label": labels[i:i + batch_size]}, dc,
+                             num_classes)
+            v = out["valid"]
+            if v.any():
+                yield out["image"][v], out["label"][v]
+        return
+    from jobs.common.ray_env import init_ray
+    from jobs.train.data import describe, read
+
+    init_ray(log_to_driver=False)
+    src = describe(uri, fmt)
+    if len(src.classes) != num_classes:
+        raise ValueError(f"{uri} has {len(src.classes)} classes but the model has {num_classes}")
+    ds = read(src, role="val", limit=limit).map_batches(
+        eval_batch, fn_kwargs={"data_config_json": dc, "num_classes": num_classes}, batch_size=64,
+        batch_format="numpy")
+    for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
+        v = batch["valid"].astype(bool)
+        if v.any():
+            yield batch["image"][v], batch["label"][v]
+
+
+@dataclass
+class LocalCheckpoint:
+    path: Path  # directory with config.json + model.safetensors
+    origin: str  # what the user passed
+    kind: str  # local | s3 | mlflow
+
+
+def fetch_checkpoint(ref: str, tracking_uri: Optional[str] = None) -> LocalCheckpoint:
+    """A local directory for a local path, an `s3://bucket/prefix` or an MLflow model URI (cached)."""
+    from jobs.common.storage import checkpoint_kind, resolve_checkpoint
+
+    return LocalCheckpoint(resolve_checkpoint(ref, tracking_uri), ref, checkpoint_kind(ref))
+
+
+def save_calibrated(model, path, variant: Variant, table: list[dict], calibration: dict) -> Path:
+    """Write the model with the variant's α/β (so `cfvit.load` rebuilds it that way) and the η table."""
+    import cfvit
+
+    saved = (model.alpha, model.beta, dict(model.model_kwargs))
+    try:
+        model.alpha, model.beta = variant.alpha, variant.beta
+        if (variant.alpha, variant.beta) != (saved[0], saved[1]):  # rebuilt from model_kwargs by cfvit.load
+            model.model_kwargs = {**model.model_kwargs, "alpha": variant.alpha, "beta": variant.beta}
+        return cfvit.save(model, path, eta_table=table, calibration=calibration)
+    finally:
+        model.alpha, model.beta = saved[0], saved[1]
+        model.model_kwargs = saved[2]
+
+
+# ---------------------------------------------------------------------------------------------- the step
+@dataclass
+class Calibration:
+    checkpoint: LocalCheckpoint
+    variants: list[Variant]
+    results: list[BudgetResult]
+    chosen: Variant  # the variant written (the model's own unless adopt_best)
+    table: list[dict]
+    written_to: Optional[str]
+    backbone_gflops: float
+    seconds: dict
+
+    def summary(self) -> dict:
+        return {"checkpoint": self.checkpoint.origin, "written_to": self.written_to,
+                "chosen": {"alpha": self.chosen.alpha, "beta": self.chosen.beta},
+                "backbone_gflops": self.backbone_gflops, "eta_table": self.table,
+                "budgets": [r.summary() for r in self.results],
+                "variants": [{"alpha": v.alpha, "beta": v.beta, "coarse_top1": v.coarse_top1, "fine_top1": v.fine_top1,
+                              "reachable_gflops": list(v.reachable), "stage_gflops": v.stage_gflops, "n": v.n}
+                             for v in self.variants],
+                "seconds": self.seconds}
+
+
+def calibrate(checkpoint: str, budgets: str | Sequence[str], *, data: Optional[str] = None, limit: Optional[int] = None,
+              alphas: Sequence[float] = (), betas: Sequence[float] = (), adopt_best: bool = False,
+              write: bool = True, output: Optional[str] = None, tracking_uri: Optional[str] = None,
+              batch_size: int = 256, device: str = "cpu") -> Calibration:
+    """Load, record probabilities (per α/β setting), choose η per budget, write the η table."""
+    import time
+
+    import cfvit
+
+    t0 = time.perf_counter()
+    ck = fetch_checkpoint(checkpoint, tracking_uri)
+    model = cfvit.load(ck.path, map_location=device)
+    backbone = float(model.backbone_gflops())
+    parsed = parse_budgets(budgets, backbone)
+    cfg = dict(model.cfvit_config)
+    uri = data
+    if uri is None and isinstance(cfg.get("data"), dict):  # the validation URI the model was trained with
+        uri = cfg["data"].get("val")
+    uri = uri or DEFAULT_DATA
+    settings = inference_settings(model, alphas, betas)
+    t1 = time.perf_counter()
+    probs = record_probs(model, validation_batches(uri, model.data_config, model.num_classes, limit=limit,
+                                                   batch_size=batch_size), settings, device)
+    t2 = time.perf_counter()
+    variants = variants_from_probs(model, probs, settings, meta={"checkpoint": checkpoint})
+    results = best_per_budget(variants, parsed)
+    chosen = pick_adopted(variants, results) if adopt_best else variants[0]
+    table = eta_table_for(chosen, parsed)
+    t3 = time.perf_counter()
+    written = None
+    if write or output:
+        info = {"data": uri, "images": chosen.n, "alpha": chosen.alpha, "beta": chosen.beta,
+                "budgets": [b.spec for b in parsed],
+                "infeasible": [r.summary() for r in best_per_budget([chosen], parsed) if not r.feasible]}
+        if output:
+            dst = Path(output)
+        elif ck.kind != "local":  # never write into the download cache: a fresh local copy
+            dst = Path(tempfile.mkdtemp(prefix="cfvit-calibrated-"))
+        else:
+            dst = ck.path
+        save_calibrated(model, dst, chosen, table, info)
+        if ck.kind == "s3" and not output:
+            from jobs.common.storage import upload_checkpoint
+
+            upload_checkpoint(dst, ck.origin)
+            written = ck.origin
+        else:
+            written = str(dst)
+    seconds = {"load": t1 - t0, "validation_pass": t2 - t1, "calibration": t3 - t2}
+    return Calibration(ck, variants, results, chosen, table, written, backbone, seconds)

@@ -1,0 +1,29 @@
+"""The one way the jobs start or join Ray."""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+
+def init_ray(address: Optional[str] = None, *, min_cpus: Optional[float] = None, num_cpus: Optional[int] = None,
+             log_to_driver: bool = True, private: bool = False) -> bool:
+    """Join `address` (else $RAY_ADDRESS), else start a local Ray with `num_cpus` logical CPUs, or at least
+    `min_cpus` (never fewer than the machine's cores). Returns True when this process started Ray (and so
+    must stop it).
+
+    `private=True` starts a new local instance even if another one runs on this machine (`cfvit serve`)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=log_to_driver)
+        return False
+    cpus = num_cpus or (max(os.cpu_count() or 1, int(math.ceil(min_cpus))) if min_cpus else None)
+    # The dashboard serves Ray's state API, which Ray Train's placement-group cleaner polls: without it
+    # the terminal fills with "Failed to query Ray Train Controller actor state".
+    ray.init(address="local" if private else None, num_cpus=cpus, include_dashboard=True,
+             log_to_driver=log_to_driver)
+    return True

@@ -1,0 +1,196 @@
+"""Reproduce CF-ViT's claims in miniature on Fashion-MNIST (28 px upsampled to 56 px, patch 4: 196 fine /
+49 coarse tokens, as DeiT-S at 224 px).
+
+    cfvit reproduce [--quick] [--full] [--out docs] [--epochs N] [--seed S]   (also python -m jobs.reproduce)
+
+Trains (a) the backbone alone on all 196 tokens and (b) CF-ViT on the same backbone with the same recipe
+(timm AdamW + cosine schedule, timm train transform, same epochs/batch/lr/seed and data order), evaluates
+both on the test set and writes RESULTS.md, results.json and figures (Table 2, throughput, Fig. 8,
+Fig. 9, Table 4 selection ablation; with --full also Table 5 reuse and CE+KL vs CE+CE retrained).
+Everything is also logged to MLflow. In-process on purpose: on 2 CPU cores a loop with torch's threads
+is as fast as Ray with 2 workers, and both arms must see exactly the same recipe.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from typing import Callable, Optional
+
+ETAS = (0.0, 0.5, 0.75, 0.9, 1.0)
+EXIT_ETAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)  # Fig. 8 sweep
+SELECTIONS = ("gca", "last", "random", "negative")
+MODEL = "cfvit_tiny_fmnist"
+PAPER = {"flops_fraction_at_backbone_accuracy_max": 0.45, "selection_order": list(SELECTIONS)}
+
+
+@dataclass
+class ReproConfig:
+    epochs: int = 3
+    seed: int = 0
+    train_limit: Optional[int] = 30000  # None: all 60k training images
+    test_limit: Optional[int] = None  # None: all 10k test images
+    embed_dim: int = 64
+    depth: int = 6
+    num_heads: int = 2
+    batch_size: int = 64  # small batches: a few epochs on CPU need enough optimizer steps for a ViT from scratch
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: int = 0
+    min_lr: float = 1e-5
+    clip_grad: float = 1.0
+    split_fraction: float = 2 / 3  # epochs [0, round(2/3 * epochs)) re-split every patch
+    scale: tuple = (0.6, 1.0)  # RandomResizedCrop scale (as jobs/configs/fmnist_tiny.yaml)
+    hflip: float = 0.5
+    bench_images: int = 1024  # test images timed for the throughput ratio
+    bench_batch: int = 256
+    n_regions: int = 16  # images in the Fig. 9 grid
+    full: bool = False
+    quick: bool = False
+
+    @property
+    def split_epochs(self) -> int:
+        return int(self.split_fraction * self.epochs + 0.5)
+
+    def __post_init__(self):
+        positive = ("epochs", "embed_dim", "depth", "num_heads", "batch_size", "bench_images", "bench_batch", "n_regions")
+        bad = [f"{k}={getattr(self, k)!r} (must be a positive integer)" for k in positive
+               if not isinstance(getattr(self, k), int) or getattr(self, k) < 1]
+        bad += [f"{k}={getattr(self, k)!r} (must be >= 0; 0 or None: the whole split)"
+                for k in ("train_limit", "test_limit") if getattr(self, k) is not None and getattr(self, k) < 0]
+        if not self.lr > 0:
+            bad.append(f"lr={self.lr!r} (must be > 0)")
+        if self.train_limit and self.train_limit < self.batch_size:
+            bad.append(f"train_limit={self.train_limit} is smaller than batch_size={self.batch_size} (no full batch)")
+        if self.embed_dim % self.num_heads:
+            bad.append(f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}")
+        if bad:
+            raise ValueError("invalid reproduce config: " + "; ".join(bad))
+
+    def model_kwargs(self) -> dict:
+        return dict(embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads)
+
+
+QUICK = dict(epochs=1, train_limit=256, test_limit=128, embed_dim=32, depth=3, num_heads=2, batch_size=64,
+             bench_images=64, bench_batch=32, n_regions=8, quick=True)
+
+
+def make_config(quick: bool = False, full: bool = False, **overrides) -> ReproConfig:
+    cfg = ReproConfig(**(QUICK if quick else {}), full=full)
+    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+
+
+# ---------------------------------------------------------------------------------------------- data
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _subset(images, labels, limit: Optional[int], seed: int):
+    """A random subset (a seeded permutation; roughly class-balanced as the splits are), or everything."""
+    import numpy as np
+
+    if not limit or limit >= len(labels):
+        return images, labels
+    idx = np.random.default_rng(seed).permutation(len(labels))[:limit]
+    return images[idx], labels[idx]
+
+
+class _Images:
+    """uint8 arrays through a timm transform (PIL per image), as the training job's data path does."""
+
+    def __init__(self, images, labels, transform):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.transform(self.images[i]), int(self.labels[i])
+
+
+def load_data(cfg: ReproConfig, data_config: dict):
+    import numpy as np
+    import torch
+
+    from cfvit.data import load_fashion_mnist
+    from cfvit.transforms import build_transform
+
+    tr_x, tr_y = _subset(*load_fashion_mnist("train"), cfg.train_limit, cfg.seed)
+    te_x, te_y = _subset(*load_fashion_mnist("test"), cfg.test_limit, cfg.seed)
+    train = _Images(tr_x, tr_y, build_transform(data_config, is_training=True, scale=tuple(cfg.scale), hflip=cfg.hflip))
+    eval_tf = build_transform(data_config, is_training=False)
+    test_x = torch.stack([eval_tf(im) for im in te_x])  # deterministic: transform once
+    return train, test_x, torch.from_numpy(np.asarray(te_y))
+
+
+# ---------------------------------------------------------------------------------------------- training
+@dataclass
+class ArmResult:
+    name: str
+    history: list = field(default_factory=list)
+    train_seconds: float = 0.0
+
+
+def train_arm(name: str, cfg: ReproConfig, train_set, *, backbone_only: bool = False, reuse: str = "mlp",
+              coarse_loss: str = "kl", log_epoch: Optional[Callable[[dict, int], None]] = None):
+    """Train one arm with the shared recipe. The model is always built as CF-ViT with the same seed, so the
+    backbone arm starts from exactly the same backbone weights and sees the same batches in the same order."""
+    import torch
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+
+    import cfvit
+    from cfvit.losses import cfvit_loss, classification_loss
+
+    torch.manual_seed(cfg.seed)
+    model = cfvit.create_model(MODEL, reuse=reuse, **cfg.model_kwargs())
+    params = model.vit if backbone_only else model
+    optimizer = create_optimizer_v2(params, opt="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+                                         generator=torch.Generator().manual_seed(cfg.seed), num_workers=0)
+    steps = len(loader)
+    # per-step cosine: with a handful of epochs a per-epoch schedule would be too coarse
+    scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
+                                       min_lr=cfg.min_lr, step_on_epochs=False, updates_per_epoch=steps)
+    res = ArmResult(name)
+    t0 = time.perf_counter()
+    model.train()
+    for epoch in range(cfg.epochs):
+        split_all = epoch < cfg.split_epochs
+        te = time.perf_counter()
+        tot = {"loss": 0.0, "correct": 0, "coarse_correct": 0, "n": 0}
+        for i, (x, y) in enumerate(loader):
+            if backbone_only:
+                logits = model.vit(x)
+                loss = classification_loss(logits, y)
+            else:
+                out = model(x, split_all=split_all)
+                loss, _ = cfvit_loss(out.coarse_logits, out.fine_logits, y, coarse_loss=coarse_loss)
+                logits = out.fine_logits
+                tot["coarse_correct"] += int((out.coarse_logits.argmax(-1) == y).sum())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params.parameters(), cfg.clip_grad)
+            optimizer.step()
+            scheduler.step_update(epoch * steps + i + 1)
+            tot["loss"] += loss.item() * len(y)
+            tot["correct"] += int((logits.argmax(-1) == y).sum())
+            tot["n"] += len(y)
+            if i % 50 == 0 or i == steps - 1:
+                el = time.perf_counter() - te
+                _log(f"{name} epoch {epoch + 1}/{cfg.epochs} step {i + 1}/{steps} loss {loss.item():.3f} "
+                     f"({tot['n'] / max(el, 1e-9):.1f} img/s{', split-all' if split_all and not backbone_only else ''})")
+        m = {"epoch": epoch + 1, "train_loss": tot["loss"] / tot["n"], "train_top1": tot["correct"] / tot["n"],
+             "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": time.perf_counter() - te,
+             "split_all": int(split_all and not backbone_only)}
+        if not backbone_only:
+            m["train_coarse_top1"] = tot["coarse_correct"] / tot["n"]
+        res.history.append(m)
+        if log_epoch:
+            log_epoch(m, epoch + 1)
+    res.train_seconds = time.perf_counter() - t0
+    model.eval()
+    model.split_all = False
+    return model, res
+
+
+# ---------------------------------------------------------------------------------------------- evaluation

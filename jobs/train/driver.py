@@ -1,0 +1,111 @@
+"""The training job's driver: validate the config, start (or join) Ray, run the `TorchTrainer`, track it in
+MLflow and register the final model. `train_loop_per_worker` (jobs/train/worker.py) runs on the workers.
+
+    cfvit train --config jobs/configs/fmnist_tiny.yaml --set schedule.epochs=3
+    python -m jobs.train --config …        (the same, as a Ray job entrypoint)
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from .config import ConfigError, JobConfig
+from .worker import EXPORT_DIR, train_loop_per_worker
+
+ENV_PREFIXES = ("AWS_", "MLFLOW_", "FASHION_MNIST_ROOT")
+
+
+@dataclass
+class TrainingOutcome:
+    result: Any  # ray.train.Result
+    metrics: dict
+    checkpoint_path: Optional[str]
+    mlflow_run_id: Optional[str]
+    model_version: Optional[int]
+
+
+def prepare(cfg: JobConfig) -> dict:
+    """Everything the workers need that the driver can work out once: classes, model facts."""
+    import cfvit
+
+    from .data import describe
+
+    try:
+        train_src = describe(cfg.data.train, cfg.data.format)
+        val_src = describe(cfg.data.val, cfg.data.format)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"data: {e}") from None
+    if val_src.classes != train_src.classes:
+        raise ConfigError(f"data.val has classes {val_src.classes[:5]}… but data.train has {train_src.classes[:5]}…")
+    try:
+        model = cfvit.create_model(cfg.model.name, **cfg.model.create_kwargs(len(train_src.classes)))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model: cannot build {cfg.model.name!r} with {cfg.model.create_kwargs(len(train_src.classes))}: {e}") from None
+    return {"train_src": train_src, "val_src": val_src, "classes": train_src.classes,
+            "data_config": model.data_config, "stage_gflops": model.stage_gflops(),
+            "backbone_gflops": model.backbone_gflops()}
+
+
+def init_ray(cfg: JobConfig, min_cpus: Optional[float] = None) -> None:
+    """Join `scaling.ray_address` / RAY_ADDRESS, else start a local Ray with at least `min_cpus` CPUs."""
+    from jobs.common.ray_env import init_ray as _init
+
+    _init(cfg.scaling.ray_address, min_cpus=min_cpus)
+
+
+def run_training(cfg: JobConfig, *, callbacks: Optional[list] = None, parent_run_id: Optional[str] = None,
+                 register: bool = True) -> TrainingOutcome:
+    """Validate, start (or join) Ray, train with checkpoints and MLflow; register the final model.
+    Whatever fails after the MLflow run starts (Ray, data, training, registration) ends it FAILED."""
+    from jobs.common import tracking
+    from jobs.ops.outputs import check_running_job
+
+    check_running_job(cfg)  # under Ray Jobs: never write results into the job's temporary working dir
+    prep = prepare(cfg)
+    uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
+    with tracking.run(uri, cfg.mlflow.experiment, cfg.run_name, cfg.flat(), parent_run_id=parent_run_id,
+                      tags={"cfvit.job": cfg.name, "cfvit.model": cfg.model.name},
+                      enabled=cfg.mlflow.enabled) as run_id:
+        init_ray(cfg, min_cpus=cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 2)
+        result = build_trainer(cfg, prep, run_id, uri, callbacks).fit()
+        version = None
+        if run_id and result.checkpoint is not None:
+            with result.checkpoint.as_directory() as d:
+                version = tracking.log_model(uri, run_id, Path(d) / EXPORT_DIR,
+                                             cfg.mlflow.registered_model if register else None, cfg.mlflow.alias)
+    return TrainingOutcome(result=result, metrics=dict(result.metrics or {}),
+                           checkpoint_path=result.checkpoint.path if result.checkpoint else None,
+                           mlflow_run_id=run_id, model_version=version)
+
+
+def build_trainer(cfg: JobConfig, prep: dict, run_id: Optional[str], uri: str, callbacks: Optional[list] = None):
+    """The `TorchTrainer`: workers, storage, failure handling and the Ray Data inputs of one job."""
+    import ray.data
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from jobs.common.storage import run_storage
+
+    from .data import build_datasets
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the epoch lines are the progress
+    meta = {k: prep[k] for k in ("classes", "data_config", "stage_gflops", "backbone_gflops")}
+    meta.update(mlflow_run_id=run_id, tracking_uri=uri)
+    env = {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES)}
+    if run_id:
+        env["MLFLOW_TRACKING_URI"] = uri
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": cfg.model_dump(mode="json"), "meta": meta},
+        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+        run_config=RunConfig(
+            name=cfg.run_name, **run_storage(cfg.checkpoint.storage_path),
+            failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
+            callbacks=callbacks, worker_runtime_env={"env_vars": env}),
+        datasets=build_datasets(cfg, prep["data_config"], prep["train_src"], prep["val_src"]),
+    )

@@ -1,0 +1,323 @@
+"""What every Ray Train worker runs: set up the DeepSpeed engine, then per epoch train, validate, report.
+
+`train_loop_per_worker(config)` reports per-epoch metrics with `ray.train.report`, so it works under Ray
+Tune as well. Ray is imported inside the functions: this module loads without it (unit tests).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import JobConfig
+
+DS_TAG = "deepspeed"  # DeepSpeed state inside a Ray checkpoint (for resuming)
+EXPORT_DIR = "model"  # cfvit.save export inside a Ray checkpoint (for serving)
+STATE_FILE = "train_state.json"
+
+
+@dataclass
+class Worker:
+    cfg: JobConfig
+    meta: dict
+    rank: int
+    engine: Any
+    optimizer: Any
+    scheduler: Any
+    dtype: Any
+    mixup: Any = None
+    start_epoch: int = 0
+    history: list = field(default_factory=list)  # seconds per epoch (for the ETA)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    cfg = JobConfig.model_validate(config["job"])
+    w = setup(cfg, config["meta"])
+    for epoch in range(w.start_epoch, cfg.schedule.epochs):
+        _kill_drill(cfg, epoch, w.rank)
+        t0 = time.perf_counter()
+        metrics = train_epoch(w, epoch)
+        curve = validate(w, metrics)
+        metrics["epoch_seconds"] = epoch_s = time.perf_counter() - t0
+        w.history.append(epoch_s)
+        metrics["eta_seconds"] = (cfg.schedule.epochs - epoch - 1) * (sum(w.history[-3:]) / len(w.history[-3:]))
+        if w.rank == 0:
+            print(epoch_line(cfg, metrics), flush=True)
+            if w.meta.get("mlflow_run_id"):
+                _log_epoch(w.meta, metrics, curve, epoch, f"{cfg.name} epoch {epoch + 1}")
+        checkpoint(w, epoch, metrics, curve)
+
+
+def setup(cfg: JobConfig, meta: dict) -> Worker:
+    """Model, optimizer, timm scheduler, DeepSpeed engine, mixup; resume from Ray's last checkpoint."""
+    import warnings
+
+    # DeepSpeed's ZeRO calls a torch.distributed API that warns on every step: keep the epoch lines readable.
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
+    import deepspeed
+    import ray.train
+    import torch
+    from timm.data import Mixup
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+
+    import cfvit
+
+    from .deepspeed import deepspeed_config, use_weights_only_loading
+
+    rank = ray.train.get_context().get_world_rank()
+    torch.manual_seed(cfg.seed + rank)
+    on_gpu = cfg.scaling.use_gpu and torch.cuda.is_available()
+    n_classes = len(meta["classes"])
+    model = cfvit.create_model(cfg.model.name, **cfg.model.create_kwargs(n_classes))
+    o, s = cfg.optim, cfg.schedule
+    optimizer = create_optimizer_v2(model, opt=o.opt, lr=o.lr, weight_decay=o.weight_decay,
+                                    **({"momentum": o.momentum} if "sgd" in o.opt else {}))
+    # timm schedulers are pure functions of the epoch: resuming only needs the epoch number
+    scheduler, _ = create_scheduler_v2(optimizer, sched=s.sched, num_epochs=s.epochs, warmup_epochs=s.warmup_epochs,
+                                       warmup_lr=s.warmup_lr, min_lr=s.min_lr)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                           config=deepspeed_config(cfg, on_gpu), dist_init_required=False)
+    use_weights_only_loading(engine)  # resuming never unpickles arbitrary objects from the storage
+    dtype = torch.bfloat16 if engine.bfloat16_enabled() else (torch.float16 if engine.fp16_enabled() else torch.float32)
+    a = cfg.augment
+    mixup = Mixup(mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, prob=a.mixup_prob, switch_prob=a.mixup_switch_prob,
+                  label_smoothing=a.label_smoothing, num_classes=n_classes) if (a.mixup or a.cutmix) else None
+    w = Worker(cfg, meta, rank, engine, optimizer, scheduler, dtype, mixup)
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            engine.load_checkpoint(d, tag=DS_TAG)  # weights_only: see jobs/train/deepspeed.py
+            state = json.loads((Path(d) / STATE_FILE).read_text())
+        w.start_epoch, w.history = state["epoch"] + 1, state.get("epoch_seconds", [])
+        if rank == 0:
+            print(f"[resume] from the checkpoint of epoch {state['epoch']}: continuing at epoch {w.start_epoch}",
+                  flush=True)
+    return w
+
+
+
+def train_epoch(w: Worker, epoch: int) -> dict:
+    """One pass over this worker's shard; sums are all-reduced so every rank returns the same metrics.
+    `data_wait_share` is the part of the epoch spent waiting for the next batch from Ray Data."""
+    import numpy as np
+    import ray.train
+
+    from cfvit.losses import cfvit_loss
+
+    cfg, engine = w.cfg, w.engine
+    split_all = epoch < cfg.split_epochs
+    engine.module.split_all = split_all
+    w.scheduler.step(epoch)
+    engine.train()
+    sums = np.zeros(6)  # loss*n, ce*n, aux*n, images, skipped, seconds waiting for data
+    buffer = cfg.data.shuffle_buffer or None
+    # Files are shuffled per epoch by the reader; the buffer also mixes images within files/blocks.
+    # Seeded per epoch and rank: reproducible, different each epoch.
+    batches = ray.train.get_dataset_shard("train").iter_torch_batches(
+        batch_size=cfg.deepspeed.micro_batch_size, drop_last=True, local_shuffle_buffer_size=buffer,
+        local_shuffle_seed=(cfg.seed + 1000 * epoch + w.rank) if buffer else None)
+    t0 = time.perf_counter()
+    it, step, max_steps = iter(batches), 0, cfg.debug.max_steps_per_epoch
+    while not max_steps or step < max_steps:
+        t_wait = time.perf_counter()
+        batch = next(it, None)
+        sums[5] += time.perf_counter() - t_wait
+        if batch is None:
+            break
+        x, y, weight, skipped = _valid_part(batch, w.mixup)
+        out = engine(x.to(engine.device, w.dtype))
+        loss, parts = cfvit_loss(out.coarse_logits.float(), out.fine_logits.float(), y.to(engine.device),
+                                 coarse_loss=cfg.model.coarse_loss,
+                                 smoothing=0.0 if w.mixup is not None else cfg.augment.label_smoothing)
+        engine.backward(loss * weight)
+        engine.step()
+        n = len(x) * weight
+        sums += [float(loss.detach()) * n, parts["ce"] * n, parts[cfg.model.coarse_loss] * n, n, skipped, 0]
+        step += 1
+    train_s = time.perf_counter() - t0
+    loss_sum, ce_sum, aux_sum, images, skipped, wait_s = _sum(list(sums))
+    world = _world()
+    return {
+        "epoch": epoch, "train_loss": loss_sum / max(images, 1), "train_ce": ce_sum / max(images, 1),
+        f"train_{cfg.model.coarse_loss}": aux_sum / max(images, 1), "train_images": images,
+        "images_per_s": images / train_s if train_s else 0.0, "lr": w.optimizer.param_groups[0]["lr"],
+        "split_all": int(split_all), "train_skipped_images": skipped, "skipped_images": skipped,
+        "data_wait_share": (wait_s / world) / train_s if train_s else 0.0,
+        "start_epoch": w.start_epoch,  # where this worker group (re)started: shows resumes
+    }
+
+
+def _valid_part(batch: dict, mixup):
+    """The batch's decodable images (x, y), the loss weight and the number skipped. A micro-batch whose
+    images were all corrupt still steps (weight 0): every rank must take the same number of steps."""
+    valid = batch["valid"].bool()
+    x, y = batch["image"][valid], batch["label"][valid]
+    skipped = int((~valid).sum())
+    if mixup is not None:  # timm's Mixup wants an even batch
+        x, y = x[: len(x) // 2 * 2], y[: len(y) // 2 * 2]
+    weight = 1.0
+    if len(x) == 0:
+        x, y, weight = batch["image"][:2], batch["label"][:2], 0.0
+    if mixup is not None:
+        x, y = mixup(x, y)
+    return x, y, weight, skipped
+
+
+
+def validate(w: Worker, metrics: dict):
+    """Coarse / fine top-1 and the exact accuracy–GFLOPs curve over η (rank 0 gathers every shard)."""
+    import numpy as np
+    import ray.train
+    import torch
+
+    from cfvit.budget import eta_curve, point_at
+
+    engine, meta = w.engine, w.meta
+    engine.eval()
+    cp, fp, ys, skipped = [], [], [], 0
+    with torch.no_grad():
+        for batch in ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=256):
+            valid = batch["valid"].bool()
+            skipped += int((~valid).sum())
+            if valid.any():
+                out = engine.module(batch["image"][valid].to(engine.device, w.dtype), split_all=False)
+                conf, pred = out.coarse_logits.float().softmax(-1).max(-1)
+                cp.append(np.stack([conf.cpu().numpy(), pred.cpu().numpy()], 1))
+                fp.append(out.fine_logits.argmax(-1).cpu().numpy())
+                ys.append(batch["label"][valid].numpy())
+    parts = _gather((cp, fp, ys, skipped))
+    metrics["skipped_images"] += sum(p[3] for p in parts)
+    if w.rank != 0 or not any(p[2] for p in parts):
+        return None
+    cat = lambda i: np.concatenate([a for p in parts for a in p[i]])  # noqa: E731
+    (cprob, fprob), labels = _as_probs(cat(0), cat(1), len(meta["classes"])), cat(2)
+    g = meta["stage_gflops"]
+    curve = eta_curve(cprob, fprob, labels, coarse_gflops=g["coarse"], fine_gflops=g["fine"])
+    at_half = point_at(cprob, fprob, labels, 0.5, coarse_gflops=g["coarse"], fine_gflops=g["fine"])
+    metrics.update({"val_images": len(labels), "val_coarse_top1": float((cprob.argmax(1) == labels).mean()),
+                    "val_fine_top1": float((fprob.argmax(1) == labels).mean()),
+                    "val_top1_eta_0.5": at_half.accuracy, "val_gflops_eta_0.5": at_half.gflops})
+    return curve
+
+
+def checkpoint(w: Worker, epoch: int, metrics: dict, curve) -> None:
+    """Report the epoch; every `every_n_epochs` (and at the end) with a checkpoint: each rank's ZeRO shard,
+    the resume state and (rank 0) the cfvit export that serving loads."""
+    import ray.train
+
+    cfg = w.cfg
+    last = epoch == cfg.schedule.epochs - 1
+    if not (last or (epoch + 1) % cfg.checkpoint.every_n_epochs == 0):
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        w.engine.save_checkpoint(d, tag=DS_TAG)  # every rank writes its ZeRO shard; Ray merges the dirs
+        if w.rank == 0:
+            (Path(d) / STATE_FILE).write_text(json.dumps({"epoch": epoch, "epoch_seconds": w.history}))
+            _export(w.engine.module, Path(d) / EXPORT_DIR, w.meta, cfg, curve, epoch)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def epoch_line(cfg: JobConfig, m: dict) -> str:
+    """One line per epoch: loss, coarse/fine top-1, images/s, the data-wait share, time and ETA."""
+    pct = lambda k: f"{100 * m[k]:5.1f}%" if k in m else "  n/a"  # noqa: E731
+    return (f"epoch {m['epoch'] + 1:>3}/{cfg.schedule.epochs}  loss {m['train_loss']:.4f}  "
+            f"coarse {pct('val_coarse_top1')}  fine {pct('val_fine_top1')}  {m['images_per_s']:6.1f} img/s  "
+            f"data wait {100 * m['data_wait_share']:3.0f}%  "
+            f"{'split-all' if m['split_all'] else 'selection'}  skipped {int(m['skipped_images'])}  "
+            f"{m['epoch_seconds']:5.1f}s  ETA {_fmt_s(m['eta_seconds'])}")
+
+
+def _world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _gather(obj):
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _sum(values: list[float]) -> list[float]:
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def _kill_drill(cfg: JobConfig, epoch: int, rank: int) -> None:
+    """Failure drill (tests): SIGKILL this worker once, after Ray has registered the last checkpoint
+    (reports are registered asynchronously; waiting makes the drill's outcome deterministic)."""
+    import ray.train
+
+    d = cfg.debug
+    if d.kill_at_epoch != epoch or d.kill_rank != rank or not d.kill_marker or os.path.exists(d.kill_marker):
+        return
+    ray.train.get_all_reported_checkpoints(timeout_s=120)
+    Path(d.kill_marker).write_text(f"rank {rank} killed at epoch {epoch}\n")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _as_probs(coarse_conf_pred, fine_pred, num_classes: int):
+    """N x C arrays with the same max and argmax as the real probabilities: all `eta_curve` reads. Workers
+    send (confidence, prediction) pairs instead of N x C matrices (50k x 1000 floats per epoch on ImageNet)."""
+    import numpy as np
+
+    n, rows = len(fine_pred), np.arange(len(fine_pred))
+    cp = np.zeros((n, num_classes), np.float32)
+    cp[rows, coarse_conf_pred[:, 1].astype(np.int64)] = coarse_conf_pred[:, 0]
+    fp = np.zeros((n, num_classes), np.float32)
+    fp[rows, fine_pred.astype(np.int64)] = 1.0
+    return cp, fp
+
+
+def _log_epoch(meta, metrics, curve, epoch, title) -> None:
+    from jobs.common import tracking
+
+    try:
+        tracking.log_metrics(meta["tracking_uri"], meta["mlflow_run_id"], metrics, step=epoch)
+        if curve is not None:
+            tracking.log_curve(meta["tracking_uri"], meta["mlflow_run_id"], curve, meta["backbone_gflops"], title)
+    except Exception as e:  # a tracking outage must not cost the training run
+        print(f"[warning] MLflow logging failed at epoch {epoch + 1}: {e}", flush=True)
+
+
+def _export(module, path: Path, meta: dict, cfg: JobConfig, curve, epoch: int) -> None:
+    import copy
+
+    import torch
+
+    import cfvit
+    from cfvit.budget import eta_table
+
+    # export fp32 weights whatever the training precision
+    model = module if next(module.parameters()).dtype == torch.float32 else copy.deepcopy(module).float()
+    g = meta["stage_gflops"]
+    budgets = cfg.schedule.budgets or [g["coarse"] + f * g["fine"] for f in (0.25, 0.5, 0.75, 1.0)]
+    table = eta_table(curve, budgets) if curve is not None else []
+    was = model.split_all
+    model.split_all = False  # exported for inference: informative selection
+    # `data.val`: what `cfvit calibrate` re-calibrates on when no --data is given
+    cfvit.save(model, path, class_names=meta["classes"], eta_table=table, trained_epochs=epoch + 1,
+               job=cfg.name, data={"val": cfg.data.val})
+    model.split_all = was
+
+
+def _fmt_s(sec: float) -> str:
+    sec = int(round(sec))
+    return f"{sec // 3600}h{sec % 3600 // 60:02d}m" if sec >= 3600 else f"{sec // 60}m{sec % 60:02d}s"
