@@ -67,6 +67,7 @@ def _init_single_process_dist(device) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
 
 
+# ~60 lines: the plain and the DeepSpeed measurements side by side, so both use the same inputs.
 def bench_train(model_name: str = "cfvit_tiny_fmnist", overrides: Optional[dict] = None, *, batch_size: int = 64,
                 steps: int = 10, device: Optional[str] = None, bf16: Optional[bool] = None,
                 zero_stages: tuple = ()) -> dict:

@@ -14,6 +14,7 @@ from .model import CoarseState, InferenceOutput, exit_mask
 
 
 @torch.no_grad()
+# Long on purpose: one generator whose pooled hard-image state is shared by its small nested steps.
 def infer_stream(
     model,
     batches: Iterable[torch.Tensor],

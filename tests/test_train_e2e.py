@@ -67,11 +67,13 @@ def test_run_finishes_with_metrics_in_mlflow(trained, mlflow_server):
     run = client.get_run(out.mlflow_run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["deepspeed.zero_stage"] == "2" and run.data.params["model.name"] == "cfvit_tiny_fmnist"
-    for key in ("train_loss", "val_coarse_top1", "val_fine_top1", "images_per_s", "skipped_images"):
+    for key in ("train_loss", "val_coarse_top1", "val_fine_top1", "images_per_s", "skipped_images", "data_wait_share"):
         steps = [m.step for m in client.get_metric_history(out.mlflow_run_id, key)]
         assert sorted(steps) == list(range(EPOCHS)), (key, steps)
     split = {m.step: m.value for m in client.get_metric_history(out.mlflow_run_id, "split_all")}
     assert split == {0: 1.0, 1: 0.0, 2: 0.0}  # every patch split in epoch 0, informative selection after
+    # the share of each epoch's step time spent waiting for Ray Data: a fraction, and per epoch in MLflow
+    assert all(0.0 <= m.value <= 1.0 for m in client.get_metric_history(out.mlflow_run_id, "data_wait_share"))
     acc = run.data.metrics["val_fine_top1"]
     assert 0.0 <= acc <= 1.0 and run.data.metrics["val_images"] == N_VAL
     assert "plots/accuracy_gflops.png" in {a.path for a in client.list_artifacts(out.mlflow_run_id, "plots")}

@@ -10,20 +10,24 @@ from .run import Calibration
 
 
 def results_table(results: Sequence[BudgetResult], title: str = "", show_source: bool = False):
-    from rich.table import Table
+    """One row per budget, 80 columns wide: the budget (and its GFLOPs when given in %), the chosen (α, β, η),
+    its exact top-1, expected GFLOPs and exit share. Notes are printed below the table, not in it."""
+    from rich import box
+    from rich.table import Column, Table
 
-    cols = ["budget", "GFLOPs"] + (["model"] if show_source else []) + ["α", "β", "η", "top-1", "expected GFLOPs",
-                                                                       "exit", "note"]
-    t = Table(*cols, title=title or None)
+    num = dict(justify="right", no_wrap=True)
+    cols = [Column("budget", no_wrap=True)] + ([Column("trial", no_wrap=True)] if show_source else []) + \
+        [Column(h, min_width=len(h), **num) for h in ("α", "β", "η", "top-1", "GFLOPs", "exit")]
+    t = Table(*cols, title=title or None, box=box.SIMPLE_HEAD, pad_edge=False)
     for r in results:
-        head = [r.budget.spec, f"{r.budget.gflops:.3f}"]
+        head = [r.budget.spec if r.budget.percent is None else f"{r.budget.spec} = {r.budget.gflops:.3g}"]
         if not r.feasible:
-            t.add_row(*head, *([""] if show_source else []), "", "", "", "", "", "", f"[red]{r.note}[/red]")
+            t.add_row(*head, *([""] if show_source else []), "", "", "[red]infeasible[/red]", "", "", "")
             continue
         v = r.variant
-        t.add_row(*head, *([v.source] if show_source else []), f"{v.alpha:.3g}", f"{v.beta:.4g}", f"{r.eta:.6g}",
-                  f"{100 * r.accuracy:.2f}%", f"{r.gflops:.4f}", f"{100 * r.exit_fraction:.1f}%",
-                  f"[yellow]{r.note}[/yellow]" if r.note else "")
+        t.add_row(*head, *([v.source.removeprefix("trial ")] if show_source else []), f"{v.alpha:.3g}",
+                  f"{v.beta:.4g}", f"{r.eta:.4g}", f"{100 * r.accuracy:.2f}%", f"{r.gflops:.4g}",
+                  f"{100 * r.exit_fraction:.1f}%")
     return t
 
 

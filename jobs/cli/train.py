@@ -7,63 +7,66 @@ import typer
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
-    @app.command("train")
-    def train_cmd(
-        config: str = typer.Option("fmnist_tiny", "--config", "-c",
-                                   help="YAML file or shipped config name (jobs/configs/NAME.yaml)."),
-        set_: list[str] = typer.Option([], "--set", help="Override a value, e.g. schedule.epochs=5 (YAML typed)."),
-    ):
-        """Train CF-ViT with Ray Train + DeepSpeed (data by Ray Data, tracking in MLflow)."""
-        import json
+    app.command("train")(train_cmd)
+    bench.command("train")(bench_train_cmd)
 
-        from jobs.train.config import ConfigError, load_config
 
-        try:
-            cfg = load_config(config, set_)
-            from jobs.train.driver import run_training
+def train_cmd(
+    config: str = typer.Option("fmnist_tiny", "--config", "-c",
+                               help="YAML file or shipped config name (jobs/configs/NAME.yaml)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a value, e.g. schedule.epochs=5 (YAML typed)."),
+):
+    """Train CF-ViT with Ray Train + DeepSpeed (data by Ray Data, tracking in MLflow)."""
+    import json
 
-            out = run_training(cfg)
-        except ConfigError as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2) from None
-        m = out.metrics
-        typer.echo(json.dumps({"checkpoint": out.checkpoint_path, "mlflow_run_id": out.mlflow_run_id,
-                               "registered_model": cfg.mlflow.registered_model, "model_version": out.model_version,
-                               **{k: m.get(k) for k in ("epoch", "val_coarse_top1", "val_fine_top1", "images_per_s")}}))
+    from jobs.train.config import ConfigError, load_config
 
-    @bench.command("train")
-    def bench_train_cmd(
-        model: str = typer.Option("cfvit_tiny_fmnist", help="Registered CF-ViT model name."),
-        set_: list[str] = typer.Option([], "--set", help="Model constructor override, e.g. depth=4."),
-        batch_size: int = typer.Option(64, help="Images per training step."),
-        steps: int = typer.Option(10, help="Timed steps (after 3 warm-up steps)."),
-        device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
-        bf16: Optional[bool] = typer.Option(None, "--bf16/--fp32", help="bf16 autocast (default: on for CUDA)."),
-        zero: Optional[str] = typer.Option(None, help="Also measure with DeepSpeed at these ZeRO stages, e.g. 0,1,2."),
-        json_out: Optional[str] = typer.Option(None, "--json", help="Also write the figures to this JSON file."),
-    ):
-        """Training images/s of CF-ViT vs its backbone alone (same dims, batch, optimizer, precision)."""
-        import json
+    try:
+        cfg = load_config(config, set_)
+        from jobs.train.driver import run_training
 
-        from rich.console import Console
-        from rich.table import Table
+        out = run_training(cfg)
+    except ConfigError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    m = out.metrics
+    typer.echo(json.dumps({"checkpoint": out.checkpoint_path, "mlflow_run_id": out.mlflow_run_id,
+                           "registered_model": cfg.mlflow.registered_model, "model_version": out.model_version,
+                           **{k: m.get(k) for k in ("epoch", "val_coarse_top1", "val_fine_top1", "images_per_s")}}))
 
-        from benchmarks.train_step import bench_train
-        from .models import parse_sets
 
-        overrides = parse_sets(set_)
-        res = bench_train(model, overrides, batch_size=batch_size, steps=steps, device=device, bf16=bf16,
-                          zero_stages=[int(z) for z in zero.split(",")] if zero else [])
-        t = Table("variant", "step ms", "images/s", "step time / backbone", "peak GPU MiB",
-                  title=f"training step: {res['model']} batch {batch_size} on {res['device']}"
-                        f" ({'bf16' if res['bf16'] else 'fp32'})")
-        for r in res["rows"]:
-            t.add_row(r["variant"], f"{r['step_ms']:.1f}", f"{r['images_per_s']:.1f}", f"{r['ratio']:.3f}x",
-                      f"{r['peak_mib']:.0f}" if r.get("peak_mib") else "-")
-        Console().print(t)
-        Console().print(f"goal: CF-ViT step time <= 1.3x the backbone's -> "
-                        f"{'met' if res['cfvit_ratio'] <= 1.3 else 'NOT met'} ({res['cfvit_ratio']:.3f}x, "
-                        f"selection phase; {res['split_all_ratio']:.3f}x while every patch is split)")
-        if json_out:
-            with open(json_out, "w") as f:
-                json.dump(res, f, indent=2)
+def bench_train_cmd(
+    model: str = typer.Option("cfvit_tiny_fmnist", help="Registered CF-ViT model name."),
+    set_: list[str] = typer.Option([], "--set", help="Model constructor override, e.g. depth=4."),
+    batch_size: int = typer.Option(64, help="Images per training step."),
+    steps: int = typer.Option(10, help="Timed steps (after 3 warm-up steps)."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
+    bf16: Optional[bool] = typer.Option(None, "--bf16/--fp32", help="bf16 autocast (default: on for CUDA)."),
+    zero: Optional[str] = typer.Option(None, help="Also measure with DeepSpeed at these ZeRO stages, e.g. 0,1,2."),
+    json_out: Optional[str] = typer.Option(None, "--json", help="Also write the figures to this JSON file."),
+):
+    """Training images/s of CF-ViT vs its backbone alone (same dims, batch, optimizer, precision)."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from benchmarks.train_step import bench_train
+    from .models import parse_sets
+
+    overrides = parse_sets(set_)
+    res = bench_train(model, overrides, batch_size=batch_size, steps=steps, device=device, bf16=bf16,
+                      zero_stages=[int(z) for z in zero.split(",")] if zero else [])
+    t = Table("variant", "step ms", "images/s", "step time / backbone", "peak GPU MiB",
+              title=f"training step: {res['model']} batch {batch_size} on {res['device']}"
+                    f" ({'bf16' if res['bf16'] else 'fp32'})")
+    for r in res["rows"]:
+        t.add_row(r["variant"], f"{r['step_ms']:.1f}", f"{r['images_per_s']:.1f}", f"{r['ratio']:.3f}x",
+                  f"{r['peak_mib']:.0f}" if r.get("peak_mib") else "-")
+    Console().print(t)
+    Console().print(f"goal: CF-ViT step time <= 1.3x the backbone's -> "
+                    f"{'met' if res['cfvit_ratio'] <= 1.3 else 'NOT met'} ({res['cfvit_ratio']:.3f}x, "
+                    f"selection phase; {res['split_all_ratio']:.3f}x while every patch is split)")
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump(res, f, indent=2)

@@ -7,12 +7,13 @@ from typing import Optional
 
 
 def init_ray(address: Optional[str] = None, *, min_cpus: Optional[float] = None, num_cpus: Optional[int] = None,
-             log_to_driver: bool = True, private: bool = False) -> bool:
+             log_to_driver: bool = True, private: bool = False, preload: bool = False) -> bool:
     """Join `address` (else $RAY_ADDRESS), else start a local Ray with `num_cpus` logical CPUs, or at least
     `min_cpus` (never fewer than the machine's cores). Returns True when this process started Ray (and so
     must stop it).
 
-    `private=True` starts a new local instance even if another one runs on this machine (`cfvit serve`)."""
+    `private=True` starts a new local instance even if another one runs on this machine (`cfvit serve`);
+    `preload=True` has every worker process import the training stack as it starts (jobs/common/warm.py)."""
     import ray
 
     if ray.is_initialized():
@@ -23,7 +24,19 @@ def init_ray(address: Optional[str] = None, *, min_cpus: Optional[float] = None,
         return False
     cpus = num_cpus or (max(os.cpu_count() or 1, int(math.ceil(min_cpus))) if min_cpus else None)
     # The dashboard serves Ray's state API, which Ray Train's placement-group cleaner polls: without it
-    # the terminal fills with "Failed to query Ray Train Controller actor state".
-    ray.init(address="local" if private else None, num_cpus=cpus, include_dashboard=True,
-             log_to_driver=log_to_driver)
+    # the terminal fills with "Failed to query Ray Train Controller actor state". Its workers are told
+    # where it is: with two Ray instances on one machine, "auto" would not know which to ask.
+    port = _free_port()
+    ray.init(address="local" if private else None, num_cpus=cpus, include_dashboard=True, dashboard_port=port,
+             log_to_driver=log_to_driver,
+             runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"},
+                          **({"worker_process_setup_hook": "jobs.common.warm.preload"} if preload else {})})
     return True
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

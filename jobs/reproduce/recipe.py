@@ -130,6 +130,7 @@ class ArmResult:
     train_seconds: float = 0.0
 
 
+# ~60 lines: the one training loop every arm shares; split, the recipe would no longer read as one.
 def train_arm(name: str, cfg: ReproConfig, train_set, *, backbone_only: bool = False, reuse: str = "mlp",
               coarse_loss: str = "kl", log_epoch: Optional[Callable[[dict, int], None]] = None):
     """Train one arm with the shared recipe. The model is always built as CF-ViT with the same seed, so the

@@ -72,6 +72,7 @@ def _pct(v) -> str:
     return "—" if v is None else f"{100 * v:.2f}"
 
 
+# Long on purpose: one template of the whole RESULTS.md, read top to bottom like the document it writes.
 def render_markdown(r: dict) -> str:
     s, cfg = r["settings"], r["config"]
     b, t2 = r["backbone"], r["table2"]

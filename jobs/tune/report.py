@@ -67,19 +67,22 @@ def print_outcome(o: TuneOutcome, console, metric: str = TRIAL_METRIC) -> None:
 
     from jobs.calibrate.report import results_table
 
-    t = Table("trial", "α", "β", "lr", "epochs", metric, "status", "post-hoc settings", "reachable GFLOPs",
-              title="trials")
+    from rich import box
+
+    has_lr = any("lr" in tr.config for tr in o.trials)
+    t = Table("trial", "α", "β", *(["lr"] if has_lr else []), "ep", "top-1", "status", "fixed s", "GFLOPs",
+              title=f"trials (top-1: {metric}; fixed s: start-up per trial, outside its epochs)",
+              box=box.SIMPLE_HEAD, pad_edge=False)
     for tr in o.trials:
         reach = ""
         if tr.variants:
-            lo = min(v.reachable[0] for v in tr.variants)
-            hi = max(v.reachable[1] for v in tr.variants)
-            reach = f"{lo:.3f}–{hi:.3f}"
-        val = tr.metrics.get(metric)
+            reach = f"{min(v.reachable[0] for v in tr.variants):.3g}–{max(v.reachable[1] for v in tr.variants):.3g}"
+        val, fixed = tr.metrics.get(metric), fixed_cost_s(tr.metrics)
         t.add_row(tr.trial_id, f"{tr.config.get('alpha', float('nan')):.3f}", f"{tr.config.get('beta', float('nan')):.4f}",
-                  f"{tr.config['lr']:.2e}" if "lr" in tr.config else "", str(tr.iterations),
-                  "" if val is None else f"{100 * val:.2f}%", tr.status if not tr.error else f"error: {tr.error[:60]}",
-                  str(len(tr.variants)), reach)
+                  *([f"{tr.config['lr']:.1e}" if "lr" in tr.config else ""] if has_lr else []), str(tr.iterations),
+                  "" if val is None else f"{100 * val:.1f}%", tr.status.replace("stopped early", "stopped") if not tr.error
+                  else "error",
+                  "" if fixed is None else f"{fixed:.0f}", reach)
     console.print(t)
     console.print(results_table(o.results, title="best (α, β, η) per budget", show_source=True))
     for r in o.results:
@@ -90,3 +93,10 @@ def print_outcome(o: TuneOutcome, console, metric: str = TRIAL_METRIC) -> None:
         console.print(f"winner {label}: {where}, aliases {', '.join(e['aliases'])} → {e['path']}", highlight=False)
     console.print(f"Pareto plot: {o.plot}\nsummary: {o.summary_path}"
                   + (f"\nMLflow parent run: {o.parent_run_id}" if o.parent_run_id else ""), highlight=False)
+
+
+def fixed_cost_s(metrics: dict):
+    """A trial's time outside its epochs (Ray Train start, DeepSpeed init, Ray Data start, checkpoints):
+    Tune's clock at the last report minus the epochs the workers timed."""
+    total, epochs = metrics.get("time_total_s"), metrics.get("epochs_seconds_total")
+    return None if total is None or epochs is None else max(0.0, float(total) - float(epochs))

@@ -5,6 +5,7 @@ Optuna search, as many at once as the cluster holds — with CPUs left for each 
 from __future__ import annotations
 
 import copy
+import os
 from typing import Optional
 
 from jobs.train.config import JobConfig
@@ -89,7 +90,7 @@ def run_search(p, settings, uri: Optional[str], parent: Optional[str], console):
     from .watchdog import StallWatchdog, run_interruptible
 
     short = p.short
-    init_ray(short.scaling.ray_address, min_cpus=local_cpus(short))
+    init_ray(short.scaling.ray_address, min_cpus=local_cpus(short), preload=True)
     resources = ray.cluster_resources()
     try:
         concurrent = fit_concurrency(short, resources, settings.max_concurrent, settings.trials)
@@ -97,7 +98,7 @@ def run_search(p, settings, uri: Optional[str], parent: Optional[str], console):
         from jobs.train.config import ConfigError
 
         raise ConfigError(str(e)) from None
-    console.print(f"[tune] {settings.trials} trials of {short.schedule.epochs} epoch(s), {concurrent} at a time "
+    console.print(f"\\[tune] {settings.trials} trials of {short.schedule.epochs} epoch(s), {concurrent} at a time "
                   f"({trial_cpus(short):g} CPUs each, {short.data.cpus:g} of them for Ray Data; cluster "
                   f"{resources.get('CPU', 0):g} CPUs); budgets {', '.join(b.label for b in p.budgets)}",
                   highlight=False)
@@ -113,6 +114,13 @@ def _tuner(p, settings, uri, parent, concurrent: int, watchdog):
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
+    from .watchdog import TrialLines
+
+    # Our TrialLines print one line per trial event; Tune's own boxes and tables would not fit 80 columns.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     epochs, name = p.short.schedule.epochs, p.short.name
     space = {"alpha": tune.uniform(*settings.alpha), "beta": tune.uniform(*settings.beta)}
     if settings.lr:
@@ -127,6 +135,6 @@ def _tuner(p, settings, uri, parent, concurrent: int, watchdog):
             scheduler=ASHAScheduler(time_attr="training_iteration", max_t=epochs,
                                     grace_period=min(settings.grace_period, epochs),
                                     reduction_factor=settings.reduction_factor)),
-        run_config=tune.RunConfig(name=f"tune-{name}", storage_path=str(p.out / "ray_tune"), verbose=1,
-                                  stop=watchdog),
+        run_config=tune.RunConfig(name=f"tune-{name}", storage_path=str(p.out / "ray_tune"), verbose=0,
+                                  stop=watchdog, callbacks=[TrialLines(settings.metric, epochs)]),
     )

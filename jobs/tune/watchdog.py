@@ -12,11 +12,11 @@ import threading
 import time
 from typing import Callable, Optional
 
-from ray.tune import Stopper
+from ray.tune import Callback, Stopper
 
+from jobs.train.stall import StallError, cluster_waits_on
 
-class StallError(RuntimeError):
-    """No progress for the configured time; the message says what the job was waiting on."""
+__all__ = ["StallError", "StallWatchdog", "TrialLines", "run_interruptible"]
 
 
 class StallWatchdog(Stopper):
@@ -24,6 +24,14 @@ class StallWatchdog(Stopper):
         self.timeout_s = timeout_s
         self.last_progress = time.monotonic()
         self.stalled: Optional[str] = None  # the diagnosis, once it fired
+        self.interrupt = threading.Event()
+
+    # Tune pickles its run config (for restoring an experiment): the event is rebuilt, not pickled.
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "interrupt"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
         self.interrupt = threading.Event()
 
     def __call__(self, trial_id: str, result: dict) -> bool:
@@ -36,32 +44,13 @@ class StallWatchdog(Stopper):
         idle = time.monotonic() - self.last_progress
         if self.timeout_s and idle > self.timeout_s:
             self.stalled = f"no trial reported progress for {idle:.0f} s (stall timeout {self.timeout_s:g} s); " \
-                           f"{waiting_on()}"
+                           f"{cluster_waits_on()}"
             return True
         return False
 
     def raise_if_stalled(self) -> None:
         if self.stalled:
             raise StallError(self.stalled)
-
-
-def waiting_on() -> str:
-    """What the cluster is short of: free/total CPUs and GPUs, and the tasks and actors still pending."""
-    import ray
-
-    total, free = ray.cluster_resources(), ray.available_resources()
-    parts = [f"free {free.get(k, 0):g} of {total[k]:g} {k}" for k in ("CPU", "GPU") if k in total]
-    try:
-        from ray.util.state import list_actors, list_tasks
-
-        pending = [t.name for t in list_tasks(filters=[("state", "=", "PENDING_NODE_ASSIGNMENT")], timeout=10)]
-        pending += [a.class_name for a in list_actors(filters=[("state", "=", "PENDING_CREATION")], timeout=10)]
-        if pending:
-            names = sorted(set(pending))
-            parts.append(f"{len(pending)} task(s)/actor(s) waiting for resources: {', '.join(names[:6])}")
-    except Exception as e:  # the state API needs the dashboard; the resources above are still true
-        parts.append(f"(pending tasks unknown: {type(e).__name__})")
-    return "; ".join(parts)
 
 
 def run_interruptible(fit: Callable, watchdog: StallWatchdog, console) -> tuple:
@@ -79,10 +68,10 @@ def run_interruptible(fit: Callable, watchdog: StallWatchdog, console) -> tuple:
     def on_signal(signum, _frame):
         name = signal.Signals(signum).name
         if got:
-            console.print(f"[tune] second {name}: exiting now, trials are being killed", highlight=False)
+            console.print(f"\\[tune] second {name}: exiting now, trials are being killed", highlight=False)
             raise SystemExit(130)
         got.append(name)
-        console.print(f"[tune] {name}: stopping the trials; finished ones are kept", highlight=False)
+        console.print(f"\\[tune] {name}: stopping the trials; finished ones are kept", highlight=False)
         watchdog.interrupt.set()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -97,3 +86,36 @@ def run_interruptible(fit: Callable, watchdog: StallWatchdog, console) -> tuple:
     if "error" in box:
         raise box["error"]
     return box.get("result"), (got[0] if got else None)
+
+
+def _say(text: str) -> None:
+    from rich.console import Console
+
+    Console().print(text, highlight=False, markup=False)
+
+
+class TrialLines(Callback):
+    """One line per trial event instead of Tune's wide status table (picklable: Tune stores its callbacks)."""
+
+    def __init__(self, metric: str, epochs: int):
+        self.metric, self.epochs = metric, epochs
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        cfg = trial.config
+        _say(f"[tune] trial {trial.trial_id} started: α={cfg.get('alpha', 0):.3f} β={cfg.get('beta', 0):.4f}"
+             + (f" lr={cfg['lr']:.2e}" if "lr" in cfg else ""))
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        val = result.get(self.metric)
+        _say(f"[tune] trial {trial.trial_id} epoch {result.get('training_iteration')}/{self.epochs}: {self.metric} "
+             + ("n/a" if val is None else f"{100 * val:.1f}%"))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        from .report import fixed_cost_s
+
+        fixed = fixed_cost_s(trial.last_result or {})
+        _say(f"[tune] trial {trial.trial_id} done" + ("" if fixed is None else f" ({fixed:.0f} s outside its epochs)"))
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        _say(f"[tune] trial {trial.trial_id} failed (its log: {trial.path})")
+

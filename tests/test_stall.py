@@ -1,0 +1,68 @@
+"""Stalls end with a message that says what the job waited on, instead of a silent hang."""
+import time
+
+import pytest
+
+from jobs.train.stall import DataWatchdog, StallError, cluster_waits_on
+
+
+def test_a_loop_waiting_on_data_past_the_timeout_is_stopped_with_the_reason(capsys):
+    with pytest.raises(StallError, match=r"waited \d+ s for the next training batch .*stall timeout 0\.5 s"):
+        with DataWatchdog(0.5) as w:
+            for _ in range(400):  # a consumer blocked on its next batch (Python-level wait, as Ray Data's)
+                time.sleep(0.01)
+    assert "[stall]" in capsys.readouterr().out
+    assert w is not None
+
+
+def test_a_loop_that_keeps_receiving_batches_is_left_alone():
+    with DataWatchdog(0.5) as w:
+        for _ in range(150):
+            time.sleep(0.01)
+            w.tick()
+    with DataWatchdog(0) as w:  # 0: off
+        time.sleep(0.2)
+
+
+def test_the_diagnosis_names_free_and_total_resources():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        @ray.remote(num_cpus=2)
+        def hog():
+            time.sleep(30)
+
+        @ray.remote(num_cpus=1)
+        def starved():
+            return 1
+
+        hog.remote()
+        starved.remote()  # can never be scheduled while hog runs
+        deadline = time.monotonic() + 30
+        while ray.available_resources().get("CPU", 0) > 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        text = cluster_waits_on()
+        assert "free 0 of 2 CPU" in text
+    finally:
+        ray.shutdown()
+
+
+def test_tune_watchdog_fires_after_the_timeout_and_on_interrupt():
+    from jobs.tune.watchdog import StallWatchdog
+
+    w = StallWatchdog(0.2)
+    assert not w.stop_all()
+    w("trial", {})
+    time.sleep(0.3)
+    assert w.stop_all() and "no trial reported progress" in w.stalled
+    with pytest.raises(StallError):
+        w.raise_if_stalled()
+    w2 = StallWatchdog(None)
+    assert not w2.stop_all()
+    w2.interrupt.set()
+    assert w2.stop_all() and w2.stalled is None
+    import pickle
+
+    w3 = pickle.loads(pickle.dumps(w2))  # Tune pickles its run config
+    assert not w3.interrupt.is_set()

@@ -1,0 +1,76 @@
+"""`cfvit tune` the way a user runs it: a subprocess, the shipped fmnist_tiny config with its 2 workers, the
+CLI's own local Ray, on this machine's cores. Before, the trial took every logical CPU and Ray Data's
+decode tasks never got one: the first epoch never came and the terminal filled with Ray Train warnings."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.e2e
+
+
+def _tune_cmd(tmp: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "jobs.cli", "tune", "--config", "jobs/configs/fmnist_tiny.yaml",
+            "--budgets", "40%,60%", "--epochs", "2", "--max-steps", "3", "--output", str(tmp / "out"),
+            "--set", "data.val_limit=200", "--set", f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db",
+            "--set", f"checkpoint.storage_path={tmp}/ray", *extra]
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # the CLI starts its own Ray
+    env.update(COLUMNS="80", PYTHONUNBUFFERED="1")
+    return env
+
+
+def _run_status(tmp: Path, run_id: str) -> str:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{tmp}/mlflow.db").get_run(run_id).info.status
+
+
+def test_two_short_trials_run_to_the_summary_table(tmp_path):
+    out = subprocess.run(_tune_cmd(tmp_path, "--trials", "2"), cwd=ROOT, env=_env(), capture_output=True,
+                         text=True, timeout=900)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-4000:]
+    assert "best (α, β, η) per budget" in text and "Pareto plot:" in text
+    assert "Traceback" not in text
+    assert "Failed to query Ray Train Controller" not in text
+    summary = json.loads((tmp_path / "out" / "tune_summary.json").read_text())
+    # --max-steps ends every epoch early; the second epoch still got its data
+    assert [t["status"] for t in summary["trials"]] == ["completed", "completed"]
+    assert all(t["iterations"] == 2 and t["checkpoint"] for t in summary["trials"])
+    assert _run_status(tmp_path, summary["parent_run_id"]) == "FINISHED"
+
+
+def test_ctrl_c_keeps_what_finished_and_exits_without_a_traceback(tmp_path):
+    proc = subprocess.Popen(_tune_cmd(tmp_path, "--trials", "3"), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines, deadline = [], time.monotonic() + 900
+    try:
+        for line in proc.stdout:  # the first trial's first epoch is in: interrupt as a user would
+            lines.append(line)
+            if "[tune] trial" in line and "epoch 1/2" in line:
+                proc.send_signal(signal.SIGINT)
+                break
+            assert time.monotonic() < deadline, "no epoch within 15 min"
+        lines += proc.stdout.readlines()
+        rc = proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = "".join(lines)
+    assert rc == 130, text[-4000:]
+    assert "SIGINT: stopping the trials" in text and "Traceback" not in text
+    summary = json.loads((tmp_path / "out" / "tune_summary.json").read_text())
+    assert summary["interrupted"] == "SIGINT"
+    kept = [t for t in summary["trials"] if t["checkpoint"]]
+    assert kept and all(t["status"] in ("interrupted", "completed") for t in kept)  # the epoch that finished
+    assert summary["best"] and any(b["feasible"] for b in summary["best"])  # still calibrated and reported
+    assert _run_status(tmp_path, summary["parent_run_id"]) == "KILLED"
