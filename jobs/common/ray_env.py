@@ -7,13 +7,12 @@ from typing import Optional
 
 
 def init_ray(address: Optional[str] = None, *, min_cpus: Optional[float] = None, num_cpus: Optional[int] = None,
-             log_to_driver: bool = True, private: bool = False, preload: bool = False) -> bool:
+             log_to_driver: bool = True, private: bool = False) -> bool:
     """Join `address` (else $RAY_ADDRESS), else start a local Ray with `num_cpus` logical CPUs, or at least
     `min_cpus` (never fewer than the machine's cores). Returns True when this process started Ray (and so
     must stop it).
 
-    `private=True` starts a new local instance even if another one runs on this machine (`cfvit serve`);
-    `preload=True` has every worker process import the training stack as it starts (jobs/common/warm.py)."""
+    `private=True` starts a new local instance even if another one runs on this machine (`cfvit serve`)."""
     import ray
 
     if ray.is_initialized():
@@ -29,8 +28,7 @@ def init_ray(address: Optional[str] = None, *, min_cpus: Optional[float] = None,
     port = _free_port()
     ray.init(address="local" if private else None, num_cpus=cpus, include_dashboard=True, dashboard_port=port,
              log_to_driver=log_to_driver,
-             runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"},
-                          **({"worker_process_setup_hook": "jobs.common.warm.preload"} if preload else {})})
+             runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
     return True
 
 

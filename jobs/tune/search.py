@@ -90,7 +90,7 @@ def run_search(p, settings, uri: Optional[str], parent: Optional[str], console):
     from .watchdog import StallWatchdog, run_interruptible
 
     short = p.short
-    init_ray(short.scaling.ray_address, min_cpus=local_cpus(short), preload=True)
+    init_ray(short.scaling.ray_address, min_cpus=local_cpus(short))
     resources = ray.cluster_resources()
     try:
         concurrent = fit_concurrency(short, resources, settings.max_concurrent, settings.trials)
