@@ -11,3 +11,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("CFVIT_CACHE", tempfile.mkdtemp(prefix="cfvit-test-cache-"))
 
 pytest_plugins = ["tests.fixtures.services", "tests.fixtures.models"]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Everything under tests/e2e/ starts real components: mark it `e2e` (`-m "not e2e"` skips it)."""
+    import pytest
+
+    for item in items:
+        if "e2e" in item.path.parts:
+            item.add_marker(pytest.mark.e2e)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "infra"
 LAUNCHER = INFRA / "aws" / "cluster.yaml"
 MANIFESTS = sorted(p for p in INFRA.rglob("*.y*ml") if p != LAUNCHER)

@@ -194,7 +194,7 @@ def test_runtime_env_and_entrypoint_quoting(tmp_path):
 
 
 # ------------------------------------------------------------------ results that would vanish with the job
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.mark.e2e

@@ -24,28 +24,27 @@ def test_a_loop_that_keeps_receiving_batches_is_left_alone():
         time.sleep(0.2)
 
 
-def test_the_diagnosis_names_free_and_total_resources():
-    import ray
+def test_the_diagnosis_names_free_and_total_resources(ray_session):
+    ray = ray_session
+    total = int(ray.cluster_resources()["CPU"])
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    @ray.remote(num_cpus=total)
+    def hog():
+        time.sleep(60)
+
+    @ray.remote(num_cpus=1)
+    def starved():
+        return 1
+
+    held, waiting = hog.remote(), starved.remote()  # `starved` can never be scheduled while `hog` runs
     try:
-        @ray.remote(num_cpus=2)
-        def hog():
-            time.sleep(30)
-
-        @ray.remote(num_cpus=1)
-        def starved():
-            return 1
-
-        hog.remote()
-        starved.remote()  # can never be scheduled while hog runs
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while ray.available_resources().get("CPU", 0) > 0 and time.monotonic() < deadline:
             time.sleep(0.2)
-        text = cluster_waits_on()
-        assert "free 0 of 2 CPU" in text
+        assert f"free 0 of {total} CPU" in cluster_waits_on()
     finally:
-        ray.shutdown()
+        ray.cancel(held, force=True)
+        ray.cancel(waiting, force=True)
 
 
 def test_tune_watchdog_fires_after_the_timeout_and_on_interrupt():
