@@ -27,8 +27,11 @@ def test_a_loop_that_keeps_receiving_batches_is_left_alone():
 def test_the_diagnosis_names_free_and_total_resources(ray_session):
     ray = ray_session
     total = int(ray.cluster_resources()["CPU"])
+    # The session's Ray is shared with other tests, whose actors may still hold CPUs: take what is free.
+    free = ray.available_resources().get("CPU", 0)
+    assert free >= 1, f"the shared Ray session has no free CPU to take ({free} of {total})"
 
-    @ray.remote(num_cpus=total)
+    @ray.remote(num_cpus=free)
     def hog():
         time.sleep(60)
 
@@ -41,6 +44,7 @@ def test_the_diagnosis_names_free_and_total_resources(ray_session):
         deadline = time.monotonic() + 60
         while ray.available_resources().get("CPU", 0) > 0 and time.monotonic() < deadline:
             time.sleep(0.2)
+        assert ray.available_resources().get("CPU", 0) == 0, "the hog task never started"
         assert f"free 0 of {total} CPU" in cluster_waits_on()
     finally:
         ray.cancel(held, force=True)
