@@ -1,14 +1,22 @@
-"""`cfvit bench serve`: closed-loop HTTP load at rising concurrency against the CF-ViT application and
-against the single-stage backbone of the same checkpoint, deployed the same way on the same machine."""
+"""`cfvit bench serve`: closed-loop HTTP load at rising concurrency against several deployments of one
+checkpoint on the same machine (by default the split and fused CF-ViT topologies and the single-stage
+backbone), one after the other, with where each request's time went (the app's `Server-Timing`
+header) and the offline `infer_stream` figures of the same checkpoint at the same exit rate and batch
+size as the target."""
 from __future__ import annotations
 
 import asyncio
 import io
 import os
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
+import yaml
+
+# Each system: a topology (`stages`) then optional `key=value` overrides of the app arguments (YAML
+# values, dotted keys into a stage block), e.g. "split wire_dtype=float32 handoff=ingress".
+DEFAULT_SYSTEMS = ("split", "fused", "backbone")
 
 
 def bench_images(model_cfg: Dict[str, Any], n: int, seed: int = 0) -> List[bytes]:
@@ -35,13 +43,34 @@ def bench_images(model_cfg: Dict[str, Any], n: int, seed: int = 0) -> List[bytes
     return files
 
 
+def _summary(lat: List[float], stages: List[str], timings: List[Dict[str, float]], clients: int,
+             errors: int, duration_s: float) -> Dict[str, Any]:
+    lat_ms = np.array(lat) * 1000
+    keys = sorted({k for t in timings for k in t})
+    breakdown = {k: float(np.mean([t[k] for t in timings if k in t])) for k in keys}
+    if timings and "app" in breakdown:
+        breakdown["proxy"] = float(np.mean([ms - t["app"] for ms, t in zip(lat_ms, timings) if "app" in t]))
+    return {
+        "concurrency": clients,
+        "requests": len(lat),
+        "errors": errors,
+        "throughput": len(lat) / duration_s,
+        "p50_ms": float(np.percentile(lat_ms, 50)) if len(lat) else float("nan"),
+        "p99_ms": float(np.percentile(lat_ms, 99)) if len(lat) else float("nan"),
+        "exit_rate": (stages.count("coarse") / len(stages)) if stages else float("nan"),
+        "breakdown": breakdown,
+    }
+
+
 async def _closed_loop(url: str, files: List[bytes], clients: int, warmup_s: float, duration_s: float) -> Dict[str, Any]:
     import httpx
 
-    lat, stages, gflops, errors = [], [], [], 0
+    from serve.timing import parse_server_timing
+
+    lat, stages, timings, errors = [], [], [], 0
     t_start = time.perf_counter() + warmup_s
     t_end = t_start + duration_s
-    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=clients)) as client:
+    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=clients)) as client:
 
         async def worker(k: int):
             nonlocal errors
@@ -55,29 +84,19 @@ async def _closed_loop(url: str, files: List[bytes], clients: int, warmup_s: flo
                     ok = r.status_code == 200
                     body = r.json() if ok else None
                 except httpx.HTTPError:
-                    ok, body = False, None
+                    ok, body, r = False, None, None
                 t1 = time.perf_counter()
                 if t0 >= t_start and t1 <= t_end:  # only requests wholly inside the window count
                     if ok:
                         lat.append(t1 - t0)
                         stages.append(body["stage"])
-                        gflops.append(body["gflops"])
+                        timings.append(parse_server_timing(r.headers.get("server-timing", "")))
                     else:
                         errors += 1
                 i += clients
 
         await asyncio.gather(*(worker(k) for k in range(clients)))
-    lat_ms = np.array(lat) * 1000
-    return {
-        "concurrency": clients,
-        "requests": len(lat),
-        "errors": errors,
-        "throughput": len(lat) / duration_s,
-        "p50_ms": float(np.percentile(lat_ms, 50)) if len(lat) else float("nan"),
-        "p99_ms": float(np.percentile(lat_ms, 99)) if len(lat) else float("nan"),
-        "exit_rate": (stages.count("coarse") / len(stages)) if stages else float("nan"),
-        "mean_gflops": float(np.mean(gflops)) if gflops else float("nan"),
-    }
+    return _summary(lat, stages, timings, clients, errors, duration_s)
 
 
 def ratio_at_equal_p99(cf: List[Dict[str, Any]], base: List[Dict[str, Any]]) -> List[Dict[str, float]]:
@@ -100,6 +119,76 @@ def ratio_at_equal_p99(cf: List[Dict[str, Any]], base: List[Dict[str, Any]]) -> 
     return out
 
 
+def eta_for_exit_rate(confidences: Sequence[float], rate: float) -> float:
+    """η such that a share `rate` of the images (by their top coarse probability) exits."""
+    srt = np.sort(np.asarray(confidences, dtype=np.float64))[::-1]
+    if rate <= 0:
+        return float(np.nextafter(np.float32(srt[0]), np.float32(np.inf)))
+    if rate >= 1:
+        return 0.0
+    return float(srt[max(0, int(round(rate * len(srt))) - 1)])
+
+
+def offline_reference(checkpoint: str, files: List[bytes], batch_size: int, n_batches: int,
+                      eta: Optional[float], exit_rate: Optional[float], threads: int) -> Dict[str, Any]:
+    """The same images through the library in this process: coarse confidences (→ η for `exit_rate`),
+    then backbone and `infer_stream` images/s over `n_batches` batches of `batch_size`."""
+    import torch
+
+    import cfvit
+    from cfvit.streaming import infer_stream
+    from cfvit.transforms import decode_image
+    from jobs.common.storage import resolve_checkpoint
+    from serve.inputs import PixelTransform, normalise
+
+    torch.set_num_threads(threads)
+    model = cfvit.load(str(resolve_checkpoint(checkpoint))).eval()
+    pt = PixelTransform(model.data_config)
+    x = normalise(torch.stack([pt.pixels(decode_image(f)) for f in files]), pt.mean, pt.std)
+    with torch.inference_mode():
+        conf = torch.cat([model.coarse_stage(b).logits.float().softmax(-1).amax(-1) for b in x.split(batch_size)])
+    if exit_rate is not None:
+        eta = eta_for_exit_rate(conf.tolist(), exit_rate)
+    batches = [x[(i * batch_size) % len(x):][:batch_size] for i in range(n_batches)]
+    batches = [b for b in batches if len(b) == batch_size] or [x[:batch_size]]
+
+    def timed(fn) -> float:
+        fn(batches[:1])  # warm-up
+        t0 = time.perf_counter()
+        fn(batches)
+        return sum(len(b) for b in batches) / (time.perf_counter() - t0)
+
+    with torch.inference_mode():
+        backbone = timed(lambda bs: [model.vit(b) for b in bs])
+        cf = timed(lambda bs: list(infer_stream(model, bs, eta)))
+    return {"eta": float(eta), "exit_rate": float((conf >= eta).float().mean()), "batch_size": batch_size,
+            "n_batches": len(batches), "threads": threads, "backbone_ips": backbone, "cfvit_ips": cf,
+            "ratio": cf / backbone}
+
+
+def system_args(spec: str, checkpoint: str, eta: float, replicas: int, batch_size: int) -> Dict[str, Any]:
+    """App arguments of one system: the same CPU for every topology (2 × `replicas` model replicas, one
+    torch thread each, nothing reserved), fixed replica counts, then the spec's overrides."""
+    stages, *overrides = strip_label(spec).split()
+    stage = {"num_cpus": 0, "torch_threads": 1, "autoscaling_config": None, "max_batch_size": batch_size}
+    args: Dict[str, Any] = {"checkpoint": checkpoint, "eta": eta, "stages": stages, "ingress_num_cpus": 0,
+                            "ingress_autoscaling_config": None}
+    if stages == "split":
+        args.update(coarse={**stage, "num_replicas": replicas}, fine={**stage, "num_replicas": replicas})
+    elif stages == "fused":
+        args["fused"] = {**stage, "num_replicas": 2 * replicas, "fine_batch_size": batch_size}
+    else:
+        args["coarse"] = {**stage, "num_replicas": 2 * replicas}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        *path, last = key.split(".")
+        node = args
+        for p in path:
+            node = node.setdefault(p, {})
+        node[last] = yaml.safe_load(value)
+    return args
+
+
 def _deploy(args: Dict[str, Any], name: str, port: int) -> Dict[str, Any]:
     import httpx
     from ray import serve
@@ -110,73 +199,145 @@ def _deploy(args: Dict[str, Any], name: str, port: int) -> Dict[str, Any]:
     return httpx.get(f"http://127.0.0.1:{port}/v1/model", timeout=30).json()
 
 
+def _model_cfg(checkpoint: str) -> Dict[str, Any]:
+    import json
+
+    from jobs.common.storage import resolve_checkpoint
+
+    return json.loads((resolve_checkpoint(checkpoint) / "config.json").read_text())
+
+
 def run_bench(checkpoint: str, levels: List[int], duration_s: float = 10.0, warmup_s: float = 2.0,
-              eta: float = 0.5, n_images: int = 256, replicas: int = 1, port: int = 8123) -> Dict[str, Any]:
+              eta: float = 0.5, exit_rate: Optional[float] = None, n_images: int = 256, replicas: int = 1,
+              port: int = 8123, systems: Sequence[str] = DEFAULT_SYSTEMS, batch_size: int = 16,
+              offline_batches: int = 6) -> Dict[str, Any]:
     import ray
     from ray import serve
 
     from serve.runner import start_ray
 
+    cfg = _model_cfg(checkpoint)
+    files = bench_images({"name": cfg.get("name") or cfg.get("model_name"),
+                          "input_size": cfg["data_config"]["input_size"]}, n_images)
+    # Offline first, alone on the machine: all its CPUs for one process, as `cfvit bench throughput`.
+    offline = offline_reference(checkpoint, files, batch_size, offline_batches, eta, exit_rate,
+                                threads=os.cpu_count() or 1)
+    eta = offline["eta"]
+    result: Dict[str, Any] = {"checkpoint": checkpoint, "eta": eta, "exit_rate_target": exit_rate,
+                              "duration_s": duration_s, "replicas": replicas, "cpus": os.cpu_count(),
+                              "batch_size": batch_size, "offline": offline, "systems": {}}
     started = start_ray(None)
-    # Fixed replica counts (no autoscaling) and one torch thread per replica, so both systems get the
-    # same CPU: CF-ViT `replicas` coarse + `replicas` fine, the backbone 2 × `replicas`.
-    stage = {"num_cpus": 0, "torch_threads": 1, "autoscaling_config": None, "max_batch_size": 32}
-    common = {"checkpoint": checkpoint, "eta": eta, "ingress_num_cpus": 0, "ingress_autoscaling_config": None}
-    systems = {
-        "cfvit": {**common, "coarse": {**stage, "num_replicas": replicas},
-                  "fine": {**stage, "num_replicas": replicas, "batch_wait_timeout_s": 0.01}},
-        "backbone": {**common, "stages": "backbone", "coarse": {**stage, "num_replicas": 2 * replicas}},
-    }
-    result: Dict[str, Any] = {"checkpoint": checkpoint, "eta": eta, "duration_s": duration_s,
-                              "replicas": replicas, "cpus": os.cpu_count()}
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        for name, args in systems.items():
-            info = _deploy(args, f"bench-{name}", port)
-            files = bench_images(info, n_images)
-            result["model"] = info["name"]
-            result["stage_gflops"] = info["stage_gflops"]
-            url = f"http://127.0.0.1:{port}/v1/classify" + (f"?eta={eta}" if name == "cfvit" else "")
-            result[name] = [asyncio.run(_closed_loop(url, files, c, warmup_s, duration_s)) for c in levels]
-            serve.delete(f"bench-{name}")
-        result["ratio_at_equal_p99"] = ratio_at_equal_p99(result["cfvit"], result["backbone"])
+        for i, spec in enumerate(systems):
+            args = system_args(spec, checkpoint, eta, replicas, batch_size)
+            info = _deploy(args, f"bench-{i}", port)
+            result["model"], result["stage_gflops"] = info["name"], info["stage_gflops"]
+            url = f"http://127.0.0.1:{port}/v1/classify?eta={eta}"
+            result["systems"][spec] = [asyncio.run(_closed_loop(url, files, c, warmup_s, duration_s)) for c in levels]
+            serve.delete(f"bench-{i}")
     finally:
         if ray.is_initialized():
             if started:
                 serve.shutdown()
                 ray.shutdown()
             else:
-                for name in systems:
+                for i in range(len(systems)):
                     try:
-                        serve.delete(f"bench-{name}")
+                        serve.delete(f"bench-{i}")
                     except Exception:  # noqa: BLE001 - best effort on a shared cluster
                         pass
     return result
 
 
+def label(spec: str) -> str:
+    """`NAME:topology k=v …` → NAME; otherwise the spec itself."""
+    head = spec.split()[0]
+    return head.split(":", 1)[0] if ":" in head else spec
+
+
+def strip_label(spec: str) -> str:
+    head, *rest = spec.split()
+    return " ".join([head.split(":", 1)[1] if ":" in head else head, *rest])
+
+
+def _rank(key: str):
+    """Breakdown rows in request order: proxy, read, decode, then each stage's hop, queue, compute, reply."""
+    fixed = {"proxy": 0, "read": 1, "decode": 2, "app": 99}
+    if key in fixed:
+        return (fixed[key], key)
+    stage, _, part = key.rpartition("_")
+    parts = ("in", "fetch", "queue", "compute", "out", "batch")
+    return (10 + 10 * (stage == "fine") + (parts.index(part) if part in parts else 9), key)
+
+
+def served_ratios(result: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Per CF-ViT system and level: served ÷ backbone (same clients; and at equal p99), vs offline."""
+    systems = result["systems"]
+    base = next((rows for spec, rows in systems.items() if strip_label(spec).split()[0] == "backbone"), None)
+    off = result["offline"]
+    out = []
+    for spec, rows in systems.items():
+        if base is None or rows is base:
+            continue
+        p99 = [r["ratio"] for r in ratio_at_equal_p99(rows, base)]
+        for r, b in zip(rows, base):
+            ratio = r["throughput"] / b["throughput"] if b["throughput"] else float("nan")
+            out.append({"system": label(spec), "clients": r["concurrency"], "ratio": ratio,
+                        "p99_lo": min(p99) if p99 else float("nan"), "p99_hi": max(p99) if p99 else float("nan"),
+                        "offline": off["ratio"], "of_offline": ratio / off["ratio"]})
+    return out
+
+
 def print_report(result: Dict[str, Any]) -> None:
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
-    g = result.get("stage_gflops", {})
-    table = Table(title=f"cfvit bench serve — {result.get('model')} · η={result['eta']} · {result['cpus']} CPUs · "
-                        f"{result['duration_s']:.0f}s per level")
-    for col in ("clients", "system", "img/s", "p50 ms", "p99 ms", "errors", "coarse exits", "GFLOPs/img"):
-        table.add_column(col, justify="right")
-    for cf, bb in zip(result["cfvit"], result["backbone"]):
-        for name, r in (("CF-ViT", cf), ("backbone", bb)):
-            table.add_row(str(r["concurrency"]), name, f"{r['throughput']:.1f}", f"{r['p50_ms']:.1f}",
-                          f"{r['p99_ms']:.1f}", str(r["errors"]),
-                          "—" if name == "backbone" else f"{100 * r['exit_rate']:.0f}%", f"{r['mean_gflops']:.4f}")
-    console.print(table)
-    if g:
-        console.print(f"stage GFLOPs: coarse {g.get('coarse', 0):.4f}, fine {g.get('fine', 0):.4f}")
-    ratio = Table(title="throughput ratio CF-ViT / backbone at equal p99")
-    for col in ("p99 ms", "CF-ViT img/s", "backbone img/s", "ratio"):
-        ratio.add_column(col, justify="right")
-    for r in result["ratio_at_equal_p99"]:
-        ratio.add_row(f"{r['p99_ms']:.1f}", f"{r['cfvit_rps']:.1f}", f"{r['backbone_rps']:.1f}", f"{r['ratio']:.2f}×")
-    if not result["ratio_at_equal_p99"]:
-        console.print("[yellow]the two p99 ranges do not overlap; no ratio at equal p99[/yellow]")
-    console.print(ratio)
+    console = Console(width=80)
+    off, systems = result["offline"], result["systems"]
+    console.print(f"cfvit bench serve — {result.get('model')} · η={result['eta']:.5g} · {result['cpus']} CPUs · "
+                  f"batch {result['batch_size']} · {result['duration_s']:.0f} s per level")
+    load = Table(box=box.SIMPLE, title="closed-loop load")
+    for col in ("clients", "system", "img/s", "p50 ms", "p99 ms", "errors", "exits"):
+        load.add_column(col, justify="right")
+    for spec, rows in systems.items():
+        for r in rows:
+            exits = "—" if strip_label(spec).startswith("backbone") else f"{100 * r['exit_rate']:.0f}%"
+            load.add_row(str(r["concurrency"]), label(spec)[:24], f"{r['throughput']:.1f}", f"{r['p50_ms']:.0f}",
+                         f"{r['p99_ms']:.0f}", str(r["errors"]), exits)
+    console.print(load)
+    console.print(f"offline (infer_stream, {off['threads']} threads, {off['n_batches']}×{off['batch_size']}): "
+                  f"backbone {off['backbone_ips']:.1f} img/s, CF-ViT {off['cfvit_ips']:.1f} img/s at "
+                  f"{100 * off['exit_rate']:.0f}% exits = {off['ratio']:.2f}×")
+    ratios = Table(box=box.SIMPLE, title="CF-ViT ÷ backbone: served vs offline")
+    for col in ("system", "clients", "served", "equal p99", "offline", "of offline"):
+        ratios.add_column(col, justify="right")
+    for r in served_ratios(result):
+        p99 = "—" if not np.isfinite(r["p99_lo"]) else f"{r['p99_lo']:.2f}–{r['p99_hi']:.2f}×"
+        ratios.add_row(r["system"][:24], str(r["clients"]), f"{r['ratio']:.2f}×", p99, f"{r['offline']:.2f}×",
+                       f"{r['of_offline']:.2f}")
+    console.print(ratios)
+    for spec, rows in systems.items():
+        if strip_label(spec).split()[0] == "backbone":
+            best = max(r["throughput"] for r in rows)
+            console.print(f"served backbone ({label(spec)}) ÷ offline backbone: {best:.1f} / "
+                          f"{off['backbone_ips']:.1f} = {best / off['backbone_ips']:.2f} (best level)")
+    _print_breakdown(console, systems)
+
+
+def _print_breakdown(console, systems: Dict[str, List[Dict[str, Any]]]) -> None:
+    from rich import box
+    from rich.table import Table
+
+    levels = [r["concurrency"] for r in next(iter(systems.values()))]
+    for li, c in enumerate(levels):
+        t = Table(box=box.SIMPLE, title=f"where a request's time goes, {c} clients (ms; *_batch: images)")
+        t.add_column("entry")
+        for spec in systems:
+            t.add_column(label(spec)[:12], justify="right")
+        keys = sorted({k for rows in systems.values() for k in rows[li]["breakdown"]}, key=_rank)
+        for k in keys:
+            t.add_row(k, *(f"{rows[li]['breakdown'][k]:.1f}" if k in rows[li]["breakdown"] else ""
+                           for rows in systems.values()))
+        console.print(t)

@@ -6,10 +6,11 @@
 import asyncio
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
@@ -17,11 +18,12 @@ from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .deployments import BackboneStage, CoarseStage, FineStage
-from .inputs import (RAW_TYPES, APIError, check_count, decode_and_transform, media_type, parse_json_body,
-                     read_body, resolve_eta)
-from .schemas import BatchPrediction, ErrorBody, Health, ModelInfo, Prediction, TopClass
+from .deployments import BackboneStage, CoarseStage, FineStage, FusedStage
+from .inputs import (RAW_TYPES, APIError, PixelTransform, check_count, decode_to_pixels, media_type, normalise,
+                     parse_json_body, read_body, resolve_eta)
+from .schemas import BatchPrediction, ClassifyJSON, ErrorBody, Health, ModelInfo, Prediction, TopClass
 from .settings import ETA_MAX, ETA_MIN, AppArgs
+from .timing import server_timing
 
 logger = logging.getLogger("ray.serve")
 
@@ -49,7 +51,7 @@ _BODY_DOC = {
             "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
             "multipart/form-data": {"schema": {"type": "object", "properties": {
                 "file": {"type": "string", "format": "binary"}}, "required": ["file"]}},
-            "application/json": {"schema": {"$ref": "#/components/schemas/ClassifyJSON"}},
+            "application/json": {"schema": ClassifyJSON.model_json_schema()},
         },
     }
 }
@@ -83,7 +85,9 @@ async def _validation_error(_: Request, exc: RequestValidationError):
 
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(_: Request, exc: StarletteHTTPException):
-    return _error(exc.status_code, str(exc.detail), None)
+    response = _error(exc.status_code, str(exc.detail), None)
+    response.headers.update(exc.headers or {})  # e.g. the Allow header of a 405
+    return response
 
 
 def _stage_unavailable(exc: BaseException) -> bool:
@@ -123,24 +127,23 @@ def _normalise_table(raw) -> Optional[List[Dict[str, float]]]:
 @serve.deployment(name="CFViTIngress", max_ongoing_requests=128)
 @serve.ingress(api)
 class CFViTIngress:
-    """HTTP front: parses and pre-processes, then sends each image to `coarse` and the hard ones on to
-    `fine`. With `fine=None` (stages="backbone"), `coarse` is the single-stage BackboneStage."""
+    """HTTP front: parses, decodes and brings each image to the model's input size, then sends all the
+    images of a request in one call to `model` (CoarseStage, FusedStage or BackboneStage, as `stages`
+    says) and, for split, the hard images' object-store references in one call to `fine`."""
 
-    def __init__(self, coarse: DeploymentHandle, fine: Optional[DeploymentHandle], args: Dict[str, Any]):
+    def __init__(self, model: DeploymentHandle, fine: Optional[DeploymentHandle], args: Dict[str, Any]):
         import torch
-
-        from cfvit.transforms import build_transform
 
         from .model_host import checkpoint_version, load_model
 
         torch.set_num_threads(1)
         self.args = AppArgs(**args)
-        self.coarse, self.fine = coarse, fine
+        self.model, self.fine = model, fine
         # The ingress only pre-processes: it reads the model's description and drops the weights.
         model, local = load_model(self.args.checkpoint)
         cfg = dict(getattr(model, "cfvit_config", {}) or {})
         self.data_config = dict(model.data_config)
-        self.transform = build_transform(self.data_config, is_training=False)
+        self.transform = PixelTransform(self.data_config)
         self.stage_gflops = {k: float(v) for k, v in model.stage_gflops().items()}
         self.backbone_gflops = float(model.backbone_gflops())
         self.num_classes = int(model.num_classes)
@@ -161,6 +164,7 @@ class CFViTIngress:
             eta_table=self.eta_table,
             max_images=self.args.max_images,
             max_body_bytes=self.args.max_body_bytes,
+            stages=self.args.stages,
         )
         del model
 
@@ -183,9 +187,30 @@ class CFViTIngress:
     async def classify(
         self,
         request: Request,
-        eta: Optional[float] = Query(None, description=f"exit threshold, {ETA_MIN} ≤ η ≤ {ETA_MAX}"),
-        budget_gflops: Optional[float] = Query(None, description="average GFLOPs per image; picks η from the table"),
+        response: Response,
+        eta: Optional[float] = Query(None, ge=ETA_MIN, le=ETA_MAX,
+                                     description=f"exit threshold, {ETA_MIN} ≤ η ≤ {ETA_MAX}"),
+        budget_gflops: Optional[float] = Query(None, gt=0, description="average GFLOPs per image; picks η "
+                                                                       "from the table"),
     ):
+        t0 = time.perf_counter()
+        files, batch, eta, budget_gflops = await self._read_request(request, eta, budget_gflops)
+        eta_value = resolve_eta(eta, budget_gflops, self.args.eta, self.eta_table)
+        t1 = time.perf_counter()
+        images = await asyncio.to_thread(self._pixels, files)
+        t2 = time.perf_counter()
+        answers = await self._infer(images, eta_value)
+        preds = [self._prediction(a, eta_value) for a in answers]
+        timing = {"read": (t1 - t0) * 1000, "decode": (t2 - t1) * 1000}
+        response.headers["Server-Timing"] = server_timing([a["t"] for a in answers], timing,
+                                                          (time.perf_counter() - t0) * 1000)
+        if batch:
+            return BatchPrediction(predictions=preds, gflops=sum(p.gflops for p in preds))
+        return preds[0]
+
+    # ------------------------------------------------------------------ helpers
+    async def _read_request(self, request: Request, eta, budget_gflops):
+        """(image files, whether the answer is a batch, eta, budget_gflops) of a classify request."""
         kind = media_type(request.headers.get("content-type"))
         if not (kind.startswith(RAW_TYPES) or kind in ("multipart/form-data", "application/json")):
             raise APIError(415, "unsupported content type",
@@ -206,14 +231,37 @@ class CFViTIngress:
         else:
             files = [body]
         check_count(len(files), self.args.max_images)
-        eta_value = resolve_eta(eta, budget_gflops, self.args.eta, self.eta_table)
-        images = await asyncio.to_thread(decode_and_transform, files, self.transform, self.args.max_pixels)
-        preds = await asyncio.gather(*(self._classify_one(x, eta_value) for x in images))
-        if batch:
-            return BatchPrediction(predictions=preds, gflops=sum(p.gflops for p in preds))
-        return preds[0]
+        return files, batch, eta, budget_gflops
 
-    # ------------------------------------------------------------------ helpers
+    def _pixels(self, files: List[bytes]) -> list:
+        images = decode_to_pixels(files, self.transform, self.args.max_pixels)
+        if self.args.wire_dtype == "float32":  # the old path: normalised per image here, 4× the bytes
+            images = [normalise(x, self.transform.mean, self.transform.std) for x in images]
+        return images
+
+    async def _infer(self, images: list, eta: float) -> List[Dict[str, Any]]:
+        """One call per request to the model deployment; for split, one more for the hard images."""
+        stages = self.args.stages
+        if stages == "backbone":
+            answers = await self.model.run.remote(images, time.time())
+        else:
+            answers = await self.model.run.remote(images, [eta] * len(images), time.time())
+        received = time.time()
+        first = {"backbone": "backbone", "fused": "fused", "split": "coarse"}[stages]
+        for a in answers:
+            a["t"][f"{first}_out"] = (received - a["t"].pop("done_at")) * 1000
+            a["stage"] = "backbone" if stages == "backbone" else ("coarse" if a["exit"] else "fine")
+            a.setdefault("coarse_probs", a["probs"])
+        hard = [a for a in answers if stages == "split" and not a["exit"]]
+        if hard:
+            fine = await self.fine.run.remote([a.pop("handoff") for a in hard], time.time())
+            received = time.time()
+            for a, f in zip(hard, fine):
+                a["t"].update(f.pop("t"))
+                a["t"]["fine_out"] = (received - a["t"].pop("done_at")) * 1000
+                a.update(probs=f["probs"], selected=f["selected"])
+        return answers
+
     async def _form_files(self, request: Request, body: bytes) -> List[bytes]:
         sent = False
 
@@ -246,17 +294,8 @@ class CFViTIngress:
         finally:
             await form.close()  # spooled upload files are released now, not at garbage collection
 
-    async def _classify_one(self, image, eta: float) -> Prediction:
-        if self.fine is None:
-            out = await self.coarse.run.remote(image)
-            return self._prediction(out["probs"], "backbone", eta, out["probs"], None)
-        coarse = await self.coarse.run.remote(image, eta)
-        if coarse["exit"]:
-            return self._prediction(coarse["probs"], "coarse", eta, coarse["probs"], None)
-        fine = await self.fine.run.remote(image, coarse["state"])
-        return self._prediction(fine["probs"], "fine", eta, coarse["probs"], fine["selected"])
-
-    def _prediction(self, probs, stage: str, eta: float, coarse_probs, regions) -> Prediction:
+    def _prediction(self, answer: Dict[str, Any], eta: float) -> Prediction:
+        probs, stage = answer["probs"], answer["stage"]
         k = min(5, self.num_classes)
         top_p, top_i = probs.topk(k)
         top = [TopClass(label=int(i), class_name=self.class_names[int(i)], probability=float(p))
@@ -265,7 +304,8 @@ class CFViTIngress:
                   "fine": self.stage_gflops["coarse"] + self.stage_gflops["fine"]}[stage]
         return Prediction(label=top[0].label, class_name=top[0].class_name, confidence=top[0].probability,
                           top5=top, stage=stage, gflops=gflops, eta=eta,
-                          coarse_confidence=float(coarse_probs.max()), regions=regions)
+                          coarse_confidence=float(answer["coarse_probs"].max()),
+                          regions=answer.get("selected") if stage == "fine" else None)
 
 
 def _stage_options(deployment, opts, name: str):
@@ -281,15 +321,18 @@ def _stage_options(deployment, opts, name: str):
 def build_app(args: Dict[str, Any]) -> Application:
     """Serve application builder: `args` as in `serve.settings.AppArgs`."""
     cfg = AppArgs(**(args.model_dump() if isinstance(args, AppArgs) else args))
+    fine = None
     if cfg.stages == "backbone":
-        coarse = _stage_options(BackboneStage, cfg.coarse, "BackboneStage").bind(cfg.checkpoint, cfg.coarse.model_dump())
-        fine = None
+        model = _stage_options(BackboneStage, cfg.coarse, "BackboneStage").bind(cfg.checkpoint, cfg.coarse.model_dump())
+    elif cfg.stages == "fused":
+        model = _stage_options(FusedStage, cfg.fused, "FusedStage").bind(cfg.checkpoint, cfg.fused.model_dump())
     else:
-        coarse = _stage_options(CoarseStage, cfg.coarse, "CoarseStage").bind(cfg.checkpoint, cfg.coarse.model_dump())
+        model = _stage_options(CoarseStage, cfg.coarse, "CoarseStage").bind(cfg.checkpoint, cfg.coarse.model_dump(),
+                                                                           cfg.handoff)
         fine = _stage_options(FineStage, cfg.fine, "FineStage").bind(cfg.checkpoint, cfg.fine.model_dump())
     ingress = CFViTIngress.options(
         ray_actor_options={"num_cpus": cfg.ingress_num_cpus},
         **({"autoscaling_config": cfg.ingress_autoscaling_config} if cfg.ingress_autoscaling_config
            else {"num_replicas": 1}),
     )
-    return ingress.bind(coarse, fine, cfg.model_dump())
+    return ingress.bind(model, fine, cfg.model_dump())

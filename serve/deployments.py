@@ -1,9 +1,17 @@
-"""The two model stages as Serve deployments, each with dynamic batching.
+"""The model stages as Serve deployments, each with dynamic batching (`@serve.batch`).
 
-`CoarseStage.run(image, eta)` answers the images whose top coarse probability reaches their own η
-and returns, for the rest, the coarse state the fine stage needs (global class attention, coarse
-output tokens, coarse input embedding). `FineStage.run(image, state)` finishes those. The ingress
-composes them, so a coarse replica never waits on the fine stage (its autoscaling load is its own).
+Every `run` takes all the images of one request in one call (uint8 pixels, or float32 when the app's
+`wire_dtype` says so), queues each in the replica's batch queue, and answers per image with its
+timings (`t`, milliseconds: time in transit to the replica, queueing for a batch, batch compute, batch
+size), which the ingress returns as a `Server-Timing` header.
+
+- split: `CoarseStage.run` answers the images whose top coarse probability reaches their own η; for
+  the rest it puts image + coarse state into the object store and returns only the reference
+  (`handoff="direct"`), which the ingress passes to `FineStage.run`: the state never travels through
+  the ingress. A coarse replica never waits on the fine stage, so each autoscales on its own load.
+- fused: `FusedStage.run` runs both stages in one replica: coarse batches, then the hard images of
+  consecutive coarse batches pooled into fine batches (as `cfvit.streaming.infer_stream` does offline).
+- backbone: `BackboneStage.run`, the plain ViT on every fine token (the single-stage baseline).
 """
 from __future__ import annotations
 
@@ -25,61 +33,80 @@ _BATCH = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
 class _Metrics:
     """Per-stage metrics through Ray Serve's metrics API (exported with Ray's Prometheus metrics)."""
 
-    def __init__(self, stage: str):
-        self.tags = {"stage": stage}
-        self.latency = metrics.Histogram(
-            "cfvit_stage_latency_ms", description="model time of one batch of a stage", boundaries=_LATENCY_MS,
-            tag_keys=("stage",))
-        self.batch = metrics.Histogram(
-            "cfvit_stage_batch_size", description="images per batch of a stage", boundaries=_BATCH,
-            tag_keys=("stage",))
+    def __init__(self):
+        tags = ("stage",)
+        self.latency = metrics.Histogram("cfvit_stage_latency_ms", description="model time of one batch of a stage",
+                                         boundaries=_LATENCY_MS, tag_keys=tags)
+        self.batch = metrics.Histogram("cfvit_stage_batch_size", description="images per batch of a stage",
+                                       boundaries=_BATCH, tag_keys=tags)
+        self.queue = metrics.Histogram("cfvit_stage_queue_ms", description="time an image waits in a replica "
+                                       "for its batch to start", boundaries=_LATENCY_MS, tag_keys=tags)
+        self.exits = metrics.Counter("cfvit_exits_total", description="images answered by each stage", tag_keys=tags)
+        self.exit_rate = metrics.Gauge("cfvit_coarse_exit_rate",
+                                       description="share of this replica's images answered by the coarse stage")
+        self._seen = self._exited = 0
 
-    def observe(self, n: int, seconds: float) -> None:
-        self.batch.observe(n, tags=self.tags)
-        self.latency.observe(seconds * 1000.0, tags=self.tags)
+    def observe(self, stage: str, n: int, seconds: float) -> None:
+        self.batch.observe(n, tags={"stage": stage})
+        self.latency.observe(seconds * 1000.0, tags={"stage": stage})
+
+    def exited(self, n_exit: int, n: int) -> None:
+        if n_exit:
+            self.exits.inc(n_exit, tags={"stage": "coarse"})
+        if n - n_exit:
+            self.exits.inc(n - n_exit, tags={"stage": "fine"})
+        self._seen += n
+        self._exited += n_exit
+        self.exit_rate.set(self._exited / self._seen)
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000.0, 3)
 
 
 class _Stage:
+    """Model, placement and the batched stage functions; the deployments below choose which they run."""
+
     def __init__(self, checkpoint: str, options: Dict[str, Any], stage: str):
         opts = StageOptions(**options)
         self.model, _ = load_model(checkpoint, threads_for(opts.num_cpus, opts.torch_threads))
         self.device, self.dtype = placement(opts.num_gpus, opts.precision)
         self.model.to(self.device)
+        self.mean, self.std = self.model.data_config["mean"], self.model.data_config["std"]
         # One worker thread: torch runs off the event loop (health checks and queueing stay live),
         # one batch at a time.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"cfvit-{stage}")
-        self.run.set_max_batch_size(opts.max_batch_size)
-        self.run.set_batch_wait_timeout_s(opts.batch_wait_timeout_s)
-        self.metrics = _Metrics(stage)
+        self.metrics = _Metrics()
+
+    @staticmethod
+    def _configure(batched, max_batch_size: int, timeout_s: float) -> None:
+        batched.set_max_batch_size(max_batch_size)
+        batched.set_batch_wait_timeout_s(timeout_s)
 
     def _batch(self, images):
-        """Stack a batch of preprocessed images onto the replica's device."""
+        """Stack a batch onto the replica's device; uint8 pixels are normalised here, all at once."""
         import torch
 
-        return torch.stack(images).to(self.device, non_blocking=True)
+        from .inputs import normalise
+
+        x = torch.stack(images).to(self.device, non_blocking=True)
+        return normalise(x, self.mean, self.std) if x.dtype == torch.uint8 else x
 
     def _autocast(self):
         import torch
 
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)
 
-    async def _compute(self, fn, *args):
+    async def _compute(self, stage: str, fn, *args):
+        started = time.time()
         t0 = time.perf_counter()
         out = await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
-        return out, time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        self.metrics.observe(stage, len(args[0]), dt)
+        return out, {"started": started, "compute": _ms(dt), "batch": len(args[0])}
 
-
-@serve.deployment(name="CoarseStage", max_ongoing_requests=256)
-class CoarseStage(_Stage):
-    def __init__(self, checkpoint: str, options: Dict[str, Any]):
-        super().__init__(checkpoint, options, "coarse")
-        self.exits = metrics.Counter("cfvit_exits_total", description="images answered by each stage",
-                                     tag_keys=("stage",))
-        self.exit_rate = metrics.Gauge("cfvit_coarse_exit_rate",
-                                       description="share of this replica's images answered by the coarse stage")
-        self._seen = self._exited = 0
-
-    def _forward(self, images, etas):
+    # ------------------------------------------------------------------ model passes (executor thread)
+    def _coarse_forward(self, images, etas):
         import torch
 
         from cfvit.model import exit_mask
@@ -90,38 +117,13 @@ class CoarseStage(_Stage):
         state = state.to("cpu")
         with torch.inference_mode():
             logits = state.logits.float()
-            exits = exit_mask(logits, torch.tensor(etas, dtype=torch.float32))
+            exits = exit_mask(logits, torch.tensor(etas, dtype=torch.float32)).tolist()
             probs = logits.softmax(-1)
-            out = []
-            for i in range(len(images)):
-                item = {"probs": probs[i].clone(), "exit": bool(exits[i])}
-                if not exits[i]:
-                    # A copy per sample (advanced indexing), so only its own tensors are serialised.
-                    item["state"] = state[[i]]
-                out.append(item)
-            return out
+            # A copy per sample (advanced indexing), so only its own tensors are serialised.
+            return [{"probs": probs[i].clone(), "exit": exits[i], "state": None if exits[i] else state[[i]]}
+                    for i in range(len(images))]
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def run(self, images: List[Any], etas: List[float]) -> List[Dict[str, Any]]:
-        out, dt = await self._compute(self._forward, images, etas)
-        self.metrics.observe(len(images), dt)
-        n_exit = sum(o["exit"] for o in out)
-        if n_exit:
-            self.exits.inc(n_exit, tags={"stage": "coarse"})
-        if len(out) - n_exit:
-            self.exits.inc(len(out) - n_exit, tags={"stage": "fine"})
-        self._seen += len(out)
-        self._exited += n_exit
-        self.exit_rate.set(self._exited / self._seen)
-        return out
-
-
-@serve.deployment(name="FineStage", max_ongoing_requests=256)
-class FineStage(_Stage):
-    def __init__(self, checkpoint: str, options: Dict[str, Any]):
-        super().__init__(checkpoint, options, "fine")
-
-    def _forward(self, images, states):
+    def _fine_forward(self, images, states):
         import torch
 
         from cfvit.model import CoarseState
@@ -130,14 +132,125 @@ class FineStage(_Stage):
             state = CoarseState.cat(states).to(self.device, non_blocking=True)
             logits, selected = self.model.fine_stage(self._batch(images), state)
             probs = logits.float().softmax(-1).cpu()
-            selected = selected.cpu()
-            return [{"probs": probs[i].clone(), "selected": selected[i].tolist()} for i in range(len(images))]
+            selected = selected.cpu().tolist()
+            return [{"probs": probs[i].clone(), "selected": selected[i]} for i in range(len(images))]
+
+    def _backbone_forward(self, images):
+        import torch
+
+        with torch.inference_mode(), self._autocast():
+            probs = self.model.vit(self._batch(images)).float().softmax(-1).cpu()
+            return [{"probs": probs[i].clone()} for i in range(len(images))]
+
+    # ------------------------------------------------------------------ batch queues (event loop)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def _coarse(self, images: List[Any], etas: List[float]) -> List[Dict[str, Any]]:
+        out, t = await self._compute("coarse", self._coarse_forward, images, etas)
+        self.metrics.exited(sum(o["exit"] for o in out), len(out))
+        return [{**o, "t": t} for o in out]
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def run(self, images: List[Any], states: List[Any]) -> List[Dict[str, Any]]:
-        out, dt = await self._compute(self._forward, images, states)
-        self.metrics.observe(len(images), dt)
+    async def _fine(self, images: List[Any], states: List[Any]) -> List[Dict[str, Any]]:
+        out, t = await self._compute("fine", self._fine_forward, images, states)
+        return [{**o, "t": t} for o in out]
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def _backbone(self, images: List[Any]) -> List[Dict[str, Any]]:
+        out, t = await self._compute("backbone", self._backbone_forward, images)
+        return [{**o, "t": t} for o in out]
+
+    async def _queued(self, stage: str, call, timing: Dict[str, float], ready_at: float) -> Dict[str, Any]:
+        """Await one image's batched call and book its queueing, compute and batch size under `stage`."""
+        out = await call
+        t = out.pop("t")
+        queue = max(0.0, t["started"] - ready_at)
+        self.metrics.queue.observe(queue * 1000.0, tags={"stage": stage})
+        timing.update({f"{stage}_queue": _ms(queue), f"{stage}_compute": t["compute"], f"{stage}_batch": t["batch"]})
         return out
+
+
+def _arrived(name: str, sent_at: float) -> Dict[str, float]:
+    return {f"{name}_in": _ms(max(0.0, time.time() - sent_at))}
+
+
+@serve.deployment(name="CoarseStage", max_ongoing_requests=256)
+class CoarseStage(_Stage):
+    def __init__(self, checkpoint: str, options: Dict[str, Any], handoff: str = "direct"):
+        super().__init__(checkpoint, options, "coarse")
+        opts = StageOptions(**options)
+        self._configure(self._coarse, opts.max_batch_size, opts.batch_wait_timeout_s)
+        self.handoff = handoff
+
+    async def run(self, images: List[Any], etas: List[float], sent_at: float) -> List[Dict[str, Any]]:
+        import ray
+
+        now = time.time()
+        timings = [_arrived("coarse", sent_at) for _ in images]
+        outs = await asyncio.gather(*(self._queued("coarse", self._coarse(x, e), t, now)
+                                      for x, e, t in zip(images, etas, timings)))
+        for out, x, t in zip(outs, images, timings):
+            out["t"] = t
+            state = out.pop("state")
+            if state is not None:
+                handoff = {"image": x, "state": state}
+                out["handoff"] = ray.put(handoff) if self.handoff == "direct" else handoff
+            out["t"]["done_at"] = time.time()
+        return outs
+
+
+@serve.deployment(name="FineStage", max_ongoing_requests=256)
+class FineStage(_Stage):
+    def __init__(self, checkpoint: str, options: Dict[str, Any]):
+        super().__init__(checkpoint, options, "fine")
+        opts = StageOptions(**options)
+        self._configure(self._fine, opts.max_batch_size, opts.batch_wait_timeout_s)
+
+    async def run(self, handoffs: List[Any], sent_at: float) -> List[Dict[str, Any]]:
+        """`handoffs`: {image, state} per hard image, or object references to them (fetched here)."""
+        import ray
+
+        timings = [_arrived("fine", sent_at) for _ in handoffs]
+        t0 = time.time()
+        refs = [h for h in handoffs if isinstance(h, ray.ObjectRef)]
+        fetched = dict(zip(map(id, refs), await asyncio.gather(*refs))) if refs else {}
+        items = [fetched.get(id(h), h) for h in handoffs]
+        now = time.time()
+        for t in timings:
+            t["fine_fetch"] = _ms(now - t0)
+        outs = await asyncio.gather(*(self._queued("fine", self._fine(h["image"], h["state"]), t, now)
+                                      for h, t in zip(items, timings)))
+        for out, t in zip(outs, timings):
+            out["t"] = {**t, "done_at": time.time()}
+        return outs
+
+
+@serve.deployment(name="FusedStage", max_ongoing_requests=256)
+class FusedStage(_Stage):
+    """Both stages in one replica: coarse batches of up to `max_batch_size` images, and the hard images
+    of consecutive coarse batches pooled into fine batches of `fine_batch_size` (or fewer after
+    `fine_wait_timeout_s`). Nothing but pixels in and answers out crosses the process boundary."""
+
+    def __init__(self, checkpoint: str, options: Dict[str, Any]):
+        super().__init__(checkpoint, options, "fused")
+        opts = StageOptions(**options)
+        self._configure(self._coarse, opts.max_batch_size, opts.batch_wait_timeout_s)
+        self._configure(self._fine, opts.fine_batch_size, opts.fine_wait_timeout_s)
+
+    async def _one(self, image, eta: float, t: Dict[str, float], arrived: float) -> Dict[str, Any]:
+        coarse = await self._queued("coarse", self._coarse(image, eta), t, arrived)
+        state = coarse.pop("state")
+        if state is None:
+            return coarse
+        fine = await self._queued("fine", self._fine(image, state), t, time.time())
+        return {"probs": fine["probs"], "selected": fine["selected"], "coarse_probs": coarse["probs"], "exit": False}
+
+    async def run(self, images: List[Any], etas: List[float], sent_at: float) -> List[Dict[str, Any]]:
+        now = time.time()
+        timings = [_arrived("fused", sent_at) for _ in images]
+        outs = await asyncio.gather(*(self._one(x, e, t, now) for x, e, t in zip(images, etas, timings)))
+        for out, t in zip(outs, timings):
+            out["t"] = {**t, "done_at": time.time()}
+        return outs
 
 
 @serve.deployment(name="BackboneStage", max_ongoing_requests=256)
@@ -146,16 +259,15 @@ class BackboneStage(_Stage):
 
     def __init__(self, checkpoint: str, options: Dict[str, Any]):
         super().__init__(checkpoint, options, "backbone")
+        opts = StageOptions(**options)
+        self._configure(self._backbone, opts.max_batch_size, opts.batch_wait_timeout_s)
 
-    def _forward(self, images):
-        import torch
+    async def run(self, images: List[Any], sent_at: float) -> List[Dict[str, Any]]:
+        now = time.time()
+        timings = [_arrived("backbone", sent_at) for _ in images]
+        outs = await asyncio.gather(*(self._queued("backbone", self._backbone(x), t, now)
+                                      for x, t in zip(images, timings)))
+        for out, t in zip(outs, timings):
+            out["t"] = {**t, "done_at": time.time()}
+        return outs
 
-        with torch.inference_mode(), self._autocast():
-            probs = self.model.vit(self._batch(images)).float().softmax(-1).cpu()
-            return [{"probs": probs[i].clone()} for i in range(len(images))]
-
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def run(self, images: List[Any]) -> List[Dict[str, Any]]:
-        out, dt = await self._compute(self._forward, images)
-        self.metrics.observe(len(images), dt)
-        return out

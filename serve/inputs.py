@@ -84,8 +84,50 @@ def check_count(n: int, max_images: int) -> None:
         raise APIError(413, "too many images", {"max_images": max_images, "got": n})
 
 
-def decode_and_transform(files: Sequence[bytes], transform, max_pixels: int):
-    """Decode every file (PNG/JPEG, any size, grey or colour) and apply the eval transform."""
+class PixelTransform:
+    """The model's eval transform cut in two: the PIL part (mode, resize, crop) runs per image in the
+    ingress and yields uint8 C×H×W pixels (what crosses the object store); `normalise` (ToTensor's /255
+    and Normalize, the same float maths) runs on a whole batch inside the stage replicas."""
+
+    def __init__(self, data_config: Dict[str, Any]):
+        from torchvision import transforms as T
+
+        from cfvit.transforms import build_transform
+
+        steps = _flatten(build_transform(data_config, is_training=False))
+        cut = next(i for i, t in enumerate(steps) if "ToTensor" in type(t).__name__)
+        rest = steps[cut + 1:]
+        if len(rest) != 1 or not isinstance(rest[0], T.Normalize):
+            raise ValueError(f"unexpected eval transform tail {rest!r}: expected one Normalize")
+        self.pil = T.Compose(steps[:cut])
+        self.mean, self.std = tuple(rest[0].mean), tuple(rest[0].std)
+
+    def pixels(self, img):
+        """PIL image → uint8 tensor C×H×W at the model's input size."""
+        import numpy as np
+        import torch
+
+        a = np.asarray(self.pil(img), dtype=np.uint8)
+        a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+        return torch.from_numpy(np.require(a, requirements=["C", "W"]))
+
+
+def _flatten(tf) -> list:
+    inner = getattr(tf, "transforms", None)
+    return [t for x in inner for t in _flatten(x)] if inner is not None else [tf]
+
+
+def normalise(x, mean: Sequence[float], std: Sequence[float]):
+    """uint8 (…, C, H, W) → float32, exactly as torchvision's ToTensor + Normalize compute it."""
+    import torch
+
+    m = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+    return x.to(torch.float32).div(255).sub_(m).div_(s)
+
+
+def decode_to_pixels(files: Sequence[bytes], transform: PixelTransform, max_pixels: int):
+    """Decode every file (PNG/JPEG, any size, grey or colour) and bring it to the model's input size."""
     from PIL import Image
 
     from cfvit.transforms import ImageDecodeError, decode_image
@@ -103,8 +145,7 @@ def decode_and_transform(files: Sequence[bytes], transform, max_pixels: int):
         if w * h > max_pixels:
             raise APIError(413, "image too large", {"index": i, "width": w, "height": h, "max_pixels": max_pixels})
         try:
-            img = decode_image(data)
-            tensors.append(transform(img))
+            tensors.append(transform.pixels(decode_image(data)))
         except ImageDecodeError as e:
             raise APIError(400, "invalid image", {"index": i, "message": str(e)}) from None
         except (OSError, ValueError, Image.DecompressionBombError) as e:

@@ -1,7 +1,6 @@
 """`cfvit serve`: start (or join) Ray, deploy the application, block, and shut down cleanly on SIGINT/SIGTERM."""
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import time
@@ -17,19 +16,11 @@ def _raise_stop(signum, _frame):
 
 
 def start_ray(address: Optional[str], num_cpus: Optional[int] = None) -> bool:
-    """Join the cluster at `address` (or $RAY_ADDRESS), else start a private local instance.
+    """Join the cluster at `address` (or $RAY_ADDRESS), else start a private local instance (never
+    silently joining someone else's). Returns True when this process started Ray (and so must stop it)."""
+    from jobs.common.ray_env import init_ray
 
-    Returns True when this process started Ray (and so must stop it).
-    """
-    import ray
-
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=False)
-        return False
-    # address="local" always starts a new instance, never silently joins someone else's.
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
-    return True
+    return init_ray(address, num_cpus=num_cpus, log_to_driver=False, private=True)
 
 
 def serve_forever(app_args: Dict[str, Any], host: str, port: int, address: Optional[str] = None,

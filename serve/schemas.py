@@ -5,6 +5,8 @@ from typing import Any, Dict, List, Literal, Optional
 
 from pydantic import BaseModel, Field
 
+from .settings import ETA_MAX, ETA_MIN
+
 
 class TopClass(BaseModel):
     label: int
@@ -35,8 +37,8 @@ class ClassifyJSON(BaseModel):
     """JSON body of POST /v1/classify."""
 
     images: List[str] = Field(description="base64-encoded PNG/JPEG files (data: URLs accepted)")
-    eta: Optional[float] = None
-    budget_gflops: Optional[float] = None
+    eta: Optional[float] = Field(None, ge=ETA_MIN, le=ETA_MAX, description="exit threshold")
+    budget_gflops: Optional[float] = Field(None, gt=0, description="average GFLOPs per image; picks η from the table")
 
     model_config = {"extra": "forbid"}
 
@@ -56,6 +58,7 @@ class ModelInfo(BaseModel):
     eta_table: Optional[List[Dict[str, float]]] = None
     max_images: int
     max_body_bytes: int
+    stages: Literal["split", "fused", "backbone"] = Field(description="the topology serving the model")
 
 
 class Health(BaseModel):

@@ -1,21 +1,35 @@
-"""Arguments of the Serve application (what `serve run serve.app:build_app k=v` and config.yaml pass)."""
+"""Arguments of the Serve application (what `serve run serve.app:build_app k=v` and config.yaml pass).
+
+Unknown keys are refused with their name (a typo never silently falls back to a default), and a
+partial stage block (`fine: {max_batch_size: 8}`) is merged over that stage's defaults, its
+`autoscaling_config` key by key, so it changes only what it names (`autoscaling_config: null`
+switches autoscaling off).
+"""
 from __future__ import annotations
 
 from typing import Any, Dict, Literal, Optional
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # η above 1 sends every image to the fine stage (no softmax reaches it); we accept a hair above 1 so
 # clients can ask for "always fine" without an unbounded number meaning the same thing.
 ETA_MIN = 0.0
 ETA_MAX = 1.0001
 
+STAGE_BLOCKS = ("coarse", "fine", "fused")
+
 
 class StageOptions(BaseModel):
     """Batching, placement and autoscaling of one model stage."""
 
+    model_config = ConfigDict(extra="forbid")
+
     max_batch_size: int = Field(32, ge=1, le=4096)
     batch_wait_timeout_s: float = Field(0.005, ge=0.0, le=5.0)
+    # fused replicas only: the fine stage runs on hard images pooled across coarse batches, `fine_batch_size`
+    # at a time, or fewer after `fine_wait_timeout_s` (as `cfvit.streaming.infer_stream` does offline).
+    fine_batch_size: int = Field(16, ge=1, le=4096)
+    fine_wait_timeout_s: float = Field(0.05, ge=0.0, le=5.0)
     # Logical CPUs per replica. Half a CPU by default so one coarse + one fine + the ingress fit a
     # 2-core laptop (`cfvit serve`); serve/config.yaml reserves whole CPUs on a cluster.
     num_cpus: float = Field(0.5, ge=0.0)
@@ -24,32 +38,51 @@ class StageOptions(BaseModel):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     # Intra-op threads for torch in each replica; 0 = one per CPU the replica reserves (at least 1).
     torch_threads: int = Field(0, ge=0)
+    # Requests a replica holds at once (queued + in its batch): it caps the batch it can form.
     max_ongoing_requests: int = Field(256, ge=1)
     num_replicas: int = Field(1, ge=1, description="used when autoscaling_config is null")
     autoscaling_config: Optional[Dict[str, Any]] = None
 
-
-def _coarse_default() -> StageOptions:
-    # Every image pays the coarse stage, so it gets the most replicas. A replica is "busy" when about
-    # one batch is waiting on it.
-    return StageOptions(
-        max_batch_size=32,
-        batch_wait_timeout_s=0.005,
-        autoscaling_config={"min_replicas": 1, "initial_replicas": 1, "max_replicas": 4,
-                            "target_ongoing_requests": 32, "upscale_delay_s": 5, "downscale_delay_s": 60},
-    )
+    @model_validator(mode="after")
+    def _batch_fits(self) -> "StageOptions":
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) < max_batch_size "
+                             f"({self.max_batch_size}): a replica could never form a full batch")
+        return self
 
 
-def _fine_default() -> StageOptions:
-    # Sized for the share of hard images: with DeiT-S at η≈0.5 about a quarter of the images go on and
-    # the fine pass costs ≈2.7× the coarse one, so fine work ≈ 0.65× coarse work → at most 3 replicas
-    # where coarse has 4. Its batches fill more slowly (only hard images), hence the longer wait.
-    return StageOptions(
-        max_batch_size=16,
-        batch_wait_timeout_s=0.01,
-        autoscaling_config={"min_replicas": 1, "initial_replicas": 1, "max_replicas": 3,
-                            "target_ongoing_requests": 16, "upscale_delay_s": 5, "downscale_delay_s": 60},
-    )
+def _autoscaling(max_replicas: int, target: int) -> Dict[str, Any]:
+    return {"min_replicas": 1, "initial_replicas": 1, "max_replicas": max_replicas,
+            "target_ongoing_requests": target, "upscale_delay_s": 5, "downscale_delay_s": 60}
+
+
+# Every image pays the coarse stage, so it gets the most replicas. A replica is "busy" when about one
+# batch is waiting on it.
+COARSE_DEFAULTS: Dict[str, Any] = {"max_batch_size": 32, "batch_wait_timeout_s": 0.005,
+                                   "autoscaling_config": _autoscaling(4, 32)}
+# Sized for the share of hard images: with DeiT-S at η≈0.5 about a quarter of the images go on and the
+# fine pass costs ≈2.7× the coarse one, so fine work ≈ 0.65× coarse work → at most 3 replicas where
+# coarse has 4. Its batches fill more slowly (only hard images), hence the longer wait.
+FINE_DEFAULTS: Dict[str, Any] = {"max_batch_size": 16, "batch_wait_timeout_s": 0.01,
+                                 "autoscaling_config": _autoscaling(3, 16)}
+# One replica type runs both stages (no coarse state crosses processes); it scales as one.
+FUSED_DEFAULTS: Dict[str, Any] = {"max_batch_size": 32, "batch_wait_timeout_s": 0.005, "fine_batch_size": 16,
+                                  "fine_wait_timeout_s": 0.05, "autoscaling_config": _autoscaling(4, 32)}
+_DEFAULTS = {"coarse": COARSE_DEFAULTS, "fine": FINE_DEFAULTS, "fused": FUSED_DEFAULTS}
+
+
+def merge_stage(name: str, given: Any) -> Any:
+    """A stage block merged over that stage's defaults (autoscaling_config merged key by key)."""
+    if isinstance(given, StageOptions):
+        given = given.model_dump(exclude_unset=True)
+    if not isinstance(given, dict):
+        return given  # pydantic reports the wrong type
+    base = _DEFAULTS[name]
+    merged = {**base, **given}
+    auto_base, auto_given = base.get("autoscaling_config"), given.get("autoscaling_config", {})
+    if isinstance(auto_base, dict) and isinstance(auto_given, dict):
+        merged["autoscaling_config"] = {**auto_base, **auto_given}
+    return merged
 
 
 class AppArgs(BaseModel):
@@ -59,16 +92,40 @@ class AppArgs(BaseModel):
     `AWS_ENDPOINT_URL`), or an MLflow model URI (`models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/…`).
     """
 
+    model_config = ConfigDict(extra="forbid")
+
     checkpoint: str
-    # "backbone" serves the plain ViT on every fine token through the same ingress (the baseline of
-    # `cfvit bench serve`, or an A/B comparison); the `coarse` options then apply to it.
-    stages: Literal["cfvit", "backbone"] = "cfvit"
+    # split: CoarseStage and FineStage deployments, each batched and autoscaled on its own; the coarse
+    # state goes from a coarse replica to a fine one through the object store (only a reference passes
+    # through the ingress). fused: one FusedStage deployment runs both stages in each replica and pools
+    # hard images across coarse batches (no coarse state leaves the process). backbone: the plain ViT on
+    # every fine token through the same ingress (the baseline of `cfvit bench serve`, or an A/B
+    # comparison); the `coarse` options then apply to it.
+    stages: Literal["split", "fused", "backbone"] = "split"
     eta: float = Field(0.5, ge=ETA_MIN, le=ETA_MAX, description="default η when a request names none")
     max_images: int = Field(32, ge=1, le=1024, description="most images in one request")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest request body (413 above)")
     max_pixels: int = Field(40_000_000, ge=1, description="largest decoded image, width × height")
-    coarse: StageOptions = Field(default_factory=_coarse_default)
-    fine: StageOptions = Field(default_factory=_fine_default)
+    # What crosses the object store between the ingress and the stages: decoded, resized and cropped
+    # uint8 pixels (normalised in batches inside the stage replicas), or normalised float32 (4× larger,
+    # normalised per image in the ingress; kept to measure the difference).
+    wire_dtype: Literal["uint8", "float32"] = "uint8"
+    # split only: "direct" hands image + coarse state from the coarse replica to the fine one through the
+    # object store; "ingress" sends the state back to the ingress and on to the fine stage (to measure).
+    handoff: Literal["direct", "ingress"] = "direct"
+    coarse: StageOptions = Field(default_factory=lambda: StageOptions(**COARSE_DEFAULTS))
+    fine: StageOptions = Field(default_factory=lambda: StageOptions(**FINE_DEFAULTS))
+    fused: StageOptions = Field(default_factory=lambda: StageOptions(**FUSED_DEFAULTS))
     ingress_num_cpus: float = Field(0.1, ge=0.0)
     ingress_autoscaling_config: Optional[Dict[str, Any]] = Field(
         default_factory=lambda: {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 64})
+
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_stage_blocks(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = dict(data)
+            for name in STAGE_BLOCKS:
+                if name in data and data[name] is not None:
+                    data[name] = merge_stage(name, data[name])
+        return data

@@ -37,6 +37,82 @@ def test_build_app_composes_three_named_deployments(tmp_path):
     assert coarse._deployment_config.autoscaling_config.max_replicas == 4
     single = build_app({"checkpoint": str(tmp_path), "stages": "backbone"})._bound_deployment
     assert single.init_args[0]._bound_deployment.name == "BackboneStage" and single.init_args[1] is None
+    fused = build_app({"checkpoint": str(tmp_path), "stages": "fused", "fused": {"fine_batch_size": 8}})._bound_deployment
+    stage = fused.init_args[0]._bound_deployment
+    assert stage.name == "FusedStage" and fused.init_args[1] is None
+    assert stage.init_args[1]["fine_batch_size"] == 8 and stage.init_args[1]["max_batch_size"] == 32
+    assert stage._deployment_config.autoscaling_config.max_replicas == 4
+
+
+def test_app_args_reject_unknown_keys_by_name():
+    with pytest.raises(ValueError, match="max_batchsize"):
+        AppArgs(checkpoint="x", fine={"max_batchsize": 8})
+    with pytest.raises(ValueError, match="etaa"):
+        AppArgs(checkpoint="x", etaa=0.5)
+    with pytest.raises(ValueError, match="stages"):
+        AppArgs(checkpoint="x", stages="cfvit")
+
+
+def test_a_partial_stage_block_is_merged_over_that_stages_defaults():
+    default = AppArgs(checkpoint="x")
+    args = AppArgs(checkpoint="x", fine={"max_batch_size": 8})
+    assert args.fine.max_batch_size == 8
+    assert args.fine.batch_wait_timeout_s == default.fine.batch_wait_timeout_s == 0.01
+    assert args.fine.autoscaling_config == default.fine.autoscaling_config  # not dropped
+    assert args.coarse == default.coarse
+    args = AppArgs(checkpoint="x", coarse={"autoscaling_config": {"max_replicas": 8}})
+    assert args.coarse.autoscaling_config == {**default.coarse.autoscaling_config, "max_replicas": 8}
+    assert args.coarse.max_batch_size == default.coarse.max_batch_size
+    assert AppArgs(checkpoint="x", fused={"autoscaling_config": None}).fused.autoscaling_config is None
+    assert AppArgs(**args.model_dump()) == args  # a dumped config reads back the same
+    with pytest.raises(ValueError, match="max_ongoing_requests"):
+        AppArgs(checkpoint="x", coarse={"max_batch_size": 64, "max_ongoing_requests": 16})
+
+
+def test_server_timing_round_trip():
+    from serve.timing import parse_server_timing, server_timing
+
+    header = server_timing([{"coarse_in": 1.0, "coarse_batch": 4}, {"coarse_in": 3.0, "coarse_batch": 8}],
+                           {"read": 0.5}, 12.25)
+    assert parse_server_timing(header) == {"read": 0.5, "coarse_in": 2.0, "coarse_batch": 6.0, "app": 12.25}
+
+
+def test_bench_system_specs_and_eta_for_an_exit_rate():
+    from benchmarks.serve import eta_for_exit_rate, label, system_args
+
+    args = system_args("f32:split wire_dtype=float32 coarse.torch_threads=2", "ckpt", 0.3, 1, 16)
+    assert label("f32:split wire_dtype=float32") == "f32" and args["wire_dtype"] == "float32"
+    assert args["coarse"]["torch_threads"] == 2 and args["fine"]["torch_threads"] == 1
+    AppArgs(**args)
+    assert system_args("fused", "ckpt", 0.3, 1, 16)["fused"]["num_replicas"] == 2
+    conf = [0.9, 0.8, 0.7, 0.6]
+    assert eta_for_exit_rate(conf, 0.5) == 0.8 and eta_for_exit_rate(conf, 1.0) == 0.0
+    assert eta_for_exit_rate(conf, 0.0) > 0.9
+
+
+def test_pixels_then_batched_normalisation_equal_the_eval_transform():
+    import torch
+    from PIL import Image
+
+    from cfvit.transforms import build_transform
+    from serve.inputs import PixelTransform, normalise
+
+    rng = np.random.default_rng(0)
+    for name in ("cfvit_tiny_fmnist", "cfvit_deit_small_patch16_224"):
+        dc = _data_config(name)
+        pt, tf = PixelTransform(dc), build_transform(dc)
+        imgs = [Image.fromarray(rng.integers(0, 255, s, dtype=np.uint8)) for s in ((240, 320, 3), (28, 28), (17, 50))]
+        px = [pt.pixels(i) for i in imgs]
+        assert all(p.dtype == torch.uint8 and tuple(p.shape) == tuple(dc["input_size"]) for p in px)
+        torch.testing.assert_close(normalise(torch.stack(px), pt.mean, pt.std), torch.stack([tf(i) for i in imgs]),
+                                   atol=0, rtol=0)
+
+
+def _data_config(name: str) -> dict:
+    import cfvit
+
+    kw = {"embed_dim": 32, "depth": 1, "num_heads": 2} if "fmnist" in name else {"depth": 1}
+    return dict(cfvit.create_model(name, **kw).data_config)
 
 
 def test_app_args_reject_nonsense():
@@ -163,7 +239,7 @@ def test_stage_forward_passes_run_on_the_replica_device_and_reply_on_cpu(precisi
     import torch
 
     import cfvit
-    from serve.deployments import BackboneStage, CoarseStage, FineStage
+    from serve.deployments import CoarseStage
     from serve.model_host import placement
 
     torch.manual_seed(0)
@@ -177,11 +253,17 @@ def test_stage_forward_passes_run_on_the_replica_device_and_reply_on_cpu(precisi
         return s
 
     x = torch.randn(5, 1, 56, 56)
-    coarse = stage(CoarseStage)._forward(list(x), [0.0, 2.0, 0.0, 2.0, 2.0])
+    s = stage(CoarseStage)
+    s.mean, s.std = model.data_config["mean"], model.data_config["std"]
+    coarse = s._coarse_forward(list(x), [0.0, 2.0, 0.0, 2.0, 2.0])
     assert [c["exit"] for c in coarse] == [True, False, True, False, False]
     hard = [i for i, c in enumerate(coarse) if not c["exit"]]
-    fine = stage(FineStage)._forward([x[i] for i in hard], [coarse[i]["state"] for i in hard])
-    base = stage(BackboneStage)._forward(list(x))
+    fine = s._fine_forward([x[i] for i in hard], [coarse[i]["state"] for i in hard])
+    base = s._backbone_forward(list(x))
+    # uint8 pixels are normalised inside the replica, as a batch
+    u8 = torch.randint(0, 256, (3, 1, 56, 56), dtype=torch.uint8)
+    from serve.inputs import normalise
+    torch.testing.assert_close(s._batch(list(u8)), normalise(u8, s.mean, s.std).to(device))
     assert all(r["probs"].device.type == "cpu" for r in coarse + fine + base)
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         ref = model.infer(x.to(device), torch.tensor([0.0, 2.0, 0.0, 2.0, 2.0], device=device))

@@ -11,16 +11,17 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         port: int = typer.Option(8000, help="HTTP port."),
         host: str = typer.Option("127.0.0.1", help="HTTP host (0.0.0.0 to listen on every interface)."),
         eta: float = typer.Option(0.5, min=0.0, max=1.0001, help="Default exit threshold η."),
+        stages: str = typer.Option("split", help="split | fused | backbone (see serve/settings.py)."),
         address: Optional[str] = typer.Option(None, help="Join this Ray cluster (default: $RAY_ADDRESS, else "
                                                          "start a local instance and stop it on exit)."),
         num_cpus: Optional[int] = typer.Option(None, help="CPUs of a locally started Ray instance."),
-        max_replicas: int = typer.Option(4, help="Most coarse replicas; the fine stage gets ~3/4 of it."),
+        max_replicas: int = typer.Option(4, help="Most coarse (or fused) replicas; the fine stage gets ~3/4 of it."),
         max_images: int = typer.Option(32, help="Most images per request."),
     ):
         """Serve a checkpoint over HTTP (Ray Serve): POST /v1/classify, GET /v1/model, a page at /."""
         from serve.runner import serve_forever
 
-        serve_forever(_app_args(checkpoint, eta, max_replicas, max_images), host=host, port=port,
+        serve_forever(_app_args(checkpoint, eta, stages, max_replicas, max_images), host=host, port=port,
                       address=address, num_cpus=num_cpus, echo=typer.echo)
 
     @bench.command("serve")
@@ -29,18 +30,26 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         concurrency: str = typer.Option("1,4,16,32", help="Closed-loop client counts, comma-separated."),
         duration: float = typer.Option(10.0, help="Seconds of load at each concurrency level."),
         warmup: float = typer.Option(2.0, help="Seconds of unmeasured load before each level."),
-        eta: float = typer.Option(0.5, min=0.0, max=1.0001, help="η of the CF-ViT requests."),
+        eta: float = typer.Option(0.5, min=0.0, max=1.0001, help="η of the CF-ViT requests (unless --exit-rate)."),
+        exit_rate: Optional[float] = typer.Option(
+            None, min=0.0, max=1.0, help="Pick η so this share of the bench images exits at the coarse stage."),
         images: int = typer.Option(256, help="Distinct test images cycled through."),
-        replicas: int = typer.Option(1, help="Replicas per model stage (the baseline gets twice as many)."),
+        replicas: int = typer.Option(1, help="Replicas per split stage; fused and backbone get twice as many."),
+        batch_size: int = typer.Option(16, help="max_batch_size of every stage, and the offline batch size."),
+        system: Optional[List[str]] = typer.Option(
+            None, help="A deployment to load (repeatable): '[NAME:]split|fused|backbone [key=value ...]', "
+                       "e.g. 'f32:split wire_dtype=float32 handoff=ingress'. Default: split, fused, backbone."),
         port: int = typer.Option(8123, help="HTTP port of the deployments under test."),
         json_out: Optional[str] = typer.Option(None, "--json", help="Also write the figures to this JSON file."),
     ):
-        """Throughput and p50/p99 latency of CF-ViT vs the plain backbone (single stage), same hardware."""
-        from benchmarks.serve import print_report, run_bench
+        """Throughput, p50/p99 latency and per-hop timings of CF-ViT deployments vs the plain backbone,
+        same hardware, next to the offline ratio of the same checkpoint."""
+        from benchmarks.serve import DEFAULT_SYSTEMS, print_report, run_bench
 
         levels: List[int] = [int(c) for c in concurrency.split(",") if c.strip()]
         result = run_bench(checkpoint, levels=levels, duration_s=duration, warmup_s=warmup, eta=eta,
-                           n_images=images, replicas=replicas, port=port)
+                           exit_rate=exit_rate, n_images=images, replicas=replicas, port=port,
+                           systems=system or DEFAULT_SYSTEMS, batch_size=batch_size)
         print_report(result)
         if json_out:
             import json
@@ -49,13 +58,14 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
                 json.dump(result, f, indent=2)
 
 
-def _app_args(checkpoint: str, eta: float, max_replicas: int, max_images: int) -> dict:
+def _app_args(checkpoint: str, eta: float, stages: str, max_replicas: int, max_images: int) -> dict:
     from serve.settings import AppArgs
 
-    args = AppArgs(checkpoint=checkpoint, eta=eta, max_images=max_images)
+    args = AppArgs(checkpoint=checkpoint, eta=eta, stages=stages, max_images=max_images)
     args.coarse.autoscaling_config["max_replicas"] = max(1, max_replicas)
+    args.fused.autoscaling_config["max_replicas"] = max(1, max_replicas)
     args.fine.autoscaling_config["max_replicas"] = max(1, round(0.75 * max_replicas))
-    for cfg in (args.coarse.autoscaling_config, args.fine.autoscaling_config):
+    for cfg in (args.coarse.autoscaling_config, args.fine.autoscaling_config, args.fused.autoscaling_config):
         cfg["min_replicas"] = min(cfg["min_replicas"], cfg["max_replicas"])
         cfg["initial_replicas"] = min(cfg["initial_replicas"], cfg["max_replicas"])
     return args.model_dump()
