@@ -1,4 +1,5 @@
-"""The model stages as Serve deployments, each with dynamic batching (`@serve.batch`).
+"""The model stages as Serve deployments, each with dynamic batching (`serve.batching.GreedyBatcher`:
+a batch is cut when the model is free, from everything that queued meanwhile).
 
 Every `run` takes all the images of one request in one call (uint8 pixels, or float32 when the app's
 `wire_dtype` says so), queues each in the replica's batch queue, and answers per image with its
@@ -23,6 +24,7 @@ from typing import Any, Dict, List
 from ray import serve
 from ray.serve import metrics
 
+from .batching import GreedyBatcher
 from .model_host import load_model, placement, threads_for
 from .settings import StageOptions
 
@@ -77,11 +79,6 @@ class _Stage:
         # one batch at a time.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"cfvit-{stage}")
         self.metrics = _Metrics()
-
-    @staticmethod
-    def _configure(batched, max_batch_size: int, timeout_s: float) -> None:
-        batched.set_max_batch_size(max_batch_size)
-        batched.set_batch_wait_timeout_s(timeout_s)
 
     def _batch(self, images):
         """Stack a batch onto the replica's device; uint8 pixels are normalised here, all at once."""
@@ -142,20 +139,17 @@ class _Stage:
             probs = self.model.vit(self._batch(images)).float().softmax(-1).cpu()
             return [{"probs": probs[i].clone()} for i in range(len(images))]
 
-    # ------------------------------------------------------------------ batch queues (event loop)
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def _coarse(self, images: List[Any], etas: List[float]) -> List[Dict[str, Any]]:
+    # ------------------------------------------------------------------ batch functions (event loop)
+    async def _coarse_batch(self, images: List[Any], etas: List[float]) -> List[Dict[str, Any]]:
         out, t = await self._compute("coarse", self._coarse_forward, images, etas)
         self.metrics.exited(sum(o["exit"] for o in out), len(out))
         return [{**o, "t": t} for o in out]
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def _fine(self, images: List[Any], states: List[Any]) -> List[Dict[str, Any]]:
+    async def _fine_batch(self, images: List[Any], states: List[Any]) -> List[Dict[str, Any]]:
         out, t = await self._compute("fine", self._fine_forward, images, states)
         return [{**o, "t": t} for o in out]
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def _backbone(self, images: List[Any]) -> List[Dict[str, Any]]:
+    async def _backbone_batch(self, images: List[Any]) -> List[Dict[str, Any]]:
         out, t = await self._compute("backbone", self._backbone_forward, images)
         return [{**o, "t": t} for o in out]
 
@@ -178,7 +172,7 @@ class CoarseStage(_Stage):
     def __init__(self, checkpoint: str, options: Dict[str, Any], handoff: str = "direct"):
         super().__init__(checkpoint, options, "coarse")
         opts = StageOptions(**options)
-        self._configure(self._coarse, opts.max_batch_size, opts.batch_wait_timeout_s)
+        self._coarse = GreedyBatcher(self._coarse_batch, opts.max_batch_size, opts.batch_wait_timeout_s)
         self.handoff = handoff
 
     async def run(self, images: List[Any], etas: List[float], sent_at: float) -> List[Dict[str, Any]]:
@@ -203,7 +197,7 @@ class FineStage(_Stage):
     def __init__(self, checkpoint: str, options: Dict[str, Any]):
         super().__init__(checkpoint, options, "fine")
         opts = StageOptions(**options)
-        self._configure(self._fine, opts.max_batch_size, opts.batch_wait_timeout_s)
+        self._fine = GreedyBatcher(self._fine_batch, opts.max_batch_size, opts.batch_wait_timeout_s)
 
     async def run(self, handoffs: List[Any], sent_at: float) -> List[Dict[str, Any]]:
         """`handoffs`: {image, state} per hard image, or object references to them (fetched here)."""
@@ -233,8 +227,8 @@ class FusedStage(_Stage):
     def __init__(self, checkpoint: str, options: Dict[str, Any]):
         super().__init__(checkpoint, options, "fused")
         opts = StageOptions(**options)
-        self._configure(self._coarse, opts.max_batch_size, opts.batch_wait_timeout_s)
-        self._configure(self._fine, opts.fine_batch_size, opts.fine_wait_timeout_s)
+        self._coarse = GreedyBatcher(self._coarse_batch, opts.max_batch_size, opts.batch_wait_timeout_s)
+        self._fine = GreedyBatcher(self._fine_batch, opts.fine_batch_size, opts.fine_wait_timeout_s)
 
     async def _one(self, image, eta: float, t: Dict[str, float], arrived: float) -> Dict[str, Any]:
         coarse = await self._queued("coarse", self._coarse(image, eta), t, arrived)
@@ -260,7 +254,7 @@ class BackboneStage(_Stage):
     def __init__(self, checkpoint: str, options: Dict[str, Any]):
         super().__init__(checkpoint, options, "backbone")
         opts = StageOptions(**options)
-        self._configure(self._backbone, opts.max_batch_size, opts.batch_wait_timeout_s)
+        self._backbone = GreedyBatcher(self._backbone_batch, opts.max_batch_size, opts.batch_wait_timeout_s)
 
     async def run(self, images: List[Any], sent_at: float) -> List[Dict[str, Any]]:
         now = time.time()
