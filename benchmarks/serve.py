@@ -44,7 +44,7 @@ def bench_images(model_cfg: Dict[str, Any], n: int, seed: int = 0) -> List[bytes
 
 
 def _summary(lat: List[float], stages: List[str], timings: List[Dict[str, float]], clients: int,
-             errors: int, duration_s: float) -> Dict[str, Any]:
+             errors: int, duration_s: float, per_request: int = 1) -> Dict[str, Any]:
     lat_ms = np.array(lat) * 1000
     keys = sorted({k for t in timings for k in t})
     breakdown = {k: float(np.mean([t[k] for t in timings if k in t])) for k in keys}
@@ -54,7 +54,8 @@ def _summary(lat: List[float], stages: List[str], timings: List[Dict[str, float]
         "concurrency": clients,
         "requests": len(lat),
         "errors": errors,
-        "throughput": len(lat) / duration_s,
+        "images_per_request": per_request,
+        "throughput": len(lat) * per_request / duration_s,  # images/s
         "p50_ms": float(np.percentile(lat_ms, 50)) if len(lat) else float("nan"),
         "p99_ms": float(np.percentile(lat_ms, 99)) if len(lat) else float("nan"),
         "exit_rate": (stages.count("coarse") / len(stages)) if stages else float("nan"),
@@ -62,7 +63,18 @@ def _summary(lat: List[float], stages: List[str], timings: List[Dict[str, float]
     }
 
 
-async def _closed_loop(url: str, files: List[bytes], clients: int, warmup_s: float, duration_s: float) -> Dict[str, Any]:
+def _request_body(files: List[bytes], i: int, per_request: int) -> Dict[str, Any]:
+    """One image as a raw PNG body, or `per_request` images as the JSON batch form (base64)."""
+    import base64
+
+    if per_request == 1:
+        return {"content": files[i % len(files)], "headers": {"content-type": "image/png"}}
+    batch = [base64.b64encode(files[(i + j) % len(files)]).decode() for j in range(per_request)]
+    return {"json": {"images": batch}}
+
+
+async def _closed_loop(url: str, files: List[bytes], clients: int, warmup_s: float, duration_s: float,
+                       per_request: int = 1) -> Dict[str, Any]:
     import httpx
 
     from serve.timing import parse_server_timing
@@ -80,7 +92,7 @@ async def _closed_loop(url: str, files: List[bytes], clients: int, warmup_s: flo
                 if t0 >= t_end:
                     return
                 try:
-                    r = await client.post(url, content=files[i % len(files)], headers={"content-type": "image/png"})
+                    r = await client.post(url, **_request_body(files, i * per_request, per_request))
                     ok = r.status_code == 200
                     body = r.json() if ok else None
                 except httpx.HTTPError:
@@ -89,14 +101,14 @@ async def _closed_loop(url: str, files: List[bytes], clients: int, warmup_s: flo
                 if t0 >= t_start and t1 <= t_end:  # only requests wholly inside the window count
                     if ok:
                         lat.append(t1 - t0)
-                        stages.append(body["stage"])
+                        stages.extend([p["stage"] for p in body["predictions"]] if per_request > 1 else [body["stage"]])
                         timings.append(parse_server_timing(r.headers.get("server-timing", "")))
                     else:
                         errors += 1
                 i += clients
 
         await asyncio.gather(*(worker(k) for k in range(clients)))
-    return _summary(lat, stages, timings, clients, errors, duration_s)
+    return _summary(lat, stages, timings, clients, errors, duration_s, per_request)
 
 
 def ratio_at_equal_p99(cf: List[Dict[str, Any]], base: List[Dict[str, Any]]) -> List[Dict[str, float]]:
@@ -210,7 +222,7 @@ def _model_cfg(checkpoint: str) -> Dict[str, Any]:
 def run_bench(checkpoint: str, levels: List[int], duration_s: float = 10.0, warmup_s: float = 2.0,
               eta: float = 0.5, exit_rate: Optional[float] = None, n_images: int = 256, replicas: int = 1,
               port: int = 8123, systems: Sequence[str] = DEFAULT_SYSTEMS, batch_size: int = 16,
-              offline_batches: int = 6) -> Dict[str, Any]:
+              offline_batches: int = 6, per_request: int = 1) -> Dict[str, Any]:
     import ray
     from ray import serve
 
@@ -225,7 +237,8 @@ def run_bench(checkpoint: str, levels: List[int], duration_s: float = 10.0, warm
     eta = offline["eta"]
     result: Dict[str, Any] = {"checkpoint": checkpoint, "eta": eta, "exit_rate_target": exit_rate,
                               "duration_s": duration_s, "replicas": replicas, "cpus": os.cpu_count(),
-                              "batch_size": batch_size, "offline": offline, "systems": {}}
+                              "batch_size": batch_size, "images_per_request": per_request, "offline": offline,
+                              "systems": {}}
     started = start_ray(None)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -234,7 +247,8 @@ def run_bench(checkpoint: str, levels: List[int], duration_s: float = 10.0, warm
             info = _deploy(args, f"bench-{i}", port)
             result["model"], result["stage_gflops"] = info["name"], info["stage_gflops"]
             url = f"http://127.0.0.1:{port}/v1/classify?eta={eta}"
-            result["systems"][spec] = [asyncio.run(_closed_loop(url, files, c, warmup_s, duration_s)) for c in levels]
+            result["systems"][spec] = [asyncio.run(_closed_loop(url, files, c, warmup_s, duration_s, per_request))
+                                       for c in levels]
             serve.delete(f"bench-{i}")
     finally:
         if ray.is_initialized():
@@ -296,8 +310,9 @@ def print_report(result: Dict[str, Any]) -> None:
 
     console = Console(width=80)
     off, systems = result["offline"], result["systems"]
-    console.print(f"cfvit bench serve — {result.get('model')} · η={result['eta']:.5g} · {result['cpus']} CPUs · "
-                  f"batch {result['batch_size']} · {result['duration_s']:.0f} s per level")
+    console.print(f"cfvit bench serve — {result.get('model')} · η={result['eta']:.5g} · {result['cpus']} CPUs")
+    console.print(f"batch {result['batch_size']} · {result.get('images_per_request', 1)} image(s) per request · "
+                  f"{result['duration_s']:.0f} s per level")
     load = Table(box=box.SIMPLE, title="closed-loop load")
     for col in ("clients", "system", "img/s", "p50 ms", "p99 ms", "errors", "exits"):
         load.add_column(col, justify="right")

@@ -39,6 +39,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         system: Optional[List[str]] = typer.Option(
             None, help="A deployment to load (repeatable): '[NAME:]split|fused|backbone [key=value ...]', "
                        "e.g. 'f32:split wire_dtype=float32 handoff=ingress'. Default: split, fused, backbone."),
+        per_request: int = typer.Option(1, "--images-per-request", min=1, max=1024,
+                                        help="Images in each request (>1: the JSON batch form)."),
         port: int = typer.Option(8123, help="HTTP port of the deployments under test."),
         json_out: Optional[str] = typer.Option(None, "--json", help="Also write the figures to this JSON file."),
     ):
@@ -49,7 +51,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         levels: List[int] = [int(c) for c in concurrency.split(",") if c.strip()]
         result = run_bench(checkpoint, levels=levels, duration_s=duration, warmup_s=warmup, eta=eta,
                            exit_rate=exit_rate, n_images=images, replicas=replicas, port=port,
-                           systems=system or DEFAULT_SYSTEMS, batch_size=batch_size)
+                           systems=system or DEFAULT_SYSTEMS, batch_size=batch_size, per_request=per_request)
         print_report(result)
         if json_out:
             import json
