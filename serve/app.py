@@ -21,7 +21,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .deployments import BackboneStage, CoarseStage, FineStage, FusedStage
 from .inputs import (RAW_TYPES, APIError, PixelTransform, check_count, decode_to_pixels, media_type, normalise,
                      parse_json_body, read_body, resolve_eta)
-from .schemas import BatchPrediction, ClassifyJSON, ErrorBody, Health, ModelInfo, Prediction, TopClass
+from .samples import sample_images
+from .schemas import BatchPrediction, ClassifyJSON, ErrorBody, Health, ModelInfo, Prediction, Samples, TopClass
 from .settings import ETA_MAX, ETA_MIN, AppArgs
 from .timing import server_timing
 
@@ -166,6 +167,7 @@ class CFViTIngress:
             max_body_bytes=self.args.max_body_bytes,
             stages=self.args.stages,
         )
+        self.samples = Samples(samples=sample_images(self.class_names))
         del model
 
     # ------------------------------------------------------------------ routes
@@ -180,6 +182,11 @@ class CFViTIngress:
     @api.get("/v1/model", response_model=ModelInfo)
     async def model_info(self) -> ModelInfo:
         return self.info
+
+    @api.get("/v1/samples", response_model=Samples)
+    async def sample_list(self) -> Samples:
+        """A few of the model's own held-out test images to try (the page at / shows them)."""
+        return self.samples
 
     @api.post("/v1/classify", response_model=Union[Prediction, BatchPrediction], responses=_ERRORS,
               openapi_extra=_BODY_DOC,

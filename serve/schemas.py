@@ -61,6 +61,18 @@ class ModelInfo(BaseModel):
     stages: Literal["split", "fused", "backbone"] = Field(description="the topology serving the model")
 
 
+class Sample(BaseModel):
+    label: int = Field(description="the image's true class")
+    class_name: str
+    index: int = Field(description="index in the data set's test split")
+    image: str = Field(description="PNG as a data: URL")
+
+
+class Samples(BaseModel):
+    samples: List[Sample] = Field(description="a few of the model's own test images (empty when the server "
+                                              "has none for this model)")
+
+
 class Health(BaseModel):
     status: Literal["ok"] = "ok"
 

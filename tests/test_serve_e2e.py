@@ -233,18 +233,21 @@ def test_32_concurrent_clients_zero_errors(served, fmnist_test):
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium package is not installed")
-def test_page_classifies_in_headless_chromium(served):
-    """The page at / loads, classifies a generated image (?demo=1) and shows the answer and the regions."""
+def _chromium(url: str, *args: str) -> subprocess.CompletedProcess:
     profile = tempfile.mkdtemp(prefix="cfvit-chromium-")
     try:
-        out = subprocess.run(
+        return subprocess.run(
             ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={profile}", "--virtual-time-budget=30000", "--dump-dom",
-             served + "/?demo=1&eta=1.0001"],
+             f"--user-data-dir={profile}", "--virtual-time-budget=30000", *args, url],
             capture_output=True, text=True, timeout=120)
     finally:
         shutil.rmtree(profile, ignore_errors=True)
+
+
+def test_page_classifies_in_headless_chromium(served):
+    """The page at / loads, classifies a generated image (?demo=1) and shows the answer and the regions."""
+    out = _chromium(served + "/?demo=1&eta=1.0001", "--dump-dom")
     dom = out.stdout
     assert 'data-state="done"' in dom, (out.stderr[-2000:], dom[-3000:])
     assert '<span id="stage" class="badge fine">fine</span>' in dom
@@ -252,6 +255,29 @@ def test_page_classifies_in_headless_chromium(served):
     info = httpx.get(served + "/v1/model").json()
     shown = dom.split('<b id="class_name">')[1].split("</b>")[0]
     assert shown.replace("&amp;", "&") in info["class_names"]
+
+
+def test_page_offers_samples_and_budgets_and_shows_the_answer(served, tmp_path):
+    """A person's first try: the sample strip holds the model's own test images (one per class), the budget
+    picker lists the η table, and clicking a sample (?sample=3, with the table's first budget) shows the
+    answer, its stage and the true class — in the DOM and on a screenshot."""
+    samples = httpx.get(served + "/v1/samples").json()["samples"]
+    info = httpx.get(served + "/v1/model").json()
+    assert [s["class_name"] for s in samples] == info["class_names"]
+    assert all(s["index"] >= 9000 and s["image"].startswith("data:image/png;base64,") for s in samples)
+    dom = _chromium(served + "/?sample=3&budget=1", "--dump-dom").stdout
+    assert 'data-state="done"' in dom, dom[-3000:]
+    assert dom.count('<button data-index=') == 10 and f'<span id="true_class">{samples[3]["class_name"]}' in dom
+    assert dom.count("GFLOPs/img (η") == len(info["eta_table"])
+    stage = dom.split('<span id="stage" class="badge ')[1].split('"')[0]
+    assert stage in ("coarse", "fine")
+    shot = tmp_path / "page.png"
+    _chromium(served + "/?sample=3&budget=1", f"--screenshot={shot}", "--window-size=900,1000",
+              "--hide-scrollbars")
+    # the stage badge is painted: enough pixels of its colour (coarse #2e7d32, fine #c62828)
+    badge = {"coarse": (0x2E, 0x7D, 0x32), "fine": (0xC6, 0x28, 0x28)}[stage]
+    pixels = np.asarray(Image.open(shot).convert("RGB")).reshape(-1, 3)
+    assert (np.abs(pixels.astype(int) - badge).sum(1) < 12).sum() > 150, f"no {stage} badge on {shot}"
 
 
 def test_openapi_contract_holds_under_schemathesis(served, tmp_path):
@@ -267,5 +293,5 @@ def test_openapi_contract_holds_under_schemathesis(served, tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "NO_COLOR": "1"})
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
-    assert "No issues found" in proc.stdout and "3 selected / 3 total" in proc.stdout
+    assert "No issues found" in proc.stdout and "4 selected / 4 total" in proc.stdout
 
