@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-# A run of a few minutes on 2 CPU cores: fewer images and epochs than the shipped config.
+DEFAULT_CONFIG = "fmnist_main"  # jobs/configs/fmnist_main.yaml
+# A run of a few minutes on 2 CPU cores: the mechanics, not a model worth serving.
 QUICK_SETS = ["data.train_limit=3000", "data.val_limit=500", "schedule.epochs=2"]
+PROGRESS_SETS = ["log.progress_every_s=1"]  # rank 0's progress records feed the bar
 DEFAULT_BUDGETS = "40%,55%,70%"
+CALIBRATION_IMAGES = 5000  # the first test images calibrate η; HTTP classifies images after them
 
 
 @dataclass
@@ -43,6 +45,10 @@ class PipelineResult:
     endpoint: str
     budgets: list[BudgetServed] = field(default_factory=list)
     seconds: dict = field(default_factory=dict)
+    calibration_images: int = 0
+    http_images: int = 0
+    stage_gflops: Optional[dict] = None  # coarse, fine
+    backbone_gflops: Optional[float] = None
 
 
 def _png_b64(img_u8) -> str:
@@ -89,73 +95,26 @@ def _wait_healthy(url: str, timeout_s: float = 120) -> None:
 
 
 def run_pipeline(config: Optional[str] = None, sets: tuple[str, ...] = (), *, quick: bool = False,
-                 budgets: str = DEFAULT_BUDGETS, n_images: int = 200, host: str = "127.0.0.1", port: int = 8000,
-                 keep_serving: bool = False, echo=print) -> PipelineResult:
+                 budgets: str = DEFAULT_BUDGETS, n_images: int = 1000, host: str = "127.0.0.1", port: int = 8000,
+                 keep_serving: bool = False, echo=print, console=None, verbose: bool = False) -> PipelineResult:
+    """The main job. `console` (rich): where the training's epoch lines and progress bar go (with the
+    worker output routed by `jobs.common.logs`); without it the workers' output streams as Ray prints it."""
     import ray
-    from ray import serve
 
-    from cfvit.data import load_fashion_mnist
-    from serve.app import build_app
-    from serve.settings import AppArgs
-
-    from jobs.calibrate import calibrate
-    from jobs.common import tracking
-    from jobs.train import EXPORT_DIR, load_config, run_training
+    from jobs.common.ray_env import init_ray
+    from jobs.train import load_config
 
     t0 = time.perf_counter()
-    cfg = load_config(config, [*(QUICK_SETS if quick else []), *sets])
-    started_ray = not ray.is_initialized() and not (cfg.scaling.ray_address or os.environ.get("RAY_ADDRESS"))
-    echo(f"[1/4] training {cfg.model.name} on {cfg.data.train} ({cfg.schedule.epochs} epochs, "
-         f"{cfg.scaling.num_workers} workers, DeepSpeed ZeRO-{cfg.deepspeed.zero_stage})")
-    outcome = run_training(cfg)
-    t_train = time.perf_counter()
-    uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
-    model_uri = None
-    if outcome.model_version is not None and cfg.mlflow.registered_model:
-        model_uri = f"models:/{cfg.mlflow.registered_model}/{outcome.model_version}"
-    source = model_uri or str(Path(outcome.checkpoint_path) / EXPORT_DIR)
-
-    echo(f"[2/4] calibrating η for budgets {budgets} on {cfg.data.val} (source: {source})")
-    out_dir = Path(cfg.checkpoint.storage_path).expanduser().resolve() / f"{cfg.run_name}-served"
-    cal = calibrate(source, budgets, data=cfg.data.val, limit=cfg.data.val_limit, tracking_uri=uri,
-                    output=str(out_dir))
-    t_cal = time.perf_counter()
-    rows = []
-    for r in cal.results:
-        s = r.summary()
-        rows.append(BudgetServed(spec=r.budget.spec, budget_gflops=r.budget.gflops, eta=s.get("eta"),
-                                 val_top1=s.get("accuracy"), expected_gflops=s.get("gflops"),
-                                 note="" if r.feasible else (s.get("note") or "infeasible")))
-
-    echo(f"[3/4] starting the Serve application on http://{host}:{port}/")
-    endpoint = f"http://{host}:{port}/"
+    cfg = load_config(config or DEFAULT_CONFIG, [*(QUICK_SETS if quick else []), *PROGRESS_SETS, *sets])
+    started_ray = init_ray(cfg.scaling.ray_address, min_cpus=cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 2)
+    seconds = {"ray start": time.perf_counter() - t0}
     try:
-        serve.start(http_options={"host": host, "port": port})
-        args = AppArgs(checkpoint=str(out_dir))
-        for stage in (args.coarse, args.fine):  # two cores: one replica each is what fits
-            stage.autoscaling_config.update(min_replicas=1, initial_replicas=1, max_replicas=1)
-        args.ingress_autoscaling_config = None
-        serve.run(build_app(args.model_dump()), name="cfvit", route_prefix="/")
-        _wait_healthy(endpoint)
-
-        echo(f"[4/4] classifying {n_images} Fashion-MNIST test images over HTTP at each budget")
-        images, labels = load_fashion_mnist("test")
-        # the last test images: the calibration pass used the first val_limit ones
-        images, labels = images[-n_images:], labels[-n_images:]
-        for row in rows:
-            if row.eta is None:
-                continue
-            got = classify_over_http(endpoint, images, labels, row.budget_gflops)
-            row.http_top1, row.exit_rate, row.served_gflops = got["top1"], got["exit_rate"], got["gflops"]
-        t_http = time.perf_counter()
-        result = PipelineResult(train_metrics=outcome.metrics, mlflow_run_id=outcome.mlflow_run_id, tracking_uri=uri,
-                                model_uri=model_uri, checkpoint=str(out_dir), endpoint=endpoint, budgets=rows,
-                                seconds={"train": t_train - t0, "calibrate": t_cal - t_train, "serve+http": t_http - t_cal})
-        if keep_serving:
-            echo(f"serving at {endpoint} (docs: {endpoint}docs) — Ctrl-C to stop")
-            _block_until_signal()
+        outcome = _train(cfg, echo, console, verbose, seconds)
+        return _calibrate_and_serve(cfg, outcome, budgets, n_images, host, port, keep_serving, echo, seconds)
     finally:
         # Our own Ray: stop Serve with it. A shared cluster: remove only our application.
+        from ray import serve
+
         if started_ray:
             serve.shutdown()
             ray.shutdown()
@@ -164,7 +123,107 @@ def run_pipeline(config: Optional[str] = None, sets: tuple[str, ...] = (), *, qu
                 serve.delete("cfvit")
             except Exception as e:  # never mask the error that brought us here
                 echo(f"warning: could not delete the Serve application 'cfvit': {e}")
+
+
+def _train(cfg, echo, console, verbose: bool, seconds: dict):
+    from jobs.common.logs import forward_worker_lines
+    from jobs.common.progress import TrainingProgress
+    from jobs.train import run_training
+
+    t = time.perf_counter()
+    n = _train_images(cfg)
+    echo(f"[1/4] training {cfg.model.name}: {n or 'all'} images × {cfg.schedule.epochs} epochs, "
+         f"{cfg.scaling.num_workers} workers, ZeRO-{cfg.deepspeed.zero_stage}")
+    steps = n // cfg.scaling.num_workers // cfg.deepspeed.micro_batch_size if n else None
+    if cfg.debug.max_steps_per_epoch and steps:
+        steps = min(steps, cfg.debug.max_steps_per_epoch)
+    if console is None:
+        outcome = run_training(cfg)
+    else:
+        with TrainingProgress(console, steps) as bar:
+            forward_worker_lines(None if verbose else bar.line, bar.update)
+            outcome = run_training(cfg)
+    seconds["train"] = time.perf_counter() - t
+    return outcome
+
+
+def _train_images(cfg) -> Optional[int]:
+    """How many images one epoch reads, where that is known without listing files (the built-in set)."""
+    from jobs.train.data import _builtin_split, _is_builtin
+
+    if not _is_builtin(cfg.data.train):
+        return cfg.data.train_limit
+    from cfvit.data import load_fashion_mnist
+
+    total = len(load_fashion_mnist(_builtin_split(cfg.data.train, "train"))[1])
+    return min(total, cfg.data.train_limit or total)
+
+
+def _calibrate_and_serve(cfg, outcome, budgets, n_images, host, port, keep_serving, echo, seconds) -> PipelineResult:
+    from jobs.calibrate import calibrate
+    from jobs.common import tracking
+    from jobs.train import EXPORT_DIR
+
+    t = time.perf_counter()
+    uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
+    model_uri = None
+    if outcome.model_version is not None and cfg.mlflow.registered_model:
+        model_uri = f"models:/{cfg.mlflow.registered_model}/{outcome.model_version}"
+    source = model_uri or str(Path(outcome.checkpoint_path) / EXPORT_DIR)
+    n_cal = min(cfg.data.val_limit or CALIBRATION_IMAGES, CALIBRATION_IMAGES)
+    echo(f"[2/4] calibrating η for budgets {budgets} on {n_cal} {cfg.data.val} images")
+    out_dir = Path(cfg.checkpoint.storage_path).expanduser().resolve() / f"{cfg.run_name}-served"
+    cal = calibrate(source, budgets, data=cfg.data.val, limit=n_cal, tracking_uri=uri, output=str(out_dir))
+    seconds["calibrate"] = time.perf_counter() - t
+    rows = []
+    for r in cal.results:
+        s = r.summary()
+        rows.append(BudgetServed(spec=r.budget.spec, budget_gflops=r.budget.gflops, eta=s.get("eta"),
+                                 val_top1=s.get("accuracy"), expected_gflops=s.get("gflops"),
+                                 note="" if r.feasible else (s.get("note") or "infeasible")))
+    result = PipelineResult(train_metrics=outcome.metrics, mlflow_run_id=outcome.mlflow_run_id, tracking_uri=uri,
+                            model_uri=model_uri, checkpoint=str(out_dir), endpoint=f"http://{host}:{port}/",
+                            budgets=rows, seconds=seconds, calibration_images=n_cal,
+                            stage_gflops=dict(cal.chosen.stage_gflops), backbone_gflops=cal.backbone_gflops)
+    _serve_and_classify(result, n_images, host, port, echo)
+    if keep_serving:
+        echo(f"serving at {result.endpoint} (docs: {result.endpoint}docs) — Ctrl-C to stop")
+        _block_until_signal()
     return result
+
+
+def _serve_and_classify(result: PipelineResult, n_images: int, host: str, port: int, echo) -> None:
+    from ray import serve
+
+    from cfvit.data import load_fashion_mnist
+    from serve.app import build_app
+    from serve.settings import AppArgs
+
+    t = time.perf_counter()
+    echo(f"[3/4] starting the Serve application on {result.endpoint}")
+    serve.start(http_options={"host": host, "port": port})
+    args = AppArgs(checkpoint=result.checkpoint)
+    for stage in (args.coarse, args.fine):  # two cores: one replica each is what fits
+        stage.autoscaling_config.update(min_replicas=1, initial_replicas=1, max_replicas=1)
+    args.ingress_autoscaling_config = None
+    serve.run(build_app(args.model_dump()), name="cfvit", route_prefix="/")
+    _wait_healthy(result.endpoint)
+    seconds = result.seconds
+    seconds["serve start"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    images, labels = load_fashion_mnist("test")
+    # the last test images: calibration used the first `calibration_images` ones
+    n_images = min(n_images, len(images) - result.calibration_images)
+    echo(f"[4/4] classifying {n_images} held-out test images over HTTP at each budget")
+    images, labels = images[-n_images:], labels[-n_images:]
+    result.http_images = n_images
+    for row in result.budgets:
+        if row.eta is None:
+            continue
+        got = classify_over_http(result.endpoint, images, labels, row.budget_gflops)
+        row.http_top1, row.exit_rate, row.served_gflops = got["top1"], got["exit_rate"], got["gflops"]
+    seconds["HTTP"] = time.perf_counter() - t
 
 
 def _block_until_signal() -> None:
@@ -182,17 +241,45 @@ def _block_until_signal() -> None:
             signal.signal(s, h)
 
 
-def summary_table(res: PipelineResult, backbone_gflops: Optional[float] = None):
+def _flops_unit(res: PipelineResult) -> tuple[str, float]:
+    """MFLOPs for models below 0.1 GFLOPs (the main job's), else GFLOPs: numbers a person can read."""
+    big = max([b.budget_gflops for b in res.budgets] + [res.backbone_gflops or 0])
+    return ("GFLOPs", 1.0) if big >= 0.1 else ("MFLOPs", 1e3)
+
+
+def summary_table(res: PipelineResult):
+    """Per budget: η, what calibration expects (its images) and what HTTP served (held-out images). 64 columns."""
     from rich.table import Table
 
-    t = Table("budget", "GFLOPs", "η", "val top-1", "expected GFLOPs", "HTTP top-1", "exit rate", "served GFLOPs/img",
-              title="CF-ViT per FLOPs budget (validation = calibration set; HTTP = held-out test images)")
-    fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
+    unit, k = _flops_unit(res)
+    t = Table("budget", "η", "val\ntop-1", f"val\n{unit}", "HTTP\ntop-1", "coarse\nexits", f"HTTP\n{unit}",
+              title=f"CF-ViT per FLOPs budget ({unit} per image)", title_justify="left")
+    pct = lambda v: "" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+    num = lambda v: "" if v is None else f"{k * v:.2f}"  # noqa: E731
+    for b in res.budgets:
+        budget = f"{b.spec} {k * b.budget_gflops:.2f}" if b.spec.endswith("%") else b.spec
+        if b.eta is None:
+            t.add_row(budget, "—", "infeasible", "", "", "", "")
+            continue
+        t.add_row(budget, f"{b.eta:.3f}", pct(b.val_top1), num(b.expected_gflops), pct(b.http_top1),
+                  "" if b.exit_rate is None else f"{100 * b.exit_rate:.0f}%", num(b.served_gflops))
+    return t
+
+
+def summary_notes(res: PipelineResult) -> list[str]:
+    """What the table's columns are and the training's own figures, as short lines."""
+    unit, k = _flops_unit(res)
+    m, g = res.train_metrics, res.stage_gflops or {}
+    lines = [f"val: on the {res.calibration_images} calibration images (the first test images)",
+             f"HTTP: the last {res.http_images} test images as PNG through the Serve endpoint",
+             "coarse exits: the images the coarse stage answered alone"]
+    if g:
+        lines.append(f"{unit}: coarse stage {k * g['coarse']:.2f}, both {k * (g['coarse'] + g['fine']):.2f}"
+                     + (f", plain ViT {k * res.backbone_gflops:.2f}" if res.backbone_gflops else ""))
     for b in res.budgets:
         if b.eta is None:
-            t.add_row(b.spec, f"{b.budget_gflops:.4f}", "—", b.note, "", "", "", "")
-            continue
-        t.add_row(b.spec, f"{b.budget_gflops:.4f}", f"{b.eta:.4f}", fmt(b.val_top1, ".3f"),
-                  fmt(b.expected_gflops, ".4f"), fmt(b.http_top1, ".3f"), fmt(b.exit_rate, ".2f"),
-                  fmt(b.served_gflops, ".4f"))
-    return t
+            lines.append(f"budget {b.spec}: {b.note}")
+    if "val_fine_top1" in m:
+        lines.append(f"trained model on {m.get('val_images', '?')} test images: coarse top-1 "
+                     f"{100 * m['val_coarse_top1']:.1f}%, fine {100 * m['val_fine_top1']:.1f}%")
+    return lines

@@ -36,6 +36,20 @@ class DataConfig(_Section):
     # CPUs a job (or each tuning trial) leaves free beside its train workers for Ray Data's read/decode
     # tasks; each task takes one, so below 1 the pipeline can starve
     cpus: float = Field(1.0, ge=0)
+    # Ray resources of each read/decode/augment task, e.g. {CPU: 1, cpu_node: 1}: a custom resource that only
+    # CPU-only nodes declare (infra/: the cpu-data group) keeps preprocessing off the GPU nodes, streaming
+    # batches to the train workers (docs/SCALING.md). Empty: one CPU on any node.
+    preprocess_resources: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("preprocess_resources")
+    @classmethod
+    def _resources(cls, v: dict) -> dict:
+        for k, amount in v.items():
+            if k in ("GPU", "memory", "object_store_memory") or not k:
+                raise ValueError(f"{k!r} cannot be a preprocessing resource (use CPU and custom resources)")
+            if not amount > 0:
+                raise ValueError(f"{k}: the amount must be > 0, got {amount}")
+        return v
 
 
 class AugmentConfig(_Section):
@@ -43,6 +57,7 @@ class AugmentConfig(_Section):
     scale: tuple[float, float] = (0.08, 1.0)
     hflip: float = Field(0.5, ge=0, le=1)
     re_prob: float = Field(0.0, ge=0, le=1)  # random erasing
+    color_jitter: float = Field(0.4, ge=0)  # brightness/contrast/saturation factor range (timm's default 0.4)
     mixup: float = Field(0.0, ge=0)
     cutmix: float = Field(0.0, ge=0)
     mixup_prob: float = Field(1.0, ge=0, le=1)
@@ -106,6 +121,8 @@ class ScalingSection(_Section):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
     ray_address: Optional[str] = None  # None: connect to RAY_ADDRESS or start a local Ray
+    # a worker that waits this long for its next batch reports what the cluster lacks and fails (0: never)
+    stall_timeout_s: float = Field(900.0, ge=0)
 
 
 class CheckpointSection(_Section):
@@ -139,6 +156,11 @@ class DebugSection(_Section):
     max_steps_per_epoch: Optional[int] = Field(None, ge=1)
 
 
+class LogSection(_Section):
+    # rank 0 prints a progress record this often during an epoch (0: never); `cfvit pipeline` draws it as a bar
+    progress_every_s: float = Field(0.0, ge=0)
+
+
 class JobConfig(_Section):
     name: str = "cfvit"
     seed: int = 0
@@ -152,6 +174,7 @@ class JobConfig(_Section):
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     mlflow: MLflowSection = Field(default_factory=MLflowSection)
     debug: DebugSection = Field(default_factory=DebugSection)
+    log: LogSection = Field(default_factory=LogSection)
 
     @field_validator("name")
     @classmethod

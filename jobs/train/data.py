@@ -17,6 +17,9 @@ import numpy as np
 
 from jobs.common.storage import IMAGE_EXTENSIONS, resolve, s3_client, s3_endpoint
 
+BUILTIN_BLOCK_ROWS = 2000  # rows per Ray Data block of the built-in set (30 blocks for its 60k images)
+MAP_BATCH = 250  # images per preprocess call
+
 
 
 def _is_builtin(uri: str) -> bool:
@@ -109,9 +112,22 @@ def describe(uri: str, fmt: str = "auto") -> Source:
 
 
 # ------------------------------------------------------------------ Ray Data
-def read(src: Source, *, role: str, limit: int | None = None, seed: int = 0):
-    """Raw rows: `image` (uint8 array, builtin) or `bytes` + `label` (int)."""
+def remote_args(resources: dict | None) -> dict:
+    """Ray remote args of the read and preprocess tasks from `data.preprocess_resources`: `CPU` becomes
+    `num_cpus` (default 1), every other key a custom resource (e.g. `cpu_node`, which only the CPU worker
+    groups of infra/ declare, so decoding runs there and streams to the GPU workers). {} for none."""
+    if not resources:
+        return {}
+    custom = {k: float(v) for k, v in resources.items() if k != "CPU"}
+    return {"num_cpus": float(resources.get("CPU", 1)), **({"resources": custom} if custom else {})}
+
+
+def read(src: Source, *, role: str, limit: int | None = None, seed: int = 0, ray_args: dict | None = None):
+    """Raw rows: `image` (uint8 array, builtin) or `bytes` + `label` (int). `ray_args` (from `remote_args`)
+    go to the read tasks and the row-building map, so they fuse with the preprocess stage."""
     import ray.data
+
+    ray_args = ray_args or {}
 
     if src.kind == "builtin":
         import pandas as pd
@@ -121,20 +137,25 @@ def read(src: Source, *, role: str, limit: int | None = None, seed: int = 0):
         images, labels = load_fashion_mnist(_builtin_split(src.uri, "train" if role == "train" else "test"))
         if limit:
             images, labels = images[:limit], labels[:limit]
-        ds = ray.data.from_pandas(pd.DataFrame({"image": list(images), "label": labels}))
-        return ds
+        # Many small blocks, not one: a map task's output reaches the workers block by block, so a single
+        # 60k-row block kept them waiting until the whole epoch was preprocessed (docs/MAIN_JOB.md).
+        step = BUILTIN_BLOCK_ROWS
+        return ray.data.from_pandas([pd.DataFrame({"image": list(images[i:i + step]), "label": labels[i:i + step]})
+                                     for i in range(0, len(images), step)])
     fs, root = resolve(src.uri)
     from ray.data import FileShuffleConfig
 
     shuffle = FileShuffleConfig(seed=seed) if role == "train" else None  # a new seeded order each epoch
     if src.kind == "webdataset":
-        ds = ray.data.read_webdataset(root, filesystem=fs, decoder=None, file_extensions=["tar"], shuffle=shuffle)
-        ds = ds.map_batches(_webdataset_rows, batch_format="pandas")
+        ds = ray.data.read_webdataset(root, filesystem=fs, decoder=None, file_extensions=["tar"], shuffle=shuffle,
+                                      ray_remote_args=ray_args)
+        ds = ds.map_batches(_webdataset_rows, batch_format="pandas", **ray_args)
     else:
         ds = ray.data.read_binary_files(root, filesystem=fs, include_paths=True, shuffle=shuffle,
-                                        file_extensions=list(IMAGE_EXTENSIONS) + [e.upper() for e in IMAGE_EXTENSIONS])
+                                        file_extensions=list(IMAGE_EXTENSIONS) + [e.upper() for e in IMAGE_EXTENSIONS],
+                                        ray_remote_args=ray_args)
         index = {c: i for i, c in enumerate(src.classes)}
-        ds = ds.map_batches(_folder_rows, fn_kwargs={"index": index}, batch_format="pandas")
+        ds = ds.map_batches(_folder_rows, fn_kwargs={"index": index}, batch_format="pandas", **ray_args)
     return ds.limit(limit) if limit else ds
 
 
@@ -177,16 +198,23 @@ def preprocess(batch: dict, data_config_json: str, is_training: bool, aug_json: 
     """Decode + timm transform on a Ray Data CPU task → `image` (C,H,W float32), `label`, `valid`.
 
     A stateless task (not an actor pool) so that it never holds CPUs the train workers need."""
+    from . import batch_transforms  # numpy only: the PIL/timm imports below cost seconds per task worker
+
+    data_config, aug = json.loads(data_config_json), json.loads(aug_json)
+    raw = batch["image"] if "image" in batch else batch["bytes"]
+    labels = np.asarray(batch["label"], dtype=np.int64)
+    valid = (labels >= 0) & (labels < num_classes)
+    if "image" in batch and valid.all() and batch_transforms.supports(raw, data_config, is_training, aug):
+        # in-memory uint8 arrays (the built-in set): the same transform for the whole batch in tensor ops
+        return {"image": batch_transforms.transform(raw, data_config, is_training, aug), "label": labels,
+                "valid": valid}
     from PIL import Image
 
     from cfvit.transforms import ImageDecodeError, decode_image
 
     tf = _transform(data_config_json, is_training, aug_json)
-    shape = tuple(json.loads(data_config_json)["input_size"])
-    raw = batch["image"] if "image" in batch else batch["bytes"]
+    shape = tuple(data_config["input_size"])
     out = np.zeros((len(raw), *shape), dtype=np.float32)
-    labels = np.asarray(batch["label"], dtype=np.int64)
-    valid = (labels >= 0) & (labels < num_classes)
     for i, item in enumerate(raw):
         if not valid[i]:
             continue
@@ -201,12 +229,15 @@ def preprocess(batch: dict, data_config_json: str, is_training: bool, aug_json: 
 def build_datasets(cfg, data_config: dict, train_src: Source, val_src: Source) -> dict:
     """The `datasets=` of the TorchTrainer: preprocessed, streaming."""
     aug = cfg.augment
-    train_aug = dict(auto_augment=aug.auto_augment, scale=tuple(aug.scale), hflip=aug.hflip, re_prob=aug.re_prob)
+    train_aug = dict(auto_augment=aug.auto_augment, scale=tuple(aug.scale), hflip=aug.hflip, re_prob=aug.re_prob,
+                     color_jitter=aug.color_jitter or None)
     n = len(train_src.classes)
+    ray_args = remote_args(cfg.data.preprocess_resources)
     out = {}
     for role, src, limit in (("train", train_src, cfg.data.train_limit), ("val", val_src, cfg.data.val_limit)):
-        ds = read(src, role=role, limit=limit, seed=cfg.seed)
+        ds = read(src, role=role, limit=limit, seed=cfg.seed, ray_args=ray_args)
         kw = dict(data_config_json=json.dumps(data_config), is_training=role == "train",
                   aug_json=json.dumps(train_aug), num_classes=n)
-        out[role] = ds.map_batches(preprocess, fn_kwargs=kw, batch_size=64, batch_format="numpy")
+        out[role] = ds.map_batches(preprocess, fn_kwargs=kw, batch_size=MAP_BATCH, batch_format="numpy",
+                                   **ray_args)
     return out

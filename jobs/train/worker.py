@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import JobConfig
+from .stall import DataWatchdog
 
 DS_TAG = "deepspeed"  # DeepSpeed state inside a Ray checkpoint (for resuming)
 EXPORT_DIR = "model"  # cfvit.save export inside a Ray checkpoint (for serving)
@@ -33,6 +35,7 @@ class Worker:
     mixup: Any = None
     start_epoch: int = 0
     history: list = field(default_factory=list)  # seconds per epoch (for the ETA)
+    setup_seconds: float = 0.0  # model, optimizer, DeepSpeed engine, resume
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -45,9 +48,11 @@ def train_loop_per_worker(config: dict) -> None:
         curve = validate(w, metrics)
         metrics["epoch_seconds"] = epoch_s = time.perf_counter() - t0
         w.history.append(epoch_s)
+        metrics["epochs_seconds_total"] = sum(w.history)  # with Tune's clock: the start-up cost of a trial
+        metrics["setup_seconds"] = w.setup_seconds
         metrics["eta_seconds"] = (cfg.schedule.epochs - epoch - 1) * (sum(w.history[-3:]) / len(w.history[-3:]))
         if w.rank == 0:
-            print(epoch_line(cfg, metrics), flush=True)
+            _say(epoch_line(cfg, metrics))
             if w.meta.get("mlflow_run_id"):
                 _log_epoch(w.meta, metrics, curve, epoch, f"{cfg.name} epoch {epoch + 1}")
         checkpoint(w, epoch, metrics, curve)
@@ -70,6 +75,7 @@ def setup(cfg: JobConfig, meta: dict) -> Worker:
 
     from .deepspeed import deepspeed_config, use_weights_only_loading
 
+    t0 = time.perf_counter()
     rank = ray.train.get_context().get_world_rank()
     torch.manual_seed(cfg.seed + rank)
     on_gpu = cfg.scaling.use_gpu and torch.cuda.is_available()
@@ -98,6 +104,7 @@ def setup(cfg: JobConfig, meta: dict) -> Worker:
         if rank == 0:
             print(f"[resume] from the checkpoint of epoch {state['epoch']}: continuing at epoch {w.start_epoch}",
                   flush=True)
+    w.setup_seconds = time.perf_counter() - t0
     return w
 
 
@@ -107,8 +114,6 @@ def train_epoch(w: Worker, epoch: int) -> dict:
     `data_wait_share` is the part of the epoch spent waiting for the next batch from Ray Data."""
     import numpy as np
     import ray.train
-
-    from cfvit.losses import cfvit_loss
 
     cfg, engine = w.cfg, w.engine
     split_all = epoch < cfg.split_epochs
@@ -124,23 +129,20 @@ def train_epoch(w: Worker, epoch: int) -> dict:
         local_shuffle_seed=(cfg.seed + 1000 * epoch + w.rank) if buffer else None)
     t0 = time.perf_counter()
     it, step, max_steps = iter(batches), 0, cfg.debug.max_steps_per_epoch
-    while not max_steps or step < max_steps:
-        t_wait = time.perf_counter()
-        batch = next(it, None)
-        sums[5] += time.perf_counter() - t_wait
-        if batch is None:
-            break
-        x, y, weight, skipped = _valid_part(batch, w.mixup)
-        out = engine(x.to(engine.device, w.dtype))
-        loss, parts = cfvit_loss(out.coarse_logits.float(), out.fine_logits.float(), y.to(engine.device),
-                                 coarse_loss=cfg.model.coarse_loss,
-                                 smoothing=0.0 if w.mixup is not None else cfg.augment.label_smoothing)
-        engine.backward(loss * weight)
-        engine.step()
-        n = len(x) * weight
-        sums += [float(loss.detach()) * n, parts["ce"] * n, parts[cfg.model.coarse_loss] * n, n, skipped, 0]
-        step += 1
+    last_report = t0
+    with DataWatchdog(cfg.scaling.stall_timeout_s) as watchdog:
+        while not max_steps or step < max_steps:
+            t_wait = time.perf_counter()
+            batch = next(it, None)
+            watchdog.tick()
+            sums[5] += time.perf_counter() - t_wait
+            if batch is None:
+                break
+            sums += _train_step(w, batch)
+            step += 1
+            last_report = _progress(w, epoch, step, sums, t0, last_report)
     train_s = time.perf_counter() - t0
+
     loss_sum, ce_sum, aux_sum, images, skipped, wait_s = _sum(list(sums))
     world = _world()
     return {
@@ -151,6 +153,22 @@ def train_epoch(w: Worker, epoch: int) -> dict:
         "data_wait_share": (wait_s / world) / train_s if train_s else 0.0,
         "start_epoch": w.start_epoch,  # where this worker group (re)started: shows resumes
     }
+
+
+def _train_step(w: Worker, batch: dict) -> list[float]:
+    """Forward, loss, backward, optimizer step on one micro-batch → [loss·n, ce·n, aux·n, n, skipped, 0]."""
+    from cfvit.losses import cfvit_loss
+
+    cfg, engine = w.cfg, w.engine
+    x, y, weight, skipped = _valid_part(batch, w.mixup)
+    out = engine(x.to(engine.device, w.dtype))
+    loss, parts = cfvit_loss(out.coarse_logits.float(), out.fine_logits.float(), y.to(engine.device),
+                             coarse_loss=cfg.model.coarse_loss,
+                             smoothing=0.0 if w.mixup is not None else cfg.augment.label_smoothing)
+    engine.backward(loss * weight)
+    engine.step()
+    n = len(x) * weight
+    return [float(loss.detach()) * n, parts["ce"] * n, parts[cfg.model.coarse_loss] * n, n, skipped, 0]
 
 
 def _valid_part(batch: dict, mixup):
@@ -225,13 +243,35 @@ def checkpoint(w: Worker, epoch: int, metrics: dict, curve) -> None:
 
 
 def epoch_line(cfg: JobConfig, m: dict) -> str:
-    """One line per epoch: loss, coarse/fine top-1, images/s, the data-wait share, time and ETA."""
-    pct = lambda k: f"{100 * m[k]:5.1f}%" if k in m else "  n/a"  # noqa: E731
-    return (f"epoch {m['epoch'] + 1:>3}/{cfg.schedule.epochs}  loss {m['train_loss']:.4f}  "
-            f"coarse {pct('val_coarse_top1')}  fine {pct('val_fine_top1')}  {m['images_per_s']:6.1f} img/s  "
-            f"data wait {100 * m['data_wait_share']:3.0f}%  "
-            f"{'split-all' if m['split_all'] else 'selection'}  skipped {int(m['skipped_images'])}  "
-            f"{m['epoch_seconds']:5.1f}s  ETA {_fmt_s(m['eta_seconds'])}")
+    """One line per epoch, within 80 columns: training loss, validation coarse/fine top-1, training images/s,
+    the share of the epoch spent waiting for Ray Data ("wait"), the ETA of the job (or its epoch's time)."""
+    pct = lambda k: f"{100 * m[k]:.1f}%" if k in m else "n/a"  # noqa: E731
+    last = m["epoch"] + 1 == cfg.schedule.epochs
+    return (f"epoch {m['epoch'] + 1}/{cfg.schedule.epochs}  loss {m['train_loss']:.3f}  "
+            f"coarse {pct('val_coarse_top1')}  fine {pct('val_fine_top1')}  {m['images_per_s']:.0f} img/s  "
+            f"wait {100 * m['data_wait_share']:.0f}%  "
+            + (f"took {_fmt_s(m['epoch_seconds'])}" if last else f"ETA {_fmt_s(m['eta_seconds'])}")
+            + (f"  skipped {int(m['skipped_images'])}" if m["skipped_images"] else ""))
+
+
+def _say(line: str) -> None:
+    """One line on the worker's stdout, once (Ray Train's patched `print` would also log it a second time)."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _progress(w: Worker, epoch: int, step: int, sums, t0: float, last: float) -> float:
+    """Rank 0, every `log.progress_every_s`: a progress record of the running epoch (`cfvit pipeline` draws
+    it as a bar). Local figures of rank 0; the epoch line has the all-reduced ones."""
+    every, now = w.cfg.log.progress_every_s, time.perf_counter()
+    if w.rank != 0 or not every or now - last < every:
+        return last
+    from jobs.common.logs import PROGRESS_TAG
+
+    rec = {"epoch": epoch + 1, "epochs": w.cfg.schedule.epochs, "step": step, "loss": sums[0] / max(sums[3], 1),
+           "images_per_s": sums[3] * _world() / max(now - t0, 1e-9), "split_all": bool(w.engine.module.split_all)}
+    _say(PROGRESS_TAG + json.dumps(rec))
+    return now
 
 
 def _world() -> int:
