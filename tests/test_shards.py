@@ -203,3 +203,48 @@ def test_training_reader_takes_mixed_extension_shards(ray_session, tmp_path):
     assert sorted(int(r["label"]) for r in valid) == [0] * 4 + [1] * 4 + [2] * 4
     for r in valid:  # image and label travel together: the red channel encodes the label
         assert r["image"].shape == (3, 16, 16) and abs(float(r["image"][0].mean()) - 80 * int(r["label"]) / 255) < 0.04
+
+
+def _encoded(size, fmt="JPEG", mode="RGB", color=(200, 7, 9)) -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, color if mode == "RGB" else (*color, 128)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_max_side_downscale_keeps_aspect_and_small_images():
+    """`--max-side`: larger images shrink to N on the longer side as JPEG; smaller ones keep their bytes."""
+    to_samples = shards._ToSamples("/src", CLASSES, max_side=16)
+    small = _encoded((10, 8), "PNG")
+    batch = {"bytes": [_encoded((40, 30)), _encoded((30, 40), "PNG", "RGBA"), small, _encoded((16, 9))],
+             "path": ["/src/cat/wide.jpg", "/src/dog/tall.png", "/src/fish/small.png", "/src/fish/edge.jpg"]}
+    out = to_samples(batch)
+    assert out["cls"] == [0, 1, 2, 2] and out["ext"] == ["jpg", "jpg", "png", "jpg"]
+    sizes = [Image.open(io.BytesIO(b)).size for b in out["image"]]
+    assert sizes == [(16, 12), (12, 16), (10, 8), (16, 9)]  # aspect ratio kept; at most 16 px
+    assert out["image"][2] == small and out["image"][3] == batch["bytes"][3]  # not larger: untouched bytes
+    assert Image.open(io.BytesIO(out["image"][1])).mode == "RGB"  # RGBA PNG → RGB JPEG
+    with pytest.raises(shards.ShardError, match=r"cannot decode image bad.jpg"):
+        shards.downscale(b"\xff\xd8\xffbroken", "bad.jpg", 16)
+    with pytest.raises(shards.ShardError, match="--max-side must be at least 1 pixel, got 0"):
+        shards.convert("/nonexistent", "/nonexistent-out", max_side=0)
+
+
+@pytest.mark.e2e
+def test_max_side_shards_decode_to_the_same_labels(ray_session, tmp_path):
+    expected = make_image_folder(tmp_path / "src")  # 12×10 images
+    dst = tmp_path / "wds-max8"
+    result = CliRunner().invoke(_app(), ["shards", str(tmp_path / "src"), str(dst), "--shard-size", "5",
+                                         "--max-side", "8"])
+    assert result.exit_code == 0, result.output
+    files = {p.name: p.read_bytes() for p in dst.glob("*.tar")}
+    samples = read_shards(files)
+    assert {k: v[0] for k, v in samples.items()} == expected  # same keys, same labels
+    for key, (label, ext, pixel) in samples.items():
+        assert ext == "jpg" and abs(pixel[0] - 80 * label) <= 10, (key, pixel)  # image and label together
+    for data in files.values():
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            for m in tar.getmembers():
+                if m.name.endswith(".jpg"):
+                    assert Image.open(tar.extractfile(m)).size == (8, 7)  # 12×10 → 8×7: at most 8, aspect kept
+    bad = CliRunner().invoke(_app(), ["shards", str(tmp_path / "src"), str(tmp_path / "x"), "--max-side", "0"])
+    assert bad.exit_code == 1 and "--max-side must be at least 1 pixel" in bad.stderr

@@ -1,4 +1,5 @@
-"""`cfvit submit …` (Ray job submission) and `cfvit shards …` (ImageFolder → WebDataset shards).
+"""`cfvit submit …` (Ray job submission), `cfvit shards …` (ImageFolder → WebDataset shards) and
+`cfvit bench data` (training input throughput).
 Only typer is imported at module level; Ray and the job modules load inside the commands."""
 from __future__ import annotations
 
@@ -142,12 +143,15 @@ def shards_cmd(
     shuffle: bool = typer.Option(True, "--shuffle/--no-shuffle", help="Shuffle files before sharding (seeded)."),
     seed: int = typer.Option(0, "--seed", help="Shuffle seed."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace shards/classes.json already in DST."),
+    max_side: Optional[int] = typer.Option(None, "--max-side", help="Downscale images whose longer side exceeds "
+                                           "N px to N (aspect kept, JPEG q90); cheaper decode, lower-res crops."),
 ) -> None:
     """Convert an ImageFolder tree into WebDataset shards with Ray Data."""
     from jobs.ops.shards import CLASSES_FILE, ShardError, convert
 
     try:
-        report = convert(src, dst, shard_size=shard_size, shuffle=shuffle, seed=seed, overwrite=overwrite)
+        report = convert(src, dst, shard_size=shard_size, shuffle=shuffle, seed=seed, overwrite=overwrite,
+                         max_side=max_side)
     except ShardError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1)
@@ -157,6 +161,35 @@ def shards_cmd(
     )
 
 
+def bench_data_cmd(
+    images: int = typer.Option(256, "--images", "-n", help="Generated ImageNet-sized JPEGs (500x375, ~110 KB)."),
+    endpoint: Optional[str] = typer.Option("moto", "--endpoint", help="S3 endpoint URL to read from; 'moto' "
+                                           "starts moto's S3 server; '' reads a local folder."),
+    max_side: Optional[int] = typer.Option(256, "--max-side", help="Also measure `cfvit shards --max-side N` "
+                                           "shards (0: skip)."),
+    cpus: int = typer.Option(2, "--cpus", help="Logical CPUs of the local Ray the pipeline runs on."),
+    per_core_images: int = typer.Option(128, "--per-core-images", help="Images in the single-process loop."),
+    repeats: int = typer.Option(1, "--repeats", help="Passes of the single-process loop."),
+    json_out: Optional[str] = typer.Option(None, "--json", help="Also write the figures to this file."),
+) -> None:
+    """Training input images/s (per core and through Ray Data from S3) and the cores a GPU needs."""
+    import json
+
+    from benchmarks.data import print_report, run_bench
+
+    if max_side is not None and max_side < 0:
+        raise _fail(f"--max-side must be at least 1 pixel (0 skips it), got {max_side}")
+    try:
+        result = run_bench(images, endpoint or None, max_side or None, cpus, per_core_images, repeats)
+    except ValueError as exc:
+        raise _fail(exc)
+    print_report(result, typer.echo)
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
 def register(app: typer.Typer, bench: typer.Typer) -> None:
     app.add_typer(submit_app, name="submit", help="Submit, follow, stop and list jobs on a Ray cluster.")
     app.command("shards", help="Convert an ImageFolder tree (local or s3://) into WebDataset .tar shards.")(shards_cmd)
+    bench.command("data")(bench_data_cmd)

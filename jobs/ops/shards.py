@@ -17,6 +17,10 @@ Output format (what ``jobs``' WebDataset reader expects), in ``DST``:
   ``{key}.cls`` (the integer label as ASCII text, e.g. ``b"3"``). ``key`` is the path relative to
   ``SRC`` without extension, with every character other than ``[A-Za-z0-9_-]`` replaced by ``_`` (so
   it contains no dot or slash).
+* ``--max-side N``: an image whose longer side exceeds N pixels is downscaled to N on that side (aspect
+  ratio kept, Lanczos) and re-encoded as JPEG at quality ``JPEG_QUALITY``; smaller images stay as they
+  are. Decode and RandomResizedCrop then cost less per image (benchmarks/data.py), but the crop sees a
+  lower-resolution source — the FFCV trade-off; see docs/SCALING.md for the accuracy caveat.
 * ``classes.json`` — a JSON list of the class names in label order; written last, so its presence
   marks a complete conversion.
 
@@ -42,6 +46,7 @@ from jobs.common.storage import s3_client
 IMAGE_EXTENSIONS = list(_EXTS)
 
 SHARD_PATTERN = "shard-{index:06d}.tar"
+JPEG_QUALITY = 90  # re-encoding quality of --max-side downscaled images (FFCV's default too)
 CLASSES_FILE = "classes.json"
 
 
@@ -178,19 +183,43 @@ def image_entry(data: bytes, path: str) -> Tuple[str, bytes]:
     return "png", out.getvalue()
 
 
+def downscale(data: bytes, path: str, max_side: int) -> Optional[Tuple[str, bytes]]:
+    """``("jpg", bytes)`` of the image shrunk so its longer side is ``max_side`` (aspect ratio kept), or
+    None when it is already that small (the caller keeps the original bytes)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+            if max(w, h) <= max_side:
+                return None
+            scale = max_side / max(w, h)
+            size = (max(1, round(w * scale)), max(1, round(h * scale)))
+            img.draft("RGB", size)  # JPEG: decode at the nearest DCT scale ≥ size (much cheaper)
+            rgb = img.convert("L" if img.mode in ("L", "I;16", "1") else "RGB")
+            small = rgb.resize(size, Image.LANCZOS, reducing_gap=3.0)
+    except Exception as exc:  # PIL raises several types for corrupt data
+        raise ShardError(f"cannot decode image {path} ({type(exc).__name__})") from None
+    out = io.BytesIO()
+    small.save(out, format="JPEG", quality=JPEG_QUALITY)
+    return "jpg", out.getvalue()
+
+
 class _ToSamples:
     """Ray Data UDF: rows ``{bytes, path}`` → ``{__key__, ext, image, cls}``."""
 
-    def __init__(self, root: str, classes: List[str]):
+    def __init__(self, root: str, classes: List[str], max_side: Optional[int] = None):
         self.root = root.rstrip("/") + "/"
         self.class_to_idx = {name: i for i, name in enumerate(classes)}
+        self.max_side = max_side
 
     def __call__(self, batch: Dict[str, Any]) -> Dict[str, Any]:
         keys, exts, images, labels = [], [], [], []
         for data, path in zip(batch["bytes"], batch["path"]):
             path = str(path)
             relative = path[len(self.root):] if path.startswith(self.root) else path.lstrip("/")
-            ext, payload = image_entry(bytes(data), path)
+            small = downscale(bytes(data), path, self.max_side) if self.max_side else None
+            ext, payload = small or image_entry(bytes(data), path)
             keys.append(sample_key(relative))
             exts.append(ext)
             images.append(payload)
@@ -228,10 +257,13 @@ def convert(
     shuffle: bool = True,
     seed: int = 0,
     overwrite: bool = False,
+    max_side: Optional[int] = None,
 ) -> ShardReport:
     """Write ``src`` (ImageFolder) as WebDataset shards to ``dst``; see the module docstring."""
     if shard_size < 1:
         raise ShardError(f"--shard-size must be at least 1, got {shard_size}")
+    if max_side is not None and max_side < 1:
+        raise ShardError(f"--max-side must be at least 1 pixel, got {max_side}")
     src_fs, src_root = resolve(src)
     dst_fs, dst_root = resolve(dst)
     classes = list_classes(src_fs, src_root)
@@ -240,6 +272,27 @@ def convert(
         first = sorted(occupied)[0]
         raise ShardError(f"destination {dst!r} already has {first} (and {len(occupied) - 1} more); pass --overwrite")
 
+    # Written to a staging folder first and promoted only once complete, so a failed (or --overwrite)
+    # run never leaves DST without its old shards or with a mix of old and new ones.
+    staging = posixpath.join(dst_root, f"_staging-{uuid.uuid4().hex[:12]}")
+    _write_staged(src, dst, src_fs, src_root, dst_fs, staging, classes, shard_size, shuffle, seed, max_side)
+    shards = sorted(n for n in existing_shards(dst_fs, staging) if n.endswith(".tar"))
+    if not shards:
+        discard(dst_fs, staging)
+        raise ShardError(f"no images found under {src!r} (extensions: {', '.join(IMAGE_EXTENSIONS)})")
+    # only our own files: DST may hold other data
+    delete_files(dst_fs, dst_root, sorted(n for n in occupied if n not in shards and n != CLASSES_FILE))
+    promote(dst_fs, staging, dst_root, shards)
+    with dst_fs.open_output_stream(posixpath.join(dst_root, CLASSES_FILE)) as f:
+        f.write(json.dumps(classes, indent=1).encode())
+    # Count from the files rather than ds.count(), which would re-run the whole read.
+    num_samples = (len(shards) - 1) * shard_size + count_samples(dst_fs, posixpath.join(dst_root, shards[-1]))
+    return ShardReport(src=src, dst=dst, classes=classes, num_samples=num_samples, shards=shards)
+
+
+def _write_staged(src, dst, src_fs, src_root, dst_fs, staging, classes, shard_size, shuffle, seed,
+                  max_side=None) -> None:
+    """The Ray Data job: read the class folders, encode samples, write `shard_size`-sample tar files."""
     import ray
     from ray.data import FileShuffleConfig, SaveMode
     from ray.data.datasource import FilenameProvider
@@ -248,9 +301,6 @@ def convert(
         def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
             return SHARD_PATTERN.format(index=task_index)
 
-    # Written to a staging folder first and promoted only once complete, so a failed (or --overwrite)
-    # run never leaves DST without its old shards or with a mix of old and new ones.
-    staging = posixpath.join(dst_root, f"_staging-{uuid.uuid4().hex[:12]}")
     try:
         ds = ray.data.read_binary_files(
             [posixpath.join(src_root, name) for name in classes],
@@ -259,7 +309,7 @@ def convert(
             file_extensions=IMAGE_EXTENSIONS,
             shuffle=FileShuffleConfig(seed=seed) if shuffle else None,
         )
-        ds = ds.map_batches(_ToSamples(src_root, classes), batch_format="numpy")
+        ds = ds.map_batches(_ToSamples(src_root, classes, max_side), batch_format="numpy")
         # Strict repartition: every block but the last has exactly shard_size rows, one block per file.
         ds = ds.repartition(target_num_rows_per_block=shard_size, strict=True)
         ds.write_webdataset(
@@ -279,16 +329,3 @@ def convert(
         if "No input files found" in str(exc):
             raise ShardError(f"no images under {src!r} (extensions: {', '.join(IMAGE_EXTENSIONS)})") from None
         raise
-
-    shards = sorted(n for n in existing_shards(dst_fs, staging) if n.endswith(".tar"))
-    if not shards:
-        discard(dst_fs, staging)
-        raise ShardError(f"no images found under {src!r} (extensions: {', '.join(IMAGE_EXTENSIONS)})")
-    # only our own files: DST may hold other data
-    delete_files(dst_fs, dst_root, sorted(n for n in occupied if n not in shards and n != CLASSES_FILE))
-    promote(dst_fs, staging, dst_root, shards)
-    with dst_fs.open_output_stream(posixpath.join(dst_root, CLASSES_FILE)) as f:
-        f.write(json.dumps(classes, indent=1).encode())
-    # Count from the files rather than ds.count(), which would re-run the whole read.
-    num_samples = (len(shards) - 1) * shard_size + count_samples(dst_fs, posixpath.join(dst_root, shards[-1]))
-    return ShardReport(src=src, dst=dst, classes=classes, num_samples=num_samples, shards=shards)
