@@ -268,7 +268,8 @@ def test_page_offers_samples_and_budgets_and_shows_the_answer(served, tmp_path):
     dom = _chromium(served + "/?sample=3&budget=1", "--dump-dom").stdout
     assert 'data-state="done"' in dom, dom[-3000:]
     assert dom.count('<button data-index=') == 10 and f'<span id="true_class">{samples[3]["class_name"]}' in dom
-    assert dom.count("GFLOPs/img (η") == len(info["eta_table"])
+    options = dom.split('<select id="budget">')[1].split("</select>")[0]
+    assert options.count("<option") == 1 + len(info["eta_table"]) and "GFLOPs/img (η" in options
     stage = dom.split('<span id="stage" class="badge ')[1].split('"')[0]
     assert stage in ("coarse", "fine")
     shot = tmp_path / "page.png"
