@@ -27,7 +27,9 @@ def supports(images, data_config: dict, is_training: bool, aug: dict) -> bool:
             isinstance(aug.get("color_jitter", 0.4), (int, float, type(None)))
     else:  # a plain resize
         simple = float(data_config.get("crop_pct", 1.0)) == 1.0
-    return (arr is not None and arr.ndim == 2 and arr.dtype == np.uint8 and simple
+    # upsampling only: PIL's bilinear filter widens its support (antialiases) when it shrinks an image
+    upsampling = arr is not None and arr.ndim == 2 and min(data_config["input_size"][1:]) >= max(arr.shape)
+    return (upsampling and arr.dtype == np.uint8 and simple
             and data_config["input_size"][0] == 1 and data_config.get("interpolation", "bilinear") == "bilinear")
 
 
