@@ -13,7 +13,7 @@ import pytest
 
 from tests.fixtures.serve_app import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _alive(p: psutil.Process) -> bool:

@@ -8,7 +8,7 @@ import yaml
 from serve.inputs import APIError, eta_from_table, resolve_eta
 from serve.settings import ETA_MAX, AppArgs
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_config_yaml_is_a_valid_serve_deploy_config():

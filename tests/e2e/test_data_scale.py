@@ -13,7 +13,7 @@ import pytest
 from jobs.train.config import ConfigError, JobConfig, load_config
 from jobs.train.data import remote_args
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_preprocess_resources_config_and_remote_args(tmp_path):
