@@ -1,9 +1,11 @@
 """timm's train and eval transforms for a whole batch of in-memory grayscale images at once (the built-in
 Fashion-MNIST set), as a few numpy array ops instead of a PIL round trip per image (and without importing torch or
-timm into Ray Data's task workers: ~9 CPU-seconds per fresh worker process on these cores).
+timm into Ray Data's task workers).
 
-Measured on the main job's 2 cores (docs/MAIN_JOB.md): timm per image ~1,100 train / ~2,800 eval images/s
-per core; this ~40x more. The distributions are timm's: `RandomResizedCropAndInterpolation` (10 tries of
+Measured on this 2-core machine (process CPU time, 1 thread, the main job's 32 px model; docs/MAIN_JOB.md):
+timm per image ~12,000 train / ~16,000 eval images/s per core; this 3-5x more
+(`python -m benchmarks.builtin_transforms`), and a task worker that
+runs it never imports torch or timm. The distributions are timm's: `RandomResizedCropAndInterpolation` (10 tries of
 scale × log-uniform aspect ratio, then the centre crop), horizontal flip, `ColorJitter` brightness and
 contrast in a random order (saturation does nothing to one channel), bilinear resampling on pixel centres
 with the edges clamped as PIL does, rounding to uint8 steps as PIL's output would, `Normalize`. The eval
