@@ -65,23 +65,15 @@ def bench_throughput(
     """Images/s of the backbone vs CF-ViT at exit fractions 0, .25, .5, .76, 1 (with the ideal ratio)."""
     import torch
     from rich.console import Console
-    from rich.table import Table
 
     from benchmarks.throughput import throughput
+
+    from .tables import throughput_table
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     res = throughput(model, batch_size=batch_size, n_batches=batches, device=device, bf16=bf16, compile=compile)
-    s = res["settings"]
-    table = Table("", "exit", "η", "img/s", "GFLOPs", "speed-up", "FLOPs x", "ideal", "of ideal",
-                  title=f"{model} · batch {batch_size} × {batches} · {s['device_name']} · "
-                        f"{'bf16' if bf16 else 'fp32'} · {'compiled' if compile else 'eager'}")
-    for r in res["rows"]:
-        table.add_row(r.name, "" if r.exit_fraction is None else f"{r.exit_fraction:.2f}",
-                      "" if r.eta is None else f"{r.eta:.4g}", f"{r.images_per_s:,.1f}", f"{r.gflops:.2f}",
-                      f"{r.speedup:.2f}x", f"{r.flops_ratio:.2f}x",
-                      "" if r.ideal_speedup is None else f"{r.ideal_speedup:.2f}x",
-                      "" if r.of_ideal is None else f"{r.of_ideal:.2f}")
+    table = throughput_table(res, model, batch_size, batches, bf16, compile)
     console = Console()
     console.print(table)
     st = res["stages"]

@@ -49,17 +49,17 @@ def bench_train_cmd(
     import json
 
     from rich.console import Console
-    from rich.table import Table
 
     from benchmarks.train_step import bench_train
     from .models import parse_sets
+    from .tables import compact_table
 
     overrides = parse_sets(set_)
     res = bench_train(model, overrides, batch_size=batch_size, steps=steps, device=device, bf16=bf16,
                       zero_stages=[int(z) for z in zero.split(",")] if zero else [])
-    t = Table("variant", "step ms", "images/s", "step time / backbone", "peak GPU MiB",
-              title=f"training step: {res['model']} batch {batch_size} on {res['device']}"
-                    f" ({'bf16' if res['bf16'] else 'fp32'})")
+    t = compact_table("variant", "step ms", "images/s", "÷ backbone", "peak GPU MiB",
+                      title=f"training step: {res['model']} batch {batch_size} on {res['device']}"
+                            f" ({'bf16' if res['bf16'] else 'fp32'})")
     for r in res["rows"]:
         t.add_row(r["variant"], f"{r['step_ms']:.1f}", f"{r['images_per_s']:.1f}", f"{r['ratio']:.3f}x",
                   f"{r['peak_mib']:.0f}" if r.get("peak_mib") else "-")

@@ -132,13 +132,14 @@ def bench_calibrate(
     json_out: Optional[str] = typer.Option(None, "--json"),
 ):
     """Seconds to calibrate N samples: every η's exact accuracy/GFLOPs + the η per budget (goal < 1 s)."""
-    from rich.table import Table
 
     from benchmarks.calibrate import bench
 
+    from .tables import compact_table
+
     res = bench(samples, classes, repeats=repeats)
-    t = Table("samples", "classes", "budgets", "operating points", "best s", "median s", "goal",
-              title="calibration time (random probabilities; the validation pass not included)")
+    t = compact_table("samples", "classes", "budgets", "points", "best s", "median s", "goal",
+                      title="calibration time (random probabilities; the validation pass not included)")
     t.add_row(f"{res['samples']:,}", str(res["classes"]), str(res["budgets"]), f"{res['operating_points']:,}",
               f"{res['seconds_best']:.3f}", f"{res['seconds_median']:.3f}",
               "[green]< 1 s ✓[/green]" if res["seconds_best"] < 1 else "[red]< 1 s ✗[/red]")

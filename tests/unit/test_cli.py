@@ -72,3 +72,31 @@ def test_outputs_that_vanish_with_the_working_dir_are_named_with_the_fix():
     assert len(check_entrypoint(ep, {}, None)) == 2
     assert check_entrypoint(ep, {"CFVIT_ALLOW_LOCAL_OUTPUTS": "1"}, None) == []
     assert check_entrypoint(["python", "-c", "pass"], {}, None) == []
+
+
+def test_bench_tables_fit_80_columns_without_cutting_a_cell():
+    """`cfvit bench throughput` / `train` / `calibrate` tables at 80 columns: no cell wrapped or cut."""
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from jobs.cli.tables import compact_table, throughput_table
+
+    def row(name, exit_fraction):
+        return SimpleNamespace(name=name, exit_fraction=exit_fraction, eta=None if exit_fraction is None else 0.126512,
+                               images_per_s=12345.6, gflops=4.61, speedup=12.34, flops_ratio=10.5,
+                               ideal_speedup=None if exit_fraction is None else 11.11, of_ideal=0.97)
+
+    res = {"settings": {"device_name": "NVIDIA H100 80GB HBM3"},
+           "rows": [row("backbone", None)] + [row("cf-vit exit", f) for f in (0, 0.25, 0.5, 0.76, 1.0)]}
+    train = compact_table("variant", "step ms", "images/s", "÷ backbone", "peak GPU MiB", title="training step")
+    train.add_row("cfvit split-all zero2", "1234.5", "12345.6", "1.234x", "11123")
+    cal = compact_table("samples", "classes", "budgets", "operating points", "best s", "median s", "goal")
+    cal.add_row("50,000", "1000", "3", "12,345", "0.598", "0.658", "< 1 s ✓")
+    texts = []
+    for table in (throughput_table(res, "cfvit_deit_small_patch16_224", 1024, 50, True, True), train, cal):
+        console = Console(width=80, record=True)
+        console.print(table)
+        texts.append(console.export_text())
+        assert "…" not in texts[-1] and max(map(len, texts[-1].splitlines())) <= 80, texts[-1]
+    assert sum(line.lstrip().startswith("CF-ViT ") for line in texts[0].splitlines()) == 5
