@@ -92,11 +92,13 @@ async def _http_error(_: Request, exc: StarletteHTTPException):
 
 
 def _stage_unavailable(exc: BaseException) -> bool:
-    from ray.exceptions import ActorUnavailableError, RayActorError
+    from ray.exceptions import ActorUnavailableError, ObjectLostError, OwnerDiedError, RayActorError
     from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
+    # ObjectLost/OwnerDied: a hard image's coarse state belonged to a coarse replica that went away (scaled
+    # down or its node died) before the fine stage fetched it: a retry will succeed.
     return isinstance(exc, (BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError,
-                            ActorUnavailableError, RayActorError))
+                            ActorUnavailableError, RayActorError, ObjectLostError, OwnerDiedError))
 
 
 @api.exception_handler(Exception)
@@ -123,6 +125,28 @@ def _normalise_table(raw) -> Optional[List[Dict[str, float]]]:
                 point[key] = float(p[key])
         points.append(point)
     return points
+
+
+# Above the class: Serve serialises the ingress class where it is decorated, with the names defined by then.
+def _slo_governor(args: AppArgs, table):
+    """SLO mode's governor with its Serve metrics, or None when `latency_slo_ms` is unset."""
+    if args.latency_slo_ms is None:
+        return None
+    from ray.serve import metrics
+
+    from .slo import EtaGovernor, eta_ladder
+
+    ladder = eta_ladder(args.eta, table, args.min_eta, args.max_accuracy_drop)
+    gov = EtaGovernor(ladder, args.latency_slo_ms, window_s=args.slo_window_s, check_s=args.slo_check_s,
+                      recover_ratio=args.slo_recover_ratio, min_samples=args.slo_min_samples)
+    gauges = {"eta": metrics.Gauge("cfvit_slo_eta", description="default eta chosen by SLO mode"),
+              "p99_ms": metrics.Gauge("cfvit_slo_p99_ms", description="p99 latency SLO mode last judged"),
+              "exit_rate": metrics.Gauge("cfvit_slo_exit_rate", description="coarse exits in SLO mode's window"),
+              "level": metrics.Gauge("cfvit_slo_level", description="steps below the default eta (0: none)")}
+    gov.on_change = lambda state: [g.set(float(state[k])) for k, g in gauges.items() if state.get(k) is not None]
+    gov.on_change(gov.state())
+    logger.info("SLO mode on: p99 target %s ms, eta ladder %s", args.latency_slo_ms, ladder)
+    return gov
 
 
 @serve.deployment(name="CFViTIngress", max_ongoing_requests=128)
@@ -168,6 +192,7 @@ class CFViTIngress:
             stages=self.args.stages,
         )
         self.samples = Samples(samples=sample_images(self.class_names))
+        self.slo = _slo_governor(self.args, self.eta_table)
         del model
 
     # ------------------------------------------------------------------ routes
@@ -181,7 +206,7 @@ class CFViTIngress:
 
     @api.get("/v1/model", response_model=ModelInfo)
     async def model_info(self) -> ModelInfo:
-        return self.info
+        return self.info if self.slo is None else self.info.model_copy(update={"slo": self.slo.state()})
 
     @api.get("/v1/samples", response_model=Samples)
     async def sample_list(self) -> Samples:
@@ -202,15 +227,18 @@ class CFViTIngress:
     ):
         t0 = time.perf_counter()
         files, batch, eta, budget_gflops = await self._read_request(request, eta, budget_gflops)
-        eta_value = resolve_eta(eta, budget_gflops, self.args.eta, self.eta_table)
+        default_eta = self.slo.current_eta if self.slo is not None else self.args.eta
+        eta_value = resolve_eta(eta, budget_gflops, default_eta, self.eta_table)
         t1 = time.perf_counter()
         images = await asyncio.to_thread(self._pixels, files)
         t2 = time.perf_counter()
         answers = await self._infer(images, eta_value)
         preds = [self._prediction(a, eta_value) for a in answers]
         timing = {"read": (t1 - t0) * 1000, "decode": (t2 - t1) * 1000}
-        response.headers["Server-Timing"] = server_timing([a["t"] for a in answers], timing,
-                                                          (time.perf_counter() - t0) * 1000)
+        total_ms = (time.perf_counter() - t0) * 1000
+        response.headers["Server-Timing"] = server_timing([a["t"] for a in answers], timing, total_ms)
+        if self.slo is not None:
+            self.slo.observe(total_ms, [p.stage for p in preds])
         if batch:
             return BatchPrediction(predictions=preds, gflops=sum(p.gflops for p in preds))
         return preds[0]

@@ -26,11 +26,15 @@ class GreedyBatcher:
         self._queue: Optional[asyncio.Queue] = None
         self._arrived: Optional[asyncio.Event] = None
         self._task: Optional[asyncio.Task] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
 
     async def __call__(self, *item: Any) -> Any:
         loop = asyncio.get_running_loop()
-        if self._task is None or self._task.done():  # created on the replica's own event loop
-            self._queue, self._arrived = asyncio.Queue(), asyncio.Event()
+        if self._loop is None:  # bound to the replica's own event loop at the first call
+            self._loop, self._queue, self._arrived = loop, asyncio.Queue(), asyncio.Event()
+        elif loop is not self._loop:
+            raise RuntimeError("GreedyBatcher called from a second event loop")
+        if self._task is None or self._task.done():  # the same queue: nothing waiting in it is lost
             self._task = loop.create_task(self._serve_batches())
         future = loop.create_future()
         self._queue.put_nowait((item, future))
@@ -47,10 +51,12 @@ class GreedyBatcher:
                 results = await self.fn(*(list(col) for col in zip(*(item for item, _ in live))))
                 if len(results) != len(live):
                     raise RuntimeError(f"batch function returned {len(results)} results for {len(live)} items")
-            except Exception as exc:  # every caller of this batch gets the error; the loop goes on
+            except BaseException as exc:  # every caller of this batch gets the error
                 for _, fut in live:
                     if not fut.done():
-                        fut.set_exception(exc)
+                        fut.set_exception(exc if isinstance(exc, Exception) else RuntimeError(f"batch ended: {exc!r}"))
+                if not isinstance(exc, Exception):
+                    raise  # cancelled (replica shutting down): the next call starts a new loop on the same queue
                 continue
             for (_, fut), result in zip(live, results):
                 if not fut.done():

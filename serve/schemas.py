@@ -59,6 +59,8 @@ class ModelInfo(BaseModel):
     max_images: int
     max_body_bytes: int
     stages: Literal["split", "fused", "backbone"] = Field(description="the topology serving the model")
+    slo: Optional[Dict[str, Any]] = Field(None, description="SLO mode: current η, why, p99, floor, exit rate "
+                                                            "(null when off)")
 
 
 class Sample(BaseModel):

@@ -116,6 +116,17 @@ class AppArgs(BaseModel):
     coarse: StageOptions = Field(default_factory=lambda: StageOptions(**COARSE_DEFAULTS))
     fine: StageOptions = Field(default_factory=lambda: StageOptions(**FINE_DEFAULTS))
     fused: StageOptions = Field(default_factory=lambda: StageOptions(**FUSED_DEFAULTS))
+    # SLO mode (off while latency_slo_ms is null; serve/slo.py): when the p99 latency the ingress measures
+    # passes the target, the default η steps down the model's η table, never below the floor (min_eta, or
+    # the lowest η whose table accuracy is within max_accuracy_drop of the default's), and back up once p99
+    # falls below slo_recover_ratio × target. Requests that name their own eta/budget_gflops are untouched.
+    latency_slo_ms: Optional[float] = Field(None, gt=0, description="p99 target of SLO mode (null: off)")
+    min_eta: Optional[float] = Field(None, ge=ETA_MIN, le=ETA_MAX, description="SLO mode's lowest η")
+    max_accuracy_drop: Optional[float] = Field(None, ge=0, le=1, description="SLO mode's floor as accuracy")
+    slo_window_s: float = Field(10.0, gt=0, le=600, description="latencies judged by SLO mode")
+    slo_check_s: float = Field(1.0, gt=0, le=60, description="how often SLO mode may take a step")
+    slo_recover_ratio: float = Field(0.6, gt=0, lt=1, description="p99 below this × target steps η up")
+    slo_min_samples: int = Field(20, ge=1, description="latencies needed before SLO mode decides")
     ingress_num_cpus: float = Field(0.1, ge=0.0)
     ingress_autoscaling_config: Optional[Dict[str, Any]] = Field(
         default_factory=lambda: {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 64})

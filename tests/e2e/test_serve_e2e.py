@@ -5,6 +5,7 @@ import json
 import shutil
 import subprocess
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -296,3 +297,43 @@ def test_openapi_contract_holds_under_schemathesis(served, tmp_path):
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
     assert "No issues found" in proc.stdout and "4 selected / 4 total" in proc.stdout
 
+
+
+def test_slo_mode_lowers_eta_under_overload_to_the_floor_and_leaves_asked_eta_alone(served, fmnist_test,
+                                                                                    fmnist_checkpoint):
+    """SLO mode over real HTTP, on a second app beside the test app: with a target no request can meet
+    (1 ms) the default η steps down the η table one step per check, stops at the floor (`min_eta`, above
+    the table's lowest η), says why in GET /v1/model, and a request that names its own η gets that η."""
+    from ray import serve
+
+    from serve.app import build_app
+    from tests.fixtures.serve_app import TEST_ARGS
+
+    assert httpx.get(served + "/v1/model").json()["slo"] is None  # off by default
+    table = httpx.get(served + "/v1/model").json()["eta_table"]
+    below = sorted({round(p["eta"], 6) for p in table if p["eta"] < 0.5})
+    assert len(below) >= 2, table  # the session model's table has points below the default η
+    floor = below[1]  # the table's lowest η lies below the floor
+    args = {**TEST_ARGS, "checkpoint": str(fmnist_checkpoint), "latency_slo_ms": 1, "min_eta": floor,
+            "slo_check_s": 0.2, "slo_min_samples": 2, "slo_window_s": 30}
+    serve.run(build_app(args), name="cfvit-slo", route_prefix="/slo")
+    url = served + "/slo"
+    try:
+        deadline = time.time() + 60
+        while httpx.get(url + "/healthz").status_code != 200 and time.time() < deadline:
+            time.sleep(0.5)
+        used = []
+        for a in list(fmnist_test[0][:40]):
+            r = classify(url, png(a))
+            assert r.status_code == 200, r.text
+            used.append(r.json()["eta"])
+            time.sleep(0.05)
+        slo = httpx.get(url + "/v1/model").json()["slo"]
+        assert used[0] == 0.5 and min(used) >= floor - 1e-9 and used[-1] == pytest.approx(floor)
+        assert used == sorted(used, reverse=True)  # only down while every request misses the target
+        assert slo["eta"] == pytest.approx(floor) and slo["floor_eta"] == pytest.approx(floor)
+        assert "at the floor" in slo["reason"] and slo["latency_slo_ms"] == 1 and 0 <= slo["exit_rate"] <= 1
+        asked = classify(url, png(fmnist_test[0][0]), eta=0.97).json()
+        assert asked["eta"] == 0.97  # answered as asked
+    finally:
+        serve.delete("cfvit-slo")
