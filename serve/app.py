@@ -146,6 +146,9 @@ def _slo_governor(args: AppArgs, table):
     gov.on_change = lambda state: [g.set(float(state[k])) for k, g in gauges.items() if state.get(k) is not None]
     gov.on_change(gov.state())
     logger.info("SLO mode on: p99 target %s ms, eta ladder %s", args.latency_slo_ms, ladder)
+    if len(ladder) == 1:
+        logger.warning("SLO mode has no lower eta to go to: the model's eta table has no point below the default "
+                       "eta %s above the floor (calibrate more budgets, or lower min_eta)", args.eta)
     return gov
 
 
