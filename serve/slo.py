@@ -33,8 +33,8 @@ def eta_ladder(default_eta: float, table: Optional[List[Dict[str, float]]], min_
         ref = min(above)[1] if above else max((a for _, a in points if a is not None), default=None)
         if ref is not None:
             below = [(e, a) for e, a in below if a is not None and a >= ref - max_accuracy_drop]
-    if min_eta is not None:
-        below = [(e, a) for e, a in below if e >= min_eta]
+    if min_eta is not None:  # a floor typed from a table printed to 4-6 digits still includes that point
+        below = [(e, a) for e, a in below if e >= min_eta - 1e-6]
     return [default_eta] + [e for e, _ in below]
 
 

@@ -13,6 +13,7 @@ def test_ladder_and_floor():
     assert eta_ladder(0.9, TABLE) == [0.9, 0.7, 0.5, 0.3, 0.1]
     assert eta_ladder(0.8, TABLE) == [0.8, 0.7, 0.5, 0.3, 0.1]  # the default need not be in the table
     assert eta_ladder(0.9, TABLE, min_eta=0.4) == [0.9, 0.7, 0.5]
+    assert eta_ladder(0.9, [{"eta": 0.2030906}], min_eta=0.203091) == [0.9, 0.2030906]  # a rounded floor
     assert eta_ladder(0.9, TABLE, max_accuracy_drop=0.03) == [0.9, 0.7, 0.5]  # 0.80 - 0.77 <= 0.03
     assert eta_ladder(0.8, TABLE, max_accuracy_drop=0.02) == [0.8, 0.7]  # reference: the point above 0.8
     assert eta_ladder(0.5, None) == [0.5]  # no table: nowhere to go
