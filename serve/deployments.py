@@ -70,7 +70,7 @@ class _Stage:
     """Model, placement and the batched stage functions; the deployments below choose which they run."""
 
     def __init__(self, checkpoint: str, options: Dict[str, Any], stage: str):
-        opts = StageOptions(**options)
+        self.opts = opts = StageOptions(**options)
         self.model, _ = load_model(checkpoint, threads_for(opts.num_cpus, opts.torch_threads))
         self.device, self.dtype = placement(opts.num_gpus, opts.precision)
         self.model.to(self.device)
@@ -162,6 +162,17 @@ class _Stage:
         timing.update({f"{stage}_queue": _ms(queue), f"{stage}_compute": t["compute"], f"{stage}_batch": t["batch"]})
         return out
 
+    @staticmethod
+    async def _each(name: str, sent_at: float, items: List[Any], answer) -> List[Dict[str, Any]]:
+        """`answer(item, timing, arrived)` for every image of one call, concurrently; each reply carries its
+        timings (`<name>_in` first) and the moment it left the replica (`done_at`, for `<name>_out`)."""
+        now = time.time()
+        timings = [_arrived(name, sent_at) for _ in items]
+        outs = await asyncio.gather(*(answer(x, t, now) for x, t in zip(items, timings)))
+        for out, t in zip(outs, timings):
+            out["t"] = {**t, "done_at": time.time()}
+        return outs
+
 
 def _arrived(name: str, sent_at: float) -> Dict[str, float]:
     return {f"{name}_in": _ms(max(0.0, time.time() - sent_at))}
@@ -171,33 +182,30 @@ def _arrived(name: str, sent_at: float) -> Dict[str, float]:
 class CoarseStage(_Stage):
     def __init__(self, checkpoint: str, options: Dict[str, Any], handoff: str = "direct"):
         super().__init__(checkpoint, options, "coarse")
-        opts = StageOptions(**options)
-        self._coarse = GreedyBatcher(self._coarse_batch, opts.max_batch_size, opts.batch_wait_timeout_s)
+        self._coarse = GreedyBatcher(self._coarse_batch, self.opts.max_batch_size, self.opts.batch_wait_timeout_s)
         self.handoff = handoff
 
     async def run(self, images: List[Any], etas: List[float], sent_at: float) -> List[Dict[str, Any]]:
+        return await self._each("coarse", sent_at, list(zip(images, etas)), self._one)
+
+    async def _one(self, item, t: Dict[str, float], arrived: float) -> Dict[str, Any]:
+        """One image's coarse answer; a hard one carries image + coarse state for the fine stage."""
         import ray
 
-        now = time.time()
-        timings = [_arrived("coarse", sent_at) for _ in images]
-        outs = await asyncio.gather(*(self._queued("coarse", self._coarse(x, e), t, now)
-                                      for x, e, t in zip(images, etas, timings)))
-        for out, x, t in zip(outs, images, timings):
-            out["t"] = t
-            state = out.pop("state")
-            if state is not None:
-                handoff = {"image": x, "state": state}
-                out["handoff"] = ray.put(handoff) if self.handoff == "direct" else handoff
-            out["t"]["done_at"] = time.time()
-        return outs
+        image, eta = item
+        out = await self._queued("coarse", self._coarse(image, eta), t, arrived)
+        state = out.pop("state")
+        if state is not None:
+            handoff = {"image": image, "state": state}
+            out["handoff"] = ray.put(handoff) if self.handoff == "direct" else handoff
+        return out
 
 
 @serve.deployment(name="FineStage", max_ongoing_requests=256)
 class FineStage(_Stage):
     def __init__(self, checkpoint: str, options: Dict[str, Any]):
         super().__init__(checkpoint, options, "fine")
-        opts = StageOptions(**options)
-        self._fine = GreedyBatcher(self._fine_batch, opts.max_batch_size, opts.batch_wait_timeout_s)
+        self._fine = GreedyBatcher(self._fine_batch, self.opts.max_batch_size, self.opts.batch_wait_timeout_s)
 
     async def run(self, handoffs: List[Any], sent_at: float) -> List[Dict[str, Any]]:
         """`handoffs`: {image, state} per hard image, or object references to them (fetched here)."""
@@ -226,11 +234,12 @@ class FusedStage(_Stage):
 
     def __init__(self, checkpoint: str, options: Dict[str, Any]):
         super().__init__(checkpoint, options, "fused")
-        opts = StageOptions(**options)
+        opts = self.opts
         self._coarse = GreedyBatcher(self._coarse_batch, opts.max_batch_size, opts.batch_wait_timeout_s)
         self._fine = GreedyBatcher(self._fine_batch, opts.fine_batch_size, opts.fine_wait_timeout_s)
 
-    async def _one(self, image, eta: float, t: Dict[str, float], arrived: float) -> Dict[str, Any]:
+    async def _one(self, item, t: Dict[str, float], arrived: float) -> Dict[str, Any]:
+        image, eta = item
         coarse = await self._queued("coarse", self._coarse(image, eta), t, arrived)
         state = coarse.pop("state")
         if state is None:
@@ -239,12 +248,7 @@ class FusedStage(_Stage):
         return {"probs": fine["probs"], "selected": fine["selected"], "coarse_probs": coarse["probs"], "exit": False}
 
     async def run(self, images: List[Any], etas: List[float], sent_at: float) -> List[Dict[str, Any]]:
-        now = time.time()
-        timings = [_arrived("fused", sent_at) for _ in images]
-        outs = await asyncio.gather(*(self._one(x, e, t, now) for x, e, t in zip(images, etas, timings)))
-        for out, t in zip(outs, timings):
-            out["t"] = {**t, "done_at": time.time()}
-        return outs
+        return await self._each("fused", sent_at, list(zip(images, etas)), self._one)
 
 
 @serve.deployment(name="BackboneStage", max_ongoing_requests=256)
@@ -253,15 +257,10 @@ class BackboneStage(_Stage):
 
     def __init__(self, checkpoint: str, options: Dict[str, Any]):
         super().__init__(checkpoint, options, "backbone")
-        opts = StageOptions(**options)
-        self._backbone = GreedyBatcher(self._backbone_batch, opts.max_batch_size, opts.batch_wait_timeout_s)
+        self._backbone = GreedyBatcher(self._backbone_batch, self.opts.max_batch_size,
+                                       self.opts.batch_wait_timeout_s)
 
     async def run(self, images: List[Any], sent_at: float) -> List[Dict[str, Any]]:
-        now = time.time()
-        timings = [_arrived("backbone", sent_at) for _ in images]
-        outs = await asyncio.gather(*(self._queued("backbone", self._backbone(x), t, now)
-                                      for x, t in zip(images, timings)))
-        for out, t in zip(outs, timings):
-            out["t"] = {**t, "done_at": time.time()}
-        return outs
+        return await self._each("backbone", sent_at, images,
+                                lambda x, t, arrived: self._queued("backbone", self._backbone(x), t, arrived))
 
