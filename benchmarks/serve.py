@@ -131,16 +131,6 @@ def ratio_at_equal_p99(cf: List[Dict[str, Any]], base: List[Dict[str, Any]]) -> 
     return out
 
 
-def eta_for_exit_rate(confidences: Sequence[float], rate: float) -> float:
-    """η such that a share `rate` of the images (by their top coarse probability) exits."""
-    srt = np.sort(np.asarray(confidences, dtype=np.float64))[::-1]
-    if rate <= 0:
-        return float(np.nextafter(np.float32(srt[0]), np.float32(np.inf)))
-    if rate >= 1:
-        return 0.0
-    return float(srt[max(0, int(round(rate * len(srt))) - 1)])
-
-
 def offline_reference(checkpoint: str, files: List[bytes], batch_size: int, n_batches: int,
                       eta: Optional[float], exit_rate: Optional[float], threads: int) -> Dict[str, Any]:
     """The same images through the library in this process: coarse confidences (→ η for `exit_rate`),
@@ -153,6 +143,8 @@ def offline_reference(checkpoint: str, files: List[bytes], batch_size: int, n_ba
     from jobs.common.storage import resolve_checkpoint
     from serve.inputs import PixelTransform, normalise
 
+    from .throughput import eta_for_exit_fraction
+
     torch.set_num_threads(threads)
     model = cfvit.load(str(resolve_checkpoint(checkpoint))).eval()
     pt = PixelTransform(model.data_config)
@@ -160,7 +152,7 @@ def offline_reference(checkpoint: str, files: List[bytes], batch_size: int, n_ba
     with torch.inference_mode():
         conf = torch.cat([model.coarse_stage(b).logits.float().softmax(-1).amax(-1) for b in x.split(batch_size)])
     if exit_rate is not None:
-        eta = eta_for_exit_rate(conf.tolist(), exit_rate)
+        eta = eta_for_exit_fraction(conf, exit_rate)
     batches = [x[(i * batch_size) % len(x):][:batch_size] for i in range(n_batches)]
     batches = [b for b in batches if len(b) == batch_size] or [x[:batch_size]]
 

@@ -87,7 +87,7 @@ def throughput(model_name: str = "cfvit_deit_small_patch16_224", batch_size: int
         conf = torch.cat([s.logits.float().softmax(-1).amax(-1) for s in states])
 
         for f in exit_fractions:
-            eta = _eta_for_exit_fraction(conf, f)
+            eta = eta_for_exit_fraction(conf, f)
             exits = float(torch.cat([exit_mask(s.logits, eta) for s in states]).float().mean())
             # The streaming path runs compiled stages too, when asked, via the model's methods.
             with _patched_stages(model, coarse, fine):
@@ -138,13 +138,17 @@ def _patched_stages(model, coarse, fine):
         del model.coarse_stage, model.fine_stage
 
 
-def _eta_for_exit_fraction(conf: torch.Tensor, f: float) -> float:
-    """η such that a share f of `conf` is >= η."""
+def eta_for_exit_fraction(conf, f: float) -> float:
+    """η such that a share f of the coarse confidences `conf` (a tensor on any device, an array or a list)
+    is >= η. f = 0: just above the largest (float32, as the exit rule compares)."""
+    import numpy as np
+
+    c = conf.detach().cpu().numpy() if hasattr(conf, "detach") else np.asarray(conf)
+    srt = np.sort(c.ravel())[::-1]
     if f <= 0:
-        return float(torch.nextafter(conf.max(), torch.tensor(float("inf"), device=conf.device)))
+        return float(np.nextafter(np.float32(srt[0]), np.float32(np.inf)))
     if f >= 1:
         return 0.0
-    srt = conf.sort(descending=True).values
     return float(srt[max(0, int(round(f * len(srt))) - 1)])
 
 

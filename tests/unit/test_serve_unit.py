@@ -78,7 +78,8 @@ def test_server_timing_round_trip():
 
 
 def test_bench_system_specs_and_eta_for_an_exit_rate():
-    from benchmarks.serve import eta_for_exit_rate, label, system_args
+    from benchmarks.serve import label, system_args
+    from benchmarks.throughput import eta_for_exit_fraction
 
     args = system_args("f32:split wire_dtype=float32 coarse.torch_threads=2", "ckpt", 0.3, 1, 16)
     assert label("f32:split wire_dtype=float32") == "f32" and args["wire_dtype"] == "float32"
@@ -86,8 +87,8 @@ def test_bench_system_specs_and_eta_for_an_exit_rate():
     AppArgs(**args)
     assert system_args("fused", "ckpt", 0.3, 1, 16)["fused"]["num_replicas"] == 2
     conf = [0.9, 0.8, 0.7, 0.6]
-    assert eta_for_exit_rate(conf, 0.5) == 0.8 and eta_for_exit_rate(conf, 1.0) == 0.0
-    assert eta_for_exit_rate(conf, 0.0) > 0.9
+    assert eta_for_exit_fraction(conf, 0.5) == 0.8 and eta_for_exit_fraction(conf, 1.0) == 0.0
+    assert eta_for_exit_fraction(conf, 0.0) > 0.9
 
 
 def test_pixels_then_batched_normalisation_equal_the_eval_transform():
