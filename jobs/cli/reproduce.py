@@ -12,11 +12,16 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     @app.command("reproduce")
     def reproduce_cmd(
         quick: bool = typer.Option(False, "--quick", help="Minutes: small subset, tiny model, 1 epoch (mechanics only)."),
+        model: Optional[str] = typer.Option(None, "--model", help="cfvit_tiny32_fmnist (default: 32 px, 8x8 fine / 4x4 "
+                                            "coarse) or cfvit_tiny_fmnist (56 px, 14x14 / 7x7: DeiT-S's 196 / 49 tokens)."),
+        device: Optional[str] = typer.Option(None, "--device", help="cpu (default) or cuda (bf16 autocast)."),
+        loader_workers: Optional[int] = typer.Option(None, "--loader-workers",
+                                                     help="DataLoader processes for the transforms (default 0)."),
         full: bool = typer.Option(False, "--full", help="Also retrain the reuse (mlp/linear/none) and loss (CE+CE) ablations."),
         out: str = typer.Option("docs", "--out", help="Folder for RESULTS.md, results.json and figures/."),
         epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs of every arm."),
         seed: Optional[int] = typer.Option(None, "--seed"),
-        train_limit: Optional[int] = typer.Option(None, "--train-limit", help="Training images (default: 30000; 0: all 60k)."),
+        train_limit: Optional[int] = typer.Option(None, "--train-limit", help="Training images (default or 0: all 60k)."),
         test_limit: Optional[int] = typer.Option(None, "--test-limit", help="Test images (default or 0: all 10k)."),
         embed_dim: Optional[int] = typer.Option(None, "--embed-dim"),
         depth: Optional[int] = typer.Option(None, "--depth"),
@@ -31,7 +36,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
 
         try:
             cfg = make_config(quick, full, epochs=epochs, seed=seed, train_limit=train_limit, test_limit=test_limit,
-                              embed_dim=embed_dim, depth=depth, num_heads=num_heads, batch_size=batch_size, lr=lr)
+                              embed_dim=embed_dim, depth=depth, num_heads=num_heads, batch_size=batch_size, lr=lr,
+                              model=model, device=device, loader_workers=loader_workers)
         except ValueError as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None

@@ -1,7 +1,8 @@
-"""Reproduce CF-ViT's claims in miniature on Fashion-MNIST (28 px upsampled to 56 px, patch 4: 196 fine /
-49 coarse tokens, as DeiT-S at 224 px).
+"""Reproduce CF-ViT's claims in miniature on Fashion-MNIST. Two token grids: the default 28 px resized to 32 px,
+patch 4 (8×8 fine / 4×4 coarse, cheap enough on 2 CPU cores to train both arms to a plateau), or
+`--model cfvit_tiny_fmnist`: 28 px upsampled to 56 px, patch 4 (196 fine / 49 coarse tokens, as DeiT-S at 224 px).
 
-    cfvit reproduce [--quick] [--full] [--out docs] [--epochs N] [--seed S]   (also python -m jobs.reproduce)
+    cfvit reproduce [--quick] [--full] [--out docs] [--epochs N] [--seed S] [--device cuda]
 
 Trains (a) the backbone alone on all 196 tokens and (b) CF-ViT on the same backbone with the same recipe
 (timm AdamW + cosine schedule, timm train transform, same epochs/batch/lr/seed and data order), evaluates
@@ -19,23 +20,29 @@ from typing import Callable, Optional
 ETAS = (0.0, 0.5, 0.75, 0.9, 1.0)
 EXIT_ETAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)  # Fig. 8 sweep
 SELECTIONS = ("gca", "last", "random", "negative")
-MODEL = "cfvit_tiny_fmnist"
+MODEL = "cfvit_tiny32_fmnist"  # the default grid
+MODELS = {"cfvit_tiny32_fmnist": ("28 px resized to 32 px, patch 4", "8×8 fine / 4×4 coarse grid (64 / 16 tokens)"),
+          "cfvit_tiny_fmnist": ("28 px upsampled to 56 px, patch 4",
+                                "14×14 fine / 7×7 coarse grid (196 / 49 tokens, DeiT-S's counts)")}
+DEVICES = ("cpu", "cuda")
 PAPER = {"flops_fraction_at_backbone_accuracy_max": 0.45, "selection_order": list(SELECTIONS)}
 
 
 @dataclass
 class ReproConfig:
-    epochs: int = 3
+    # The default: both arms to a plateau in about 75 min on 2 CPU cores (docs/RESULTS.md says whether they got there).
+    epochs: int = 30
     seed: int = 0
-    train_limit: Optional[int] = 30000  # None: all 60k training images
+    train_limit: Optional[int] = None  # None or 0: all 60k training images
     test_limit: Optional[int] = None  # None: all 10k test images
+    model: str = MODEL
     embed_dim: int = 64
-    depth: int = 6
-    num_heads: int = 2
-    batch_size: int = 64  # small batches: a few epochs on CPU need enough optimizer steps for a ViT from scratch
-    lr: float = 1e-3
+    depth: int = 4
+    num_heads: int = 4
+    batch_size: int = 128
+    lr: float = 2e-3
     weight_decay: float = 0.05
-    warmup_epochs: int = 0
+    warmup_epochs: int = 1
     min_lr: float = 1e-5
     clip_grad: float = 1.0
     split_fraction: float = 2 / 3  # epochs [0, round(2/3 * epochs)) re-split every patch
@@ -44,6 +51,8 @@ class ReproConfig:
     bench_images: int = 1024  # test images timed for the throughput ratio
     bench_batch: int = 256
     n_regions: int = 16  # images in the Fig. 9 grid
+    device: str = "cpu"  # "cuda": model and batches on the GPU, bf16 autocast
+    loader_workers: int = 0  # DataLoader processes for the per-image transforms (a GPU run wants several)
     full: bool = False
     quick: bool = False
 
@@ -61,6 +70,12 @@ class ReproConfig:
             bad.append(f"lr={self.lr!r} (must be > 0)")
         if self.train_limit and self.train_limit < self.batch_size:
             bad.append(f"train_limit={self.train_limit} is smaller than batch_size={self.batch_size} (no full batch)")
+        if self.model not in MODELS:
+            bad.append(f"model={self.model!r} (one of {', '.join(MODELS)})")
+        if self.device not in DEVICES:
+            bad.append(f"device={self.device!r} (one of {', '.join(DEVICES)})")
+        if not isinstance(self.loader_workers, int) or self.loader_workers < 0:
+            bad.append(f"loader_workers={self.loader_workers!r} (must be >= 0)")
         if self.embed_dim % self.num_heads:
             bad.append(f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}")
         if bad:
@@ -71,7 +86,7 @@ class ReproConfig:
 
 
 QUICK = dict(epochs=1, train_limit=256, test_limit=128, embed_dim=32, depth=3, num_heads=2, batch_size=64,
-             bench_images=64, bench_batch=32, n_regions=8, quick=True)
+             warmup_epochs=0, bench_images=64, bench_batch=32, n_regions=8, quick=True)
 
 
 def make_config(quick: bool = False, full: bool = False, **overrides) -> ReproConfig:
@@ -130,11 +145,30 @@ class ArmResult:
     train_seconds: float = 0.0
 
 
+def autocast(device: str):
+    """bf16 autocast on a GPU (where it pays), nothing on the CPU (fp32 there, as every CPU figure so far)."""
+    import contextlib
+
+    import torch
+
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
+
+
+def _loader(cfg: ReproConfig, train_set):
+    import torch
+
+    return torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+                                       generator=torch.Generator().manual_seed(cfg.seed), num_workers=cfg.loader_workers,
+                                       pin_memory=cfg.device == "cuda", persistent_workers=cfg.loader_workers > 0)
+
+
 # ~60 lines: the one training loop every arm shares; split, the recipe would no longer read as one.
 def train_arm(name: str, cfg: ReproConfig, train_set, *, backbone_only: bool = False, reuse: str = "mlp",
-              coarse_loss: str = "kl", log_epoch: Optional[Callable[[dict, int], None]] = None):
+              coarse_loss: str = "kl", log_epoch: Optional[Callable[[dict, int], None]] = None,
+              evaluate: Optional[Callable[[object], dict]] = None):
     """Train one arm with the shared recipe. The model is always built as CF-ViT with the same seed, so the
-    backbone arm starts from exactly the same backbone weights and sees the same batches in the same order."""
+    backbone arm starts from exactly the same backbone weights and sees the same batches in the same order.
+    `evaluate(model)` (test-set metrics, model in eval mode) runs after every epoch: the history shows the plateau."""
     import torch
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
@@ -143,31 +177,32 @@ def train_arm(name: str, cfg: ReproConfig, train_set, *, backbone_only: bool = F
     from cfvit.losses import cfvit_loss, classification_loss
 
     torch.manual_seed(cfg.seed)
-    model = cfvit.create_model(MODEL, reuse=reuse, **cfg.model_kwargs())
+    model = cfvit.create_model(cfg.model, reuse=reuse, **cfg.model_kwargs()).to(cfg.device)
     params = model.vit if backbone_only else model
     optimizer = create_optimizer_v2(params, opt="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
-    loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-                                         generator=torch.Generator().manual_seed(cfg.seed), num_workers=0)
+    loader = _loader(cfg, train_set)
     steps = len(loader)
     # per-step cosine: with a handful of epochs a per-epoch schedule would be too coarse
     scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
                                        min_lr=cfg.min_lr, step_on_epochs=False, updates_per_epoch=steps)
     res = ArmResult(name)
     t0 = time.perf_counter()
-    model.train()
     for epoch in range(cfg.epochs):
         split_all = epoch < cfg.split_epochs
         te = time.perf_counter()
         tot = {"loss": 0.0, "correct": 0, "coarse_correct": 0, "n": 0}
+        model.train()
         for i, (x, y) in enumerate(loader):
-            if backbone_only:
-                logits = model.vit(x)
-                loss = classification_loss(logits, y)
-            else:
-                out = model(x, split_all=split_all)
-                loss, _ = cfvit_loss(out.coarse_logits, out.fine_logits, y, coarse_loss=coarse_loss)
-                logits = out.fine_logits
-                tot["coarse_correct"] += int((out.coarse_logits.argmax(-1) == y).sum())
+            x, y = x.to(cfg.device, non_blocking=True), y.to(cfg.device, non_blocking=True)
+            with autocast(cfg.device):
+                if backbone_only:
+                    logits = model.vit(x)
+                    loss = classification_loss(logits, y)
+                else:
+                    out = model(x, split_all=split_all)
+                    loss, _ = cfvit_loss(out.coarse_logits, out.fine_logits, y, coarse_loss=coarse_loss)
+                    logits = out.fine_logits
+                    tot["coarse_correct"] += int((out.coarse_logits.argmax(-1) == y).sum())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params.parameters(), cfg.clip_grad)
@@ -176,22 +211,29 @@ def train_arm(name: str, cfg: ReproConfig, train_set, *, backbone_only: bool = F
             tot["loss"] += loss.item() * len(y)
             tot["correct"] += int((logits.argmax(-1) == y).sum())
             tot["n"] += len(y)
-            if i % 50 == 0 or i == steps - 1:
-                el = time.perf_counter() - te
-                _log(f"{name} epoch {epoch + 1}/{cfg.epochs} step {i + 1}/{steps} loss {loss.item():.3f} "
-                     f"({tot['n'] / max(el, 1e-9):.1f} img/s{', split-all' if split_all and not backbone_only else ''})")
         m = {"epoch": epoch + 1, "train_loss": tot["loss"] / tot["n"], "train_top1": tot["correct"] / tot["n"],
              "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": time.perf_counter() - te,
              "split_all": int(split_all and not backbone_only)}
         if not backbone_only:
             m["train_coarse_top1"] = tot["coarse_correct"] / tot["n"]
+        model.eval()
+        model.split_all = False
+        if evaluate:
+            m.update(evaluate(model))
         res.history.append(m)
+        _log(_epoch_line(name, cfg, m, tot["n"]))
         if log_epoch:
             log_epoch(m, epoch + 1)
     res.train_seconds = time.perf_counter() - t0
-    model.eval()
-    model.split_all = False
     return model, res
+
+
+def _epoch_line(name: str, cfg: ReproConfig, m: dict, n: int) -> str:
+    labels = {"test_coarse_top1": "test coarse", "test_top1": "test"}
+    test = "".join(f", {labels[k]} {100 * m[k]:.2f}%" for k in labels if k in m)
+    phase = " split-all" if m["split_all"] else ""
+    return (f"{name} epoch {m['epoch']}/{cfg.epochs}{phase}: loss {m['train_loss']:.3f}, train {100 * m['train_top1']:.2f}%"
+            f"{test} ({n / m['epoch_seconds']:.0f} img/s)")
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
