@@ -26,6 +26,9 @@ class EtaCurve:
     exit_fraction: np.ndarray
     coarse_gflops: float
     fine_gflops: float
+    # Among the images that exit at each η, the share whose coarse answer equals the fine stage's (NaN where
+    # none exit): what serving's drift monitor compares its shadowed images with.
+    agreement: Optional[np.ndarray] = None
 
     def __len__(self) -> int:
         return len(self.eta)
@@ -62,6 +65,7 @@ def eta_curve(coarse_probs, fine_probs, labels, *, coarse_gflops: float, fine_gf
     conf_sorted = conf[order]
     coarse_cum = np.concatenate([[0], np.cumsum(coarse_ok[order])])
     fine_cum = np.concatenate([[0], np.cumsum(fine_ok[order])])
+    agree_cum = np.concatenate([[0], np.cumsum((cp.argmax(axis=1) == fp.argmax(axis=1))[order])])
     # η = a distinct confidence c lets out every sample with conf >= c: the end of its tie group.
     last_of_group = np.flatnonzero(np.append(conf_sorted[1:] != conf_sorted[:-1], True))
     exits = np.concatenate([[0], last_of_group + 1])  # plus "nobody exits"
@@ -70,9 +74,33 @@ def eta_curve(coarse_probs, fine_probs, labels, *, coarse_gflops: float, fine_gf
     correct = coarse_cum[exits] + (fine_cum[-1] - fine_cum[exits])
     frac = exits / n
     gflops = coarse_gflops + (1.0 - frac) * fine_gflops
+    with np.errstate(invalid="ignore", divide="ignore"):
+        agreement = np.where(exits > 0, agree_cum[exits] / np.maximum(exits, 1), np.nan)
     rev = slice(None, None, -1)  # ascending η
     return EtaCurve(eta=etas[rev], accuracy=(correct / n)[rev], gflops=gflops[rev], exit_fraction=frac[rev],
-                    coarse_gflops=float(coarse_gflops), fine_gflops=float(fine_gflops))
+                    coarse_gflops=float(coarse_gflops), fine_gflops=float(fine_gflops), agreement=agreement[rev])
+
+
+# η values at which a checkpoint records the calibrated exit rate and coarse–fine agreement (serving's drift
+# monitor reads the nearest one at or below its current η).
+PROFILE_ETAS = tuple(round(0.05 * i, 2) for i in range(20)) + (0.97, 0.99, 1.0)
+
+
+def agreement_profile(curve: EtaCurve, etas: Sequence[float] = PROFILE_ETAS) -> list[dict]:
+    """[{eta, exit_fraction, agreement}] at each η: the calibrated exit rate and, among the images exiting
+    there, the share whose coarse answer equals the fine one (None where none exit)."""
+    if curve.agreement is None:
+        return []
+    rows = []
+    for eta in etas:
+        i = int(np.searchsorted(curve.eta, np.float32(eta), side="left"))  # the point that lets out conf >= η
+        if i >= len(curve.eta):  # above every confidence: nobody exits
+            rows.append({"eta": float(eta), "exit_fraction": 0.0, "agreement": None})
+            continue
+        agree = float(curve.agreement[i])
+        rows.append({"eta": float(eta), "exit_fraction": float(curve.exit_fraction[i]),
+                     "agreement": agree if np.isfinite(agree) else None})
+    return rows
 
 
 def eta_for_budget(curve: EtaCurve, gflops: float) -> EtaPoint:

@@ -61,7 +61,7 @@ def save(model, path, **metadata) -> Path:
     if any(carried.get(k) is not None and carried.get(k) != now[k] for k in ("alpha", "beta", "selection")):
         # An η table (and its calibration record) was chosen for other inference settings: its accuracies
         # and GFLOPs no longer hold. Dropped unless the caller passes a fresh one.
-        for k in ("eta_table", "calibration"):
+        for k in ("eta_table", "calibration", "agreement_profile"):
             carried.pop(k, None)
     config = {**carried, **metadata, **now}
     text = json.dumps(config, indent=2, default=_jsonable)  # fails before anything is written

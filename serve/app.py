@@ -19,11 +19,13 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .deployments import BackboneStage, CoarseStage, FineStage, FusedStage
+from .drift import monitor_for
 from .inputs import (RAW_TYPES, APIError, PixelTransform, check_count, decode_to_pixels, media_type, normalise,
                      parse_json_body, read_body, resolve_eta)
 from .samples import sample_images
 from .schemas import BatchPrediction, ClassifyJSON, ErrorBody, Health, ModelInfo, Prediction, Samples, TopClass
 from .settings import ETA_MAX, ETA_MIN, AppArgs
+from .slo import governor_for
 from .timing import server_timing
 
 logger = logging.getLogger("ray.serve")
@@ -127,31 +129,6 @@ def _normalise_table(raw) -> Optional[List[Dict[str, float]]]:
     return points
 
 
-# Above the class: Serve serialises the ingress class where it is decorated, with the names defined by then.
-def _slo_governor(args: AppArgs, table):
-    """SLO mode's governor with its Serve metrics, or None when `latency_slo_ms` is unset."""
-    if args.latency_slo_ms is None:
-        return None
-    from ray.serve import metrics
-
-    from .slo import EtaGovernor, eta_ladder
-
-    ladder = eta_ladder(args.eta, table, args.min_eta, args.max_accuracy_drop)
-    gov = EtaGovernor(ladder, args.latency_slo_ms, window_s=args.slo_window_s, check_s=args.slo_check_s,
-                      recover_ratio=args.slo_recover_ratio, min_samples=args.slo_min_samples)
-    gauges = {"eta": metrics.Gauge("cfvit_slo_eta", description="default eta chosen by SLO mode"),
-              "p99_ms": metrics.Gauge("cfvit_slo_p99_ms", description="p99 latency SLO mode last judged"),
-              "exit_rate": metrics.Gauge("cfvit_slo_exit_rate", description="coarse exits in SLO mode's window"),
-              "level": metrics.Gauge("cfvit_slo_level", description="steps below the default eta (0: none)")}
-    gov.on_change = lambda state: [g.set(float(state[k])) for k, g in gauges.items() if state.get(k) is not None]
-    gov.on_change(gov.state())
-    logger.info("SLO mode on: p99 target %s ms, eta ladder %s", args.latency_slo_ms, ladder)
-    if len(ladder) == 1:
-        logger.warning("SLO mode has no lower eta to go to: the model's eta table has no point below the default "
-                       "eta %s above the floor (calibrate more budgets, or lower min_eta)", args.eta)
-    return gov
-
-
 @serve.deployment(name="CFViTIngress", max_ongoing_requests=128)
 @serve.ingress(api)
 class CFViTIngress:
@@ -195,7 +172,9 @@ class CFViTIngress:
             stages=self.args.stages,
         )
         self.samples = Samples(samples=sample_images(self.class_names))
-        self.slo = _slo_governor(self.args, self.eta_table)
+        self.slo = governor_for(self.args, self.eta_table)
+        self.drift = monitor_for(self.args, cfg.get("agreement_profile"))
+        self._shadow_tasks: set = set()  # referenced until done (the loop keeps only weak references)
         del model
 
     # ------------------------------------------------------------------ routes
@@ -209,7 +188,8 @@ class CFViTIngress:
 
     @api.get("/v1/model", response_model=ModelInfo)
     async def model_info(self) -> ModelInfo:
-        return self.info if self.slo is None else self.info.model_copy(update={"slo": self.slo.state()})
+        update = {"slo": self.slo.state() if self.slo else None, "drift": self.drift.state() if self.drift else None}
+        return self.info.model_copy(update=update)
 
     @api.get("/v1/samples", response_model=Samples)
     async def sample_list(self) -> Samples:
@@ -242,6 +222,8 @@ class CFViTIngress:
         response.headers["Server-Timing"] = server_timing([a["t"] for a in answers], timing, total_ms)
         if self.slo is not None:
             self.slo.observe(total_ms, [p.stage for p in preds])
+        if self.drift is not None:
+            self.drift.observe_exits([eta_value] * len(preds), [p.stage == "coarse" for p in preds])
         if batch:
             return BatchPrediction(predictions=preds, gflops=sum(p.gflops for p in preds))
         return preds[0]
@@ -283,13 +265,16 @@ class CFViTIngress:
         if stages == "backbone":
             answers = await self.model.run.remote(images, time.time())
         else:
-            answers = await self.model.run.remote(images, [eta] * len(images), time.time())
+            shadows = self.drift.pick_shadows(len(images)) if self.drift is not None else None
+            answers = await self.model.run.remote(images, [eta] * len(images), time.time(), shadows)
         received = time.time()
         first = {"backbone": "backbone", "fused": "fused", "split": "coarse"}[stages]
         for a in answers:
             a["t"][f"{first}_out"] = (received - a["t"].pop("done_at")) * 1000
             a["stage"] = "backbone" if stages == "backbone" else ("coarse" if a["exit"] else "fine")
             a.setdefault("coarse_probs", a["probs"])
+        self._shadow([(a.pop("handoff"), eta, int(a["probs"].argmax())) for a in answers
+                       if a["exit"] and "handoff" in a])
         hard = [a for a in answers if stages == "split" and not a["exit"]]
         if hard:
             fine = await self.fine.run.remote([a.pop("handoff") for a in hard], time.time())
@@ -299,6 +284,31 @@ class CFViTIngress:
                 a["t"]["fine_out"] = (received - a["t"].pop("done_at")) * 1000
                 a.update(probs=f["probs"], selected=f["selected"])
         return answers
+
+    def _shadow(self, items: list) -> None:
+        """Send answered (coarse-exit) images through the fine stage in the background, for the drift
+        monitor: the request does not wait for it, and a failure only counts as failed."""
+        items = [it for it in items if self.drift.start_shadow()]
+        if not items:
+            return
+
+        async def check():
+            handoffs = [h for h, _, _ in items]
+            try:
+                if self.args.stages == "split":
+                    fine = await self.fine.run.remote(handoffs, time.time())
+                else:
+                    fine = await self.model.shadow.remote(handoffs)
+                labels = [int(f["probs"].argmax()) for f in fine]
+            except Exception as e:  # noqa: BLE001 - the replies went out already; just count it
+                logger.info("drift monitor: a shadow call failed: %r", e)
+                labels = [None] * len(items)
+            for (_, eta, coarse), fine_label in zip(items, labels):
+                self.drift.shadow_done(eta, coarse, fine_label)
+
+        task = asyncio.get_running_loop().create_task(check())
+        self._shadow_tasks.add(task)
+        task.add_done_callback(self._shadow_tasks.discard)
 
     async def _form_files(self, request: Request, body: bytes) -> List[bytes]:
         sent = False

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from ray import serve
 from ray.serve import metrics
@@ -103,7 +103,7 @@ class _Stage:
         return out, {"started": started, "compute": _ms(dt), "batch": len(args[0])}
 
     # ------------------------------------------------------------------ model passes (executor thread)
-    def _coarse_forward(self, images, etas):
+    def _coarse_forward(self, images, etas, keeps):
         import torch
 
         from cfvit.model import exit_mask
@@ -116,9 +116,10 @@ class _Stage:
             logits = state.logits.float()
             exits = exit_mask(logits, torch.tensor(etas, dtype=torch.float32)).tolist()
             probs = logits.softmax(-1)
-            # A copy per sample (advanced indexing), so only its own tensors are serialised.
-            return [{"probs": probs[i].clone(), "exit": exits[i], "state": None if exits[i] else state[[i]]}
-                    for i in range(len(images))]
+            # A copy per sample (advanced indexing), so only its own tensors are serialised; an exiting image
+            # keeps its state only when the drift monitor shadows it.
+            return [{"probs": probs[i].clone(), "exit": exits[i],
+                     "state": state[[i]] if keeps[i] or not exits[i] else None} for i in range(len(images))]
 
     def _fine_forward(self, images, states):
         import torch
@@ -140,8 +141,8 @@ class _Stage:
             return [{"probs": probs[i].clone()} for i in range(len(images))]
 
     # ------------------------------------------------------------------ batch functions (event loop)
-    async def _coarse_batch(self, images: List[Any], etas: List[float]) -> List[Dict[str, Any]]:
-        out, t = await self._compute("coarse", self._coarse_forward, images, etas)
+    async def _coarse_batch(self, images: List[Any], etas: List[float], keeps: List[bool]) -> List[Dict[str, Any]]:
+        out, t = await self._compute("coarse", self._coarse_forward, images, etas, keeps)
         self.metrics.exited(sum(o["exit"] for o in out), len(out))
         return [{**o, "t": t} for o in out]
 
@@ -185,15 +186,18 @@ class CoarseStage(_Stage):
         self._coarse = GreedyBatcher(self._coarse_batch, self.opts.max_batch_size, self.opts.batch_wait_timeout_s)
         self.handoff = handoff
 
-    async def run(self, images: List[Any], etas: List[float], sent_at: float) -> List[Dict[str, Any]]:
-        return await self._each("coarse", sent_at, list(zip(images, etas)), self._one)
+    async def run(self, images: List[Any], etas: List[float], sent_at: float,
+                  shadows: Optional[List[bool]] = None) -> List[Dict[str, Any]]:
+        """`shadows`: the images whose coarse state is kept even when they exit (the drift monitor's sample)."""
+        return await self._each("coarse", sent_at, list(zip(images, etas, shadows or [False] * len(images))),
+                                self._one)
 
     async def _one(self, item, t: Dict[str, float], arrived: float) -> Dict[str, Any]:
-        """One image's coarse answer; a hard one carries image + coarse state for the fine stage."""
+        """One image's coarse answer; a hard (or shadowed) one carries image + coarse state for the fine stage."""
         import ray
 
-        image, eta = item
-        out = await self._queued("coarse", self._coarse(image, eta), t, arrived)
+        image, eta, keep = item
+        out = await self._queued("coarse", self._coarse(image, eta, keep), t, arrived)
         state = out.pop("state")
         if state is not None:
             handoff = {"image": image, "state": state}
@@ -239,16 +243,27 @@ class FusedStage(_Stage):
         self._fine = GreedyBatcher(self._fine_batch, opts.fine_batch_size, opts.fine_wait_timeout_s)
 
     async def _one(self, item, t: Dict[str, float], arrived: float) -> Dict[str, Any]:
-        image, eta = item
-        coarse = await self._queued("coarse", self._coarse(image, eta), t, arrived)
+        import ray
+
+        image, eta, keep = item
+        coarse = await self._queued("coarse", self._coarse(image, eta, keep), t, arrived)
         state = coarse.pop("state")
-        if state is None:
+        if coarse["exit"]:
+            if state is not None:  # shadowed: the ingress sends it to `shadow` after replying
+                coarse["handoff"] = ray.put({"image": image, "state": state})
             return coarse
         fine = await self._queued("fine", self._fine(image, state), t, time.time())
         return {"probs": fine["probs"], "selected": fine["selected"], "coarse_probs": coarse["probs"], "exit": False}
 
-    async def run(self, images: List[Any], etas: List[float], sent_at: float) -> List[Dict[str, Any]]:
-        return await self._each("fused", sent_at, list(zip(images, etas)), self._one)
+    async def run(self, images: List[Any], etas: List[float], sent_at: float,
+                  shadows: Optional[List[bool]] = None) -> List[Dict[str, Any]]:
+        return await self._each("fused", sent_at, list(zip(images, etas, shadows or [False] * len(images))),
+                                self._one)
+
+    async def shadow(self, handoffs: List[Any]) -> List[Dict[str, Any]]:
+        """The drift monitor's shadowed images (answered already) through this replica's fine pool."""
+        items = await asyncio.gather(*handoffs)
+        return await asyncio.gather(*(self._fine(h["image"], h["state"]) for h in items))
 
 
 @serve.deployment(name="BackboneStage", max_ongoing_requests=256)

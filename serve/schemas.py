@@ -61,6 +61,9 @@ class ModelInfo(BaseModel):
     stages: Literal["split", "fused", "backbone"] = Field(description="the topology serving the model")
     slo: Optional[Dict[str, Any]] = Field(None, description="SLO mode: current η, why, p99, floor, exit rate "
                                                             "(null when off)")
+    drift: Optional[Dict[str, Any]] = Field(None, description="drift monitor: shadowed images, rolling coarse-fine "
+                                                              "agreement and exit rate vs calibration, alert (null "
+                                                              "for the backbone topology)")
 
 
 class Sample(BaseModel):

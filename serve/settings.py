@@ -127,6 +127,18 @@ class AppArgs(BaseModel):
     slo_check_s: float = Field(1.0, gt=0, le=60, description="how often SLO mode may take a step")
     slo_recover_ratio: float = Field(0.6, gt=0, lt=1, description="p99 below this × target steps η up")
     slo_min_samples: int = Field(20, ge=1, description="latencies needed before SLO mode decides")
+    # Drift monitor (serve/drift.py; split and fused): shadow_fraction of the images the coarse stage answers
+    # also go through the fine stage after the reply (0: none); the rolling coarse-fine agreement and the exit
+    # rate are compared with the checkpoint's calibrated agreement_profile at each image's η, and a warning is
+    # logged when agreement falls more than drift_agreement_margin below it, or the exit rate moves more
+    # than drift_exit_rate_margin away from it.
+    shadow_fraction: float = Field(0.01, ge=0, le=1, description="share of coarse answers re-checked by the fine stage")
+    drift_agreement_margin: float = Field(0.1, gt=0, le=1)
+    drift_exit_rate_margin: float = Field(0.15, gt=0, le=1)
+    drift_window: int = Field(200, ge=1, description="shadowed images in the rolling agreement")
+    drift_exit_window: int = Field(500, ge=1, description="answered images in the rolling exit rate")
+    drift_min_samples: int = Field(50, ge=1, description="shadowed images needed before an agreement alert")
+    drift_seed: Optional[int] = Field(None, description="seed of the shadow sampling (tests)")
     ingress_num_cpus: float = Field(0.1, ge=0.0)
     ingress_autoscaling_config: Optional[Dict[str, Any]] = Field(
         default_factory=lambda: {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 64})

@@ -113,3 +113,25 @@ class EtaGovernor:
         return {"enabled": True, "eta": self.current_eta, "level": self.level, "floor_eta": self.floor_eta,
                 "ladder": list(self.ladder), "latency_slo_ms": self.target_ms, "p99_ms": self.p99_ms,
                 "reason": self.reason, "steps": self.steps, "exit_rate": self.exit_rate}
+
+
+def governor_for(args, table) -> Optional[EtaGovernor]:
+    """SLO mode's governor for the app's `AppArgs`, with its Serve metrics; None when `latency_slo_ms` is unset."""
+    if args.latency_slo_ms is None:
+        return None
+    from ray.serve import metrics
+
+    ladder = eta_ladder(args.eta, table, args.min_eta, args.max_accuracy_drop)
+    gov = EtaGovernor(ladder, args.latency_slo_ms, window_s=args.slo_window_s, check_s=args.slo_check_s,
+                      recover_ratio=args.slo_recover_ratio, min_samples=args.slo_min_samples)
+    gauges = {"eta": metrics.Gauge("cfvit_slo_eta", description="default eta chosen by SLO mode"),
+              "p99_ms": metrics.Gauge("cfvit_slo_p99_ms", description="p99 latency SLO mode last judged"),
+              "exit_rate": metrics.Gauge("cfvit_slo_exit_rate", description="coarse exits in SLO mode's window"),
+              "level": metrics.Gauge("cfvit_slo_level", description="steps below the default eta (0: none)")}
+    gov.on_change = lambda state: [g.set(float(state[k])) for k, g in gauges.items() if state.get(k) is not None]
+    gov.on_change(gov.state())
+    logger.info("SLO mode on: p99 target %s ms, eta ladder %s", args.latency_slo_ms, ladder)
+    if len(ladder) == 1:
+        logger.warning("SLO mode has no lower eta to go to: the model's eta table has no point below the default "
+                       "eta %s above the floor (calibrate more budgets, or lower min_eta)", args.eta)
+    return gov

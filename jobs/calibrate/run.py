@@ -87,13 +87,15 @@ def fetch_checkpoint(ref: str, tracking_uri: Optional[str] = None) -> LocalCheck
 def save_calibrated(model, path, variant: Variant, table: list[dict], calibration: dict) -> Path:
     """Write the model with the variant's α/β (so `cfvit.load` rebuilds it that way) and the η table."""
     import cfvit
+    from cfvit.budget import agreement_profile
 
     saved = (model.alpha, model.beta, dict(model.model_kwargs))
     try:
         model.alpha, model.beta = variant.alpha, variant.beta
         if (variant.alpha, variant.beta) != (saved[0], saved[1]):  # rebuilt from model_kwargs by cfvit.load
             model.model_kwargs = {**model.model_kwargs, "alpha": variant.alpha, "beta": variant.beta}
-        return cfvit.save(model, path, eta_table=table, calibration=calibration)
+        return cfvit.save(model, path, eta_table=table, calibration=calibration,
+                          agreement_profile=agreement_profile(variant.curve))
     finally:
         model.alpha, model.beta = saved[0], saved[1]
         model.model_kwargs = saved[2]

@@ -12,11 +12,16 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     @app.command("reproduce")
     def reproduce_cmd(
         quick: bool = typer.Option(False, "--quick", help="Minutes: small subset, tiny model, 1 epoch (mechanics only)."),
+        gpu_recipe: bool = typer.Option(False, "--gpu-recipe", help="One CUDA GPU: 60k images, 100 epochs, batch 1024, "
+                                        "both arms + --full, batched transforms (other options still override)."),
         model: Optional[str] = typer.Option(None, "--model", help="cfvit_tiny32_fmnist (default: 32 px, 8x8 fine / 4x4 "
                                             "coarse) or cfvit_tiny_fmnist (56 px, 14x14 / 7x7: DeiT-S's 196 / 49 tokens)."),
         device: Optional[str] = typer.Option(None, "--device", help="cpu (default) or cuda (bf16 autocast)."),
         loader_workers: Optional[int] = typer.Option(None, "--loader-workers",
                                                      help="DataLoader processes for the transforms (default 0)."),
+        batched_transforms: Optional[bool] = typer.Option(None, "--batched-transforms/--per-image-transforms",
+                                                          help="timm's train transform on whole batches in numpy "
+                                                               "(for a GPU run) or per image with PIL (default)."),
         full: bool = typer.Option(False, "--full", help="Also retrain the reuse (mlp/linear/none) and loss (CE+CE) ablations."),
         out: str = typer.Option("docs", "--out", help="Folder for RESULTS.md, results.json and figures/."),
         epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs of every arm."),
@@ -35,12 +40,19 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         from jobs.reproduce import make_config, reproduce
 
         try:
-            cfg = make_config(quick, full, epochs=epochs, seed=seed, train_limit=train_limit, test_limit=test_limit,
+            cfg = make_config(quick, full, gpu_recipe, epochs=epochs, seed=seed, train_limit=train_limit, test_limit=test_limit,
                               embed_dim=embed_dim, depth=depth, num_heads=num_heads, batch_size=batch_size, lr=lr,
-                              model=model, device=device, loader_workers=loader_workers)
+                              model=model, device=device, loader_workers=loader_workers,
+                              batched_transforms=batched_transforms)
         except ValueError as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
+        if cfg.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                typer.echo("error: --device cuda (or --gpu-recipe) but torch sees no CUDA device here", err=True)
+                raise typer.Exit(2)
         command = "cfvit " + " ".join(map(shlex.quote, sys.argv[1:]))
         res = reproduce(cfg, out, tracking_uri=tracking_uri, command=command, note=note)
         ff = res["flops_fraction_at_backbone_accuracy"]

@@ -43,10 +43,24 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
                                         help="Images in each request (>1: the JSON batch form)."),
         port: int = typer.Option(8123, help="HTTP port of the deployments under test."),
         json_out: Optional[str] = typer.Option(None, "--json", help="Also write the figures to this JSON file."),
+        burst: bool = typer.Option(False, "--burst", help="Instead: an open-loop traffic step (steady, burst, "
+                                   "steady) against the first --system (default split), SLO mode off then on."),
+        rate: float = typer.Option(20.0, min=0.1, help="--burst: steady requests/s (one labelled image each)."),
+        burst_factor: float = typer.Option(3.0, min=1.0, help="--burst: load during the burst ÷ steady load."),
+        phases: str = typer.Option("15,20,20", help="--burst: seconds of steady load, burst, steady again."),
+        slo_ms: float = typer.Option(100.0, min=1.0, help="--burst: SLO mode's p99 target."),
+        min_eta: Optional[float] = typer.Option(None, help="--burst: SLO mode's floor η (default: the table's lowest)."),
+        max_accuracy_drop: Optional[float] = typer.Option(None, help="--burst: SLO mode's floor as accuracy."),
+        plot: Optional[str] = typer.Option(None, help="--burst: write p99, η and top-1 over time to this PNG."),
     ):
         """Throughput, p50/p99 latency and per-hop timings of CF-ViT deployments vs the plain backbone,
-        same hardware, next to the offline ratio of the same checkpoint."""
+        same hardware, next to the offline ratio of the same checkpoint (or, with --burst, a traffic step)."""
         from benchmarks.serve import DEFAULT_SYSTEMS, print_report, run_bench
+
+        if burst:
+            _bench_burst(checkpoint, rate, burst_factor, phases, slo_ms, min_eta, max_accuracy_drop, eta,
+                         (system or ["split"])[0], replicas, batch_size, port, plot, json_out)
+            return
 
         levels: List[int] = [int(c) for c in concurrency.split(",") if c.strip()]
         result = run_bench(checkpoint, levels=levels, duration_s=duration, warmup_s=warmup, eta=eta,
@@ -58,6 +72,26 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
 
             with open(json_out, "w") as f:
                 json.dump(result, f, indent=2)
+
+
+def _bench_burst(checkpoint, rate, factor, phases, slo_ms, min_eta, max_drop, eta, stages, replicas, batch_size,
+                 port, plot, json_out) -> None:
+    from benchmarks.burst import plot_burst, print_burst, run_burst
+
+    try:
+        steady, burst_s, after = (float(p) for p in phases.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"--phases wants three numbers of seconds, got {phases!r}") from None
+    result = run_burst(checkpoint, rate, factor, steady, burst_s, after, slo_ms, min_eta, max_drop, eta, stages,
+                       replicas, batch_size, port)
+    print_burst(result)
+    if plot:
+        plot_burst(result, plot)
+    if json_out:
+        import json
+
+        with open(json_out, "w") as f:
+            json.dump(result, f, indent=2)
 
 
 def _app_args(checkpoint: str, eta: float, stages: str, max_replicas: int, max_images: int) -> dict:

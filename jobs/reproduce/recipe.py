@@ -52,7 +52,11 @@ class ReproConfig:
     bench_batch: int = 256
     n_regions: int = 16  # images in the Fig. 9 grid
     device: str = "cpu"  # "cuda": model and batches on the GPU, bf16 autocast
-    loader_workers: int = 0  # DataLoader processes for the per-image transforms (a GPU run wants several)
+    loader_workers: int = 0  # DataLoader processes for the transforms (a GPU run wants several)
+    # timm's train transform as numpy ops on whole batches (jobs/train/batch_transforms.py: the same
+    # distributions, within one grey level of PIL) instead of PIL per image: 3-5x cheaper per image, what a
+    # GPU run needs to be fed; the CPU default stays per image.
+    batched_transforms: bool = False
     full: bool = False
     quick: bool = False
 
@@ -89,8 +93,19 @@ QUICK = dict(epochs=1, train_limit=256, test_limit=128, embed_dim=32, depth=3, n
              warmup_epochs=0, bench_images=64, bench_batch=32, n_regions=8, quick=True)
 
 
-def make_config(quick: bool = False, full: bool = False, **overrides) -> ReproConfig:
-    cfg = ReproConfig(**(QUICK if quick else {}), full=full)
+# `--gpu-recipe`: all 60k images, 100 epochs, both arms and the --full ablations on one GPU, sized for about
+# 8 minutes on an H100/H200 (docs/RESULTS.md, "GPU recipe": the arithmetic, and whether it has been run).
+# Large batches keep a 64-dim model's steps few (kernel launches, not FLOPs, bound it); the lr grows with
+# about the square root of the batch; whole-batch numpy transforms in 8 loader processes feed it.
+GPU_RECIPE = dict(device="cuda", epochs=100, train_limit=None, batch_size=1024, lr=4e-3, warmup_epochs=5,
+                  batched_transforms=True, loader_workers=8, bench_images=8192, bench_batch=1024, full=True)
+
+
+def make_config(quick: bool = False, full: bool = False, gpu_recipe: bool = False, **overrides) -> ReproConfig:
+    if quick and gpu_recipe:
+        raise ValueError("invalid reproduce config: --quick and --gpu-recipe exclude each other")
+    base = QUICK if quick else GPU_RECIPE if gpu_recipe else {}
+    cfg = ReproConfig(**{**base, "full": full or bool(base.get("full"))})
     return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -107,6 +122,31 @@ def _subset(images, labels, limit: Optional[int], seed: int):
         return images, labels
     idx = np.random.default_rng(seed).permutation(len(labels))[:limit]
     return images[idx], labels[idx]
+
+
+class _Batches:
+    """Whole training batches through `jobs.train.batch_transforms` (numpy), one seeded permutation per epoch;
+    the DataLoader is built with batch_size=None and indexes batches."""
+
+    def __init__(self, images, labels, data_config: dict, cfg: "ReproConfig"):
+        self.images, self.labels, self.data_config, self.cfg = images, labels, data_config, cfg
+        self.aug = {"scale": tuple(cfg.scale), "hflip": cfg.hflip}
+        self.epoch = 0
+
+    def __len__(self):
+        return len(self.labels) // self.cfg.batch_size  # drop_last
+
+    def __getitem__(self, i):
+        import numpy as np
+        import torch
+
+        from jobs.train import batch_transforms
+
+        bs = self.cfg.batch_size
+        idx = np.random.default_rng((self.cfg.seed, self.epoch)).permutation(len(self.labels))[i * bs:(i + 1) * bs]
+        rng = np.random.default_rng((self.cfg.seed, self.epoch, i))
+        x = batch_transforms.transform(self.images[idx], self.data_config, True, self.aug, rng)
+        return torch.from_numpy(x), torch.from_numpy(np.asarray(self.labels[idx], dtype=np.int64))
 
 
 class _Images:
@@ -131,7 +171,11 @@ def load_data(cfg: ReproConfig, data_config: dict):
 
     tr_x, tr_y = _subset(*load_fashion_mnist("train"), cfg.train_limit, cfg.seed)
     te_x, te_y = _subset(*load_fashion_mnist("test"), cfg.test_limit, cfg.seed)
-    train = _Images(tr_x, tr_y, build_transform(data_config, is_training=True, scale=tuple(cfg.scale), hflip=cfg.hflip))
+    if cfg.batched_transforms:
+        train = _Batches(tr_x, tr_y, data_config, cfg)
+    else:
+        train = _Images(tr_x, tr_y, build_transform(data_config, is_training=True, scale=tuple(cfg.scale),
+                                                    hflip=cfg.hflip))
     eval_tf = build_transform(data_config, is_training=False)
     test_x = torch.stack([eval_tf(im) for im in te_x])  # deterministic: transform once
     return train, test_x, torch.from_numpy(np.asarray(te_y))
@@ -157,6 +201,9 @@ def autocast(device: str):
 def _loader(cfg: ReproConfig, train_set):
     import torch
 
+    if isinstance(train_set, _Batches):  # whole batches: the dataset shuffles (per epoch, seeded)
+        return torch.utils.data.DataLoader(train_set, batch_size=None, shuffle=False, num_workers=cfg.loader_workers,
+                                           pin_memory=cfg.device == "cuda")
     return torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                                        generator=torch.Generator().manual_seed(cfg.seed), num_workers=cfg.loader_workers,
                                        pin_memory=cfg.device == "cuda", persistent_workers=cfg.loader_workers > 0)
@@ -188,6 +235,8 @@ def train_arm(name: str, cfg: ReproConfig, train_set, *, backbone_only: bool = F
     res = ArmResult(name)
     t0 = time.perf_counter()
     for epoch in range(cfg.epochs):
+        if isinstance(train_set, _Batches):
+            train_set.epoch = epoch  # before the loader's workers take their copy
         split_all = epoch < cfg.split_epochs
         te = time.perf_counter()
         tot = {"loss": 0.0, "correct": 0, "coarse_correct": 0, "n": 0}

@@ -57,11 +57,11 @@ def fig_regions(model, x, y, n, path):
 
     plt = _plt()
     x = x[:n]
-    out = model.infer(x, float("inf"), return_indices=True)
-    conf = out.coarse_logits.softmax(-1).amax(-1)
+    out = model.infer(x.to(next(model.parameters()).device), float("inf"), return_indices=True)
+    conf = out.coarse_logits.float().softmax(-1).amax(-1).cpu()
     titles = [f"{FASHION_MNIST_CLASSES[int(t)][:9]} c={float(p):.2f}" for t, p in zip(y[:n], conf)]
     dc = model.data_config
-    fig = draw_regions(x, out.selected, model.coarse_grid, titles=titles, mean=dc["mean"], std=dc["std"])
+    fig = draw_regions(x, out.selected.cpu(), model.coarse_grid, titles=titles, mean=dc["mean"], std=dc["std"])
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return out.selected

@@ -66,7 +66,7 @@ def reproduce(cfg: ReproConfig, out_dir="docs", *, tracking_uri: Optional[str] =
         run = _Run(cfg, tracking, uri, experiment, parent)
         probe = cfvit.create_model(cfg.model, **cfg.model_kwargs())
         train_set, test_x, test_y = load_data(cfg, probe.data_config)
-        _log(f"data: {len(train_set)} train, {len(test_y)} test; config {asdict(cfg)}")
+        _log(f"data: {len(train_set.labels)} train, {len(test_y)} test; config {asdict(cfg)}")
         bb = _backbone_arm(run, train_set, test_x, test_y)
         with run.child("cfvit") as cf_rid:
             cf_model, cf_res = run.train("cfvit", cf_rid, train_set, test_x, test_y)
@@ -185,7 +185,7 @@ def _results(cfg, command, note, t_start, load_start, train_set, test_y, model, 
         "wall_seconds": time.perf_counter() - t_start,
         "note": note,
         "config": _flat_params(cfg),
-        "settings": {"train_images": len(train_set), "test_images": len(test_y), "split_epochs": cfg.split_epochs,
+        "settings": {"train_images": len(train_set.labels), "test_images": len(test_y), "split_epochs": cfg.split_epochs,
                      "k_selected": model.k_selected, "n_fine": model.n_fine, "torch": torch.__version__,
                      "threads": torch.get_num_threads(), "cpu": cpu_name(), "device": _device_name(cfg.device),
                      "load_start": load_start, "load_end": " ".join(f"{v:.1f}" for v in os.getloadavg())},

@@ -343,7 +343,7 @@ def _export(module, path: Path, meta: dict, cfg: JobConfig, curve, epoch: int) -
     import torch
 
     import cfvit
-    from cfvit.budget import eta_table
+    from cfvit.budget import agreement_profile, eta_table
 
     # export fp32 weights whatever the training precision
     model = module if next(module.parameters()).dtype == torch.float32 else copy.deepcopy(module).float()
@@ -354,7 +354,8 @@ def _export(module, path: Path, meta: dict, cfg: JobConfig, curve, epoch: int) -
     model.split_all = False  # exported for inference: informative selection
     # `data.val`: what `cfvit calibrate` re-calibrates on when no --data is given
     cfvit.save(model, path, class_names=meta["classes"], eta_table=table, trained_epochs=epoch + 1,
-               job=cfg.name, data={"val": cfg.data.val})
+               job=cfg.name, data={"val": cfg.data.val},
+               agreement_profile=agreement_profile(curve) if curve is not None else [])
     model.split_all = was
 
 

@@ -36,6 +36,11 @@ def test_make_config_overrides():
     assert cfg.split_epochs == 2  # 2/3 of 3 epochs split every patch
     full = rp.make_config(full=True)
     assert full.full and not full.quick and full.train_limit == rp.ReproConfig().train_limit and full.test_limit is None
+    gpu = rp.make_config(gpu_recipe=True, epochs=2)
+    assert (gpu.device, gpu.full, gpu.batched_transforms, gpu.epochs) == ("cuda", True, True, 2)  # options override
+    assert rp.make_config(model="cfvit_tiny_fmnist").model == "cfvit_tiny_fmnist"
+    with pytest.raises(ValueError, match="exclude"):
+        rp.make_config(quick=True, gpu_recipe=True)
 
 
 @pytest.mark.parametrize("args, key", [
@@ -43,11 +48,19 @@ def test_make_config_overrides():
     (["--train-limit", "-5"], "train_limit=-5"),
     (["--embed-dim", "30", "--num-heads", "4"], "not divisible"),
     (["--lr", "0"], "lr=0"),
+    (["--model", "vit_huge"], "model='vit_huge'"),
+    (["--device", "tpu"], "device='tpu'"),
 ])
 def test_bad_options_fail_fast_with_the_key_named(args, key, tmp_path):
     res = CliRunner().invoke(_app(), ["reproduce", "--quick", "--out", str(tmp_path), *args])
     assert res.exit_code == 2 and key in res.output, res.output
     assert not list(tmp_path.iterdir())  # nothing trained, nothing written
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cuda_without_a_gpu_fails_fast(tmp_path):
+    res = CliRunner().invoke(_app(), ["reproduce", "--quick", "--device", "cuda", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "no CUDA device" in res.output and not list(tmp_path.iterdir())
 
 
 def test_eta_points_and_match_on_synthetic_logits():
@@ -123,13 +136,28 @@ def test_quick_run_writes_results(quick_run):
     assert all(p["images_per_s"] > 0 and p["speedup"] > 0 for p in th["rows"])
     assert sum(1 for e in r["exit_counts"]) == len(rp.EXIT_ETAS)
     assert [a for a in r["arms"]] == ["backbone", "cfvit"] and all(len(a["history"]) == 1 for a in r["arms"].values())
+    # test top-1 after every epoch (the plateau's evidence), equal to the final evaluation after the last one
+    assert r["arms"]["backbone"]["history"][-1]["test_top1"] == pytest.approx(b["top1"])
+    assert r["arms"]["cfvit"]["history"][-1]["test_top1"] == pytest.approx(r["cfvit"]["fine_top1"])
+    assert set(r["plateau"]) == {"backbone", "cfvit"} and not r["plateau"]["cfvit"]["reached"]  # one epoch: no trend
+
+    ci = r["confidence_intervals"]
+    lo, hi = ci["accuracy"]["backbone"]
+    assert lo <= b["top1"] <= hi and 0 <= lo < hi <= 1
+    for p in t2:
+        d = ci["cfvit_minus_backbone"][f"{p['eta']:g}"]
+        assert d["diff"] == pytest.approx(p["top1"] - b["top1"]) and d["low"] <= d["diff"] <= d["high"]
+    assert list(ci["selection_order"]) == ["gca-last", "last-random", "random-negative"]
+    assert all(v["verdict"] in (">", "<", "≈") for v in ci["selection_order"].values())
+    assert set(r["near_backbone"]) == {"0.5", "1"}
 
 
 def test_quick_run_writes_markdown_and_figures(quick_run):
     out, _ = quick_run
     r = json.loads((out / "results.json").read_text())
     md = (out / "RESULTS.md").read_text()
-    for heading in ("Table 2 analogue", "Fig. 8", "Fig. 9", "Table 4", "--quick"):
+    for heading in ("Table 2 analogue", "Fig. 8", "Fig. 9", "Table 4", "--quick", "Did both arms plateau?",
+                    "Intervals in brackets are 95 %", "backbone − 0.5 points", "| gca > last |"):
         assert heading in md
     assert f"{100 * r['backbone']['top1']:.2f}" in md  # generated from the run, not typed in
     assert f"{100 * r['ablations']['selection']['negative']:.2f}" in md
