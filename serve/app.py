@@ -359,8 +359,10 @@ class CFViTIngress:
 def _stage_options(deployment, opts, name: str):
     return deployment.options(
         name=name,
-        ray_actor_options={"num_cpus": opts.num_cpus, "num_gpus": opts.num_gpus},
+        ray_actor_options={"num_cpus": opts.num_cpus, "num_gpus": opts.num_gpus,
+                           **({"resources": opts.resources} if opts.resources else {})},
         max_ongoing_requests=opts.max_ongoing_requests,
+        max_replicas_per_node=opts.max_replicas_per_node,
         **({"autoscaling_config": opts.autoscaling_config} if opts.autoscaling_config
            else {"num_replicas": opts.num_replicas}),
     )
@@ -379,7 +381,8 @@ def build_app(args: Dict[str, Any]) -> Application:
                                                                            cfg.handoff)
         fine = _stage_options(FineStage, cfg.fine, "FineStage").bind(cfg.checkpoint, cfg.fine.model_dump())
     ingress = CFViTIngress.options(
-        ray_actor_options={"num_cpus": cfg.ingress_num_cpus},
+        ray_actor_options={"num_cpus": cfg.ingress_num_cpus,
+                           **({"resources": cfg.ingress_resources} if cfg.ingress_resources else {})},
         **({"autoscaling_config": cfg.ingress_autoscaling_config} if cfg.ingress_autoscaling_config
            else {"num_replicas": 1}),
     )

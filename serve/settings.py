@@ -35,6 +35,10 @@ class StageOptions(BaseModel):
     num_cpus: float = Field(0.5, ge=0.0)
     # A replica that reserves a GPU runs its model there; "auto" precision is bf16 autocast on CUDA, fp32 on CPU.
     num_gpus: float = Field(0.0, ge=0.0)
+    # Custom Ray resources each replica needs (e.g. {"cpu_pool": 1} to keep it on such nodes), and at most
+    # this many replicas on one node (spread across nodes, so losing one node loses a share of the replicas).
+    resources: Dict[str, float] = Field(default_factory=dict)
+    max_replicas_per_node: Optional[int] = Field(None, ge=1)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     # Intra-op threads for torch in each replica; 0 = one per CPU the replica reserves (at least 1).
     torch_threads: int = Field(0, ge=0)
@@ -140,6 +144,8 @@ class AppArgs(BaseModel):
     drift_min_samples: int = Field(50, ge=1, description="shadowed images needed before an agreement alert")
     drift_seed: Optional[int] = Field(None, description="seed of the shadow sampling (tests)")
     ingress_num_cpus: float = Field(0.1, ge=0.0)
+    ingress_resources: Dict[str, float] = Field(default_factory=dict, description="custom Ray resources of "
+                                                "each ingress replica (e.g. to keep it on the head node)")
     ingress_autoscaling_config: Optional[Dict[str, Any]] = Field(
         default_factory=lambda: {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 64})
 

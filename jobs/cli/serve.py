@@ -24,6 +24,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         serve_forever(_app_args(checkpoint, eta, stages, max_replicas, max_images), host=host, port=port,
                       address=address, num_cpus=num_cpus, echo=typer.echo)
 
+    _register_failover(bench)
+
     @bench.command("serve")
     def bench_serve(
         checkpoint: str = typer.Option(..., help="Checkpoint to serve (as for `cfvit serve`)."),
@@ -72,6 +74,32 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
 
             with open(json_out, "w") as f:
                 json.dump(result, f, indent=2)
+
+
+def _register_failover(bench: typer.Typer) -> None:
+    @bench.command("failover")
+    def bench_failover(
+        checkpoint: str = typer.Option(..., help="Checkpoint to serve (a local folder: every node reads it)."),
+        clients: int = typer.Option(8, min=1, help="Closed-loop clients."),
+        before: float = typer.Option(8.0, min=1.0, help="Seconds of load before the node is killed."),
+        after: float = typer.Option(30.0, min=5.0, help="Seconds of load after it."),
+        eta: float = typer.Option(0.5, min=0.0, max=1.0001),
+        stages: str = typer.Option("split", help="split | fused"),
+        json_out: Optional[str] = typer.Option(None, "--json", help="Also write the figures to this JSON file."),
+    ):
+        """Kill a whole Ray node (of a local 3-node cluster) under load: failed requests, what the clients saw,
+        time until every replica runs again (docs/RELIABILITY.md)."""
+        from benchmarks.failover import print_failover, run_failover
+
+        if stages not in ("split", "fused"):
+            raise typer.BadParameter("--stages must be split or fused")
+        res = run_failover(checkpoint, clients, before, after, eta, stages)
+        print_failover(res)
+        if json_out:
+            import json
+
+            with open(json_out, "w") as f:
+                json.dump(res, f, indent=2)
 
 
 def _bench_burst(checkpoint, rate, factor, phases, slo_ms, min_eta, max_drop, eta, stages, replicas, batch_size,

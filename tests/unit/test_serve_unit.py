@@ -42,6 +42,11 @@ def test_build_app_composes_three_named_deployments(tmp_path):
     assert stage.name == "FusedStage" and fused.init_args[1] is None
     assert stage.init_args[1]["fine_batch_size"] == 8 and stage.init_args[1]["max_batch_size"] == 32
     assert stage._deployment_config.autoscaling_config.max_replicas == 4
+    spread = build_app({"checkpoint": str(tmp_path), "ingress_resources": {"head": 0.01},
+                        "coarse": {"resources": {"worker": 1}, "max_replicas_per_node": 1}})._bound_deployment
+    coarse = spread.init_args[0]._bound_deployment
+    assert coarse.ray_actor_options["resources"] == {"worker": 1} and coarse._replica_config.max_replicas_per_node == 1
+    assert spread.ray_actor_options["resources"] == {"head": 0.01}
 
 
 def test_app_args_reject_unknown_keys_by_name():
@@ -187,8 +192,10 @@ def test_cli_registers_serve_and_bench_serve():
     runner = CliRunner()
     out = runner.invoke(cli.app, ["serve", "--help"])
     assert out.exit_code == 0 and "--checkpoint" in out.output and "--port" in out.output
-    out = runner.invoke(cli.app, ["bench", "serve", "--help"])
-    assert out.exit_code == 0 and "--concurrency" in out.output
+    out = runner.invoke(cli.app, ["bench", "serve", "--help"], terminal_width=200)
+    assert out.exit_code == 0 and "--concurrency" in out.output and "--burst" in out.output
+    out = runner.invoke(cli.app, ["bench", "failover", "--help"], terminal_width=200)
+    assert out.exit_code == 0 and "--clients" in out.output
 
 
 def test_s3_checkpoint_is_downloaded(s3_server, tmp_path, monkeypatch):
@@ -256,8 +263,10 @@ def test_stage_forward_passes_run_on_the_replica_device_and_reply_on_cpu(precisi
     x = torch.randn(5, 1, 56, 56)
     s = stage(CoarseStage)
     s.mean, s.std = model.data_config["mean"], model.data_config["std"]
-    coarse = s._coarse_forward(list(x), [0.0, 2.0, 0.0, 2.0, 2.0])
+    coarse = s._coarse_forward(list(x), [0.0, 2.0, 0.0, 2.0, 2.0], [False, False, True, False, False])
     assert [c["exit"] for c in coarse] == [True, False, True, False, False]
+    # an exiting image keeps its coarse state only when the drift monitor shadows it (image 2)
+    assert [c["state"] is not None for c in coarse] == [False, True, True, True, True]
     hard = [i for i, c in enumerate(coarse) if not c["exit"]]
     fine = s._fine_forward([x[i] for i in hard], [coarse[i]["state"] for i in hard])
     base = s._backbone_forward(list(x))

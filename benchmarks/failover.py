@@ -1,0 +1,197 @@
+"""`cfvit bench failover`: the Serve app on a multi-node Ray cluster on this machine, under steady load, loses a
+whole node; how many requests fail, what the clients see, and how long until every replica runs again.
+
+The cluster is `ray.cluster_utils.Cluster` (one raylet per node, as Ray's own fault-tolerance tests do): a
+head (the controller, the HTTP proxy and the ingress, pinned by a `head` resource) and two worker nodes
+(`worker` resource), each coarse and fine replica on its own worker node (`max_replicas_per_node: 1`). After
+`before_s` of load from `clients` closed-loop clients, worker node B is removed without warning (its raylet
+and every process on it killed); a replacement node joins at once, as a cluster autoscaler would add one,
+and Serve restarts the lost replicas there. Every request is booked with its start, end, status and error.
+"""
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+import time
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+
+def _images(n: int = 64) -> List[bytes]:
+    from PIL import Image
+
+    from cfvit.data import load_fashion_mnist
+
+    out = []
+    for a in load_fashion_mnist("test")[0][:n]:
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def app_args(checkpoint: str, eta: float, stages: str = "split") -> Dict[str, Any]:
+    stage = {"num_cpus": 0.5, "torch_threads": 1, "autoscaling_config": None, "num_replicas": 2,
+             "max_replicas_per_node": 1, "resources": {"worker": 1}, "max_batch_size": 16}
+    args: Dict[str, Any] = {"checkpoint": checkpoint, "eta": eta, "stages": stages, "ingress_num_cpus": 0,
+                            "ingress_resources": {"head": 0.01}, "ingress_autoscaling_config": None,
+                            "shadow_fraction": 0.0}
+    if stages == "split":
+        args.update(coarse=stage, fine=stage)
+    else:
+        args["fused"] = stage
+    return args
+
+
+def _replica_nodes(app: str) -> Dict[str, List[str]]:
+    """Node id of every running replica, per deployment (from the Serve actors' placement)."""
+    from ray.util.state import list_actors
+
+    out: Dict[str, List[str]] = {}
+    for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000):
+        name = a.get("name") or ""
+        if name.startswith(f"SERVE_REPLICA::{app}#"):
+            out.setdefault(name.split("#")[1], []).append(a["node_id"])
+    return out
+
+
+def _all_running(app: str, want: Dict[str, int]) -> bool:
+    from ray import serve
+
+    st = serve.status().applications.get(app)
+    if st is None:
+        return False
+    for name, n in want.items():
+        d = st.deployments.get(name)
+        if d is None or d.status.value != "HEALTHY" or d.replica_states.get("RUNNING", 0) < n:
+            return False
+    return True
+
+
+async def _load(url: str, files: List[bytes], clients: int, stop_at: float, t0: float) -> List[Dict[str, Any]]:
+    import httpx
+
+    records: List[Dict[str, Any]] = []
+    async with httpx.AsyncClient(timeout=30) as client:
+        async def worker(k: int):
+            i = k
+            while time.monotonic() < stop_at:
+                start = time.monotonic() - t0
+                rec: Dict[str, Any] = {"start": start}
+                try:
+                    r = await client.post(url, content=files[i % len(files)], headers={"content-type": "image/png"})
+                    rec["status"] = r.status_code
+                    if r.status_code != 200:
+                        rec["body"] = r.text[:300]
+                except httpx.HTTPError as e:
+                    rec["status"], rec["body"] = 0, type(e).__name__
+                rec["end"] = time.monotonic() - t0
+                records.append(rec)
+                i += clients
+
+        await asyncio.gather(*(worker(k) for k in range(clients)))
+    return records
+
+
+def run_failover(checkpoint: str, clients: int = 8, before_s: float = 8.0, after_s: float = 30.0, eta: float = 0.5,
+                 stages: str = "split", port: Optional[int] = None) -> Dict[str, Any]:
+    import ray
+    from ray import serve
+    from ray.cluster_utils import Cluster
+
+    from serve.app import build_app
+
+    port = port or _free_port()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"head": 1}})
+    nodes = [cluster.add_node(num_cpus=2, resources={"worker": 4}) for _ in range(2)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
+        serve.run(build_app(app_args(checkpoint, eta, stages)), name="failover", route_prefix="/")
+        want = {"CoarseStage": 2, "FineStage": 2} if stages == "split" else {"FusedStage": 2}
+        placed = _replica_nodes("failover")
+        victim = nodes[1]
+        events: Dict[str, Any] = {}
+        t0 = time.monotonic()
+
+        def chaos():
+            time.sleep(before_s)
+            events["kill"] = time.monotonic() - t0
+            cluster.remove_node(victim, allow_graceful=False)
+            cluster.add_node(num_cpus=2, resources={"worker": 4})
+            events["replacement_joined"] = time.monotonic() - t0
+            while time.monotonic() - t0 < before_s + after_s:
+                if _all_running("failover", want) and len(_replica_nodes("failover").get(list(want)[0], [])) >= 2:
+                    events["all_running"] = time.monotonic() - t0
+                    return
+                time.sleep(0.25)
+
+        th = threading.Thread(target=chaos, daemon=True)
+        th.start()
+        files = _images()
+        records = asyncio.run(_load(f"http://127.0.0.1:{port}/v1/classify?eta={eta}", files, clients,
+                                    t0 + before_s + after_s, t0))
+        th.join(timeout=30)
+        result = summarize(records, events, clients, before_s)
+        result.update(stages=stages, clients=clients, placement_before=placed, victim_node=victim.unique_id,
+                      placement_after=_replica_nodes("failover"))
+        return result
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+
+
+def summarize(records: List[Dict[str, Any]], events: Dict[str, Any], clients: int, before_s: float) -> Dict[str, Any]:
+    """Failures around the kill, status codes, recovery: when every replica ran again and when throughput
+    (2-s windows) was back to 90 % of what it was before the kill."""
+    kill = events.get("kill", before_s)
+    failed = [r for r in records if r["status"] != 200]
+    in_flight = [r for r in records if r["start"] <= kill <= r["end"]]
+    running = events.get("all_running")
+    codes: Dict[str, int] = {}
+    for r in failed:
+        codes[str(r["status"])] = codes.get(str(r["status"]), 0) + 1
+    before = [r for r in records if r["status"] == 200 and 1.0 <= r["end"] <= kill]
+    rate_before = len(before) / max(kill - 1.0, 1e-9)
+    back = None
+    ends = np.array([r["end"] for r in records if r["status"] == 200])
+    for t in np.arange(kill, max(ends.max() if len(ends) else kill, kill) - 2.0, 0.5):
+        if ((ends >= t) & (ends < t + 2.0)).sum() / 2.0 >= 0.9 * rate_before:
+            back = float(t + 2.0)
+            break
+    return {"requests": len(records), "failed": len(failed), "status_codes": codes,
+            "in_flight_at_kill": len(in_flight), "failed_in_flight": sum(r["status"] != 200 for r in in_flight),
+            "failed_after_replicas_back": sum(r["status"] != 200 for r in failed if running and r["start"] > running),
+            "bodies": sorted({r.get("body", "")[:160] for r in failed})[:5], "events": events,
+            "replicas_back_s": None if running is None else running - kill,
+            "throughput_back_s": None if back is None else back - kill, "rate_before": rate_before,
+            "last_failure_s": max((r["end"] for r in failed), default=kill) - kill}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def print_failover(res: Dict[str, Any]) -> None:
+    def s(v):
+        return "never" if v is None else f"{v:.1f} s"
+
+    print(f"{res['stages']}, {res['clients']} clients: {res['requests']} requests, {res['failed']} failed "
+          f"{res['status_codes'] or ''}; in flight at the kill {res['in_flight_at_kill']} "
+          f"({res['failed_in_flight']} of them failed); failed after every replica ran again: "
+          f"{res['failed_after_replicas_back']}")
+    print(f"after the kill: replicas all running again {s(res['replicas_back_s'])}, throughput back to 90 % "
+          f"{s(res['throughput_back_s'])}, last failure {res['last_failure_s']:.1f} s; before: "
+          f"{res['rate_before']:.1f} req/s")
+    for b in res["bodies"]:
+        print(f"  client saw: {b}")
