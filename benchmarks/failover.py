@@ -47,27 +47,32 @@ def app_args(checkpoint: str, eta: float, stages: str = "split") -> Dict[str, An
 
 def _replica_nodes(app: str) -> Dict[str, List[str]]:
     """Node id of every running replica, per deployment (from the Serve actors' placement)."""
+    import ray
     from ray.util.state import list_actors
 
     out: Dict[str, List[str]] = {}
-    for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000):
+    # this cluster's address: another Ray on the machine (a test session) must not be asked instead
+    address = ray.get_runtime_context().gcs_address
+    for a in list_actors(address=address, filters=[("state", "=", "ALIVE")], limit=1000):
         name = a.get("name") or ""
         if name.startswith(f"SERVE_REPLICA::{app}#"):
             out.setdefault(name.split("#")[1], []).append(a["node_id"])
     return out
 
 
-def _all_running(app: str, want: Dict[str, int]) -> bool:
+def _deployment_states(app: str) -> Dict[str, str]:
+    """'HEALTHY 2 RUNNING'-like summary per deployment of the app (empty while it is unknown)."""
     from ray import serve
 
     st = serve.status().applications.get(app)
     if st is None:
-        return False
-    for name, n in want.items():
-        d = st.deployments.get(name)
-        if d is None or d.status.value != "HEALTHY" or d.replica_states.get("RUNNING", 0) < n:
-            return False
-    return True
+        return {}
+    return {name: f"{d.status.value} " + " ".join(f"{n} {str(getattr(k, 'value', k))}" for k, n in d.replica_states.items())
+            for name, d in st.deployments.items()}
+
+
+def _all_running(states: Dict[str, str], want: Dict[str, int]) -> bool:
+    return all(states.get(name, "").startswith("HEALTHY") and f"{n} RUNNING" in states[name] for name, n in want.items())
 
 
 async def _load(url: str, files: List[bytes], clients: int, stop_at: float, t0: float) -> List[Dict[str, Any]]:
@@ -96,7 +101,7 @@ async def _load(url: str, files: List[bytes], clients: int, stop_at: float, t0: 
 
 
 def run_failover(checkpoint: str, clients: int = 8, before_s: float = 8.0, after_s: float = 30.0, eta: float = 0.5,
-                 stages: str = "split", port: Optional[int] = None) -> Dict[str, Any]:
+                 stages: str = "split", port: Optional[int] = None, warmup_s: float = 3.0) -> Dict[str, Any]:
     import ray
     from ray import serve
     from ray.cluster_utils import Cluster
@@ -114,29 +119,17 @@ def run_failover(checkpoint: str, clients: int = 8, before_s: float = 8.0, after
         want = {"CoarseStage": 2, "FineStage": 2} if stages == "split" else {"FusedStage": 2}
         placed = _replica_nodes("failover")
         victim = nodes[1]
-        events: Dict[str, Any] = {}
-        t0 = time.monotonic()
-
-        def chaos():
-            time.sleep(before_s)
-            events["kill"] = time.monotonic() - t0
-            cluster.remove_node(victim, allow_graceful=False)
-            cluster.add_node(num_cpus=2, resources={"worker": 4})
-            events["replacement_joined"] = time.monotonic() - t0
-            while time.monotonic() - t0 < before_s + after_s:
-                if _all_running("failover", want) and len(_replica_nodes("failover").get(list(want)[0], [])) >= 2:
-                    events["all_running"] = time.monotonic() - t0
-                    return
-                time.sleep(0.25)
-
-        th = threading.Thread(target=chaos, daemon=True)
-        th.start()
-        files = _images()
-        records = asyncio.run(_load(f"http://127.0.0.1:{port}/v1/classify?eta={eta}", files, clients,
-                                    t0 + before_s + after_s, t0))
-        th.join(timeout=30)
+        files, box = _images(), {}
+        t0 = time.monotonic() + warmup_s  # t = 0: the end of the (unbooked) warm-up
+        stop_at = t0 + before_s + after_s
+        url = f"http://127.0.0.1:{port}/v1/classify?eta={eta}"
+        load = threading.Thread(target=lambda: box.update(r=asyncio.run(_load(url, files, clients, stop_at, t0))))
+        load.start()
+        events = _kill_and_replace(cluster, victim, want, t0, before_s, stop_at)  # Ray's node API: main thread
+        load.join()
+        records = [r for r in box.get("r", []) if r["start"] >= 0]
         result = summarize(records, events, clients, before_s)
-        result.update(stages=stages, clients=clients, placement_before=placed, victim_node=victim.unique_id,
+        result.update(stages=stages, clients=clients, placement_before=placed, victim_node=victim.node_id,
                       placement_after=_replica_nodes("failover"))
         return result
     finally:
@@ -145,6 +138,26 @@ def run_failover(checkpoint: str, clients: int = 8, before_s: float = 8.0, after
         finally:
             ray.shutdown()
             cluster.shutdown()
+
+
+def _kill_and_replace(cluster, victim, want: Dict[str, int], t0: float, before_s: float, stop_at: float) -> Dict:
+    """At t0 + before_s remove the victim node without warning, add a replacement, and note when every
+    replica runs again (on distinct nodes)."""
+    events: Dict[str, Any] = {}
+    time.sleep(max(0.0, t0 + before_s - time.monotonic()))
+    events["kill"] = time.monotonic() - t0
+    cluster.remove_node(victim, allow_graceful=False)
+    cluster.add_node(num_cpus=2, resources={"worker": 4})
+    events["replacement_joined"] = time.monotonic() - t0
+    first = list(want)[0]
+    while time.monotonic() < stop_at:
+        nodes = _replica_nodes("failover").get(first, [])
+        events["last_states"] = states = _deployment_states("failover")
+        if _all_running(states, want) and len(set(nodes)) >= want[first] and victim.node_id not in nodes:
+            events["all_running"] = time.monotonic() - t0
+            break
+        time.sleep(0.25)
+    return events
 
 
 def summarize(records: List[Dict[str, Any]], events: Dict[str, Any], clients: int, before_s: float) -> Dict[str, Any]:
@@ -157,8 +170,8 @@ def summarize(records: List[Dict[str, Any]], events: Dict[str, Any], clients: in
     codes: Dict[str, int] = {}
     for r in failed:
         codes[str(r["status"])] = codes.get(str(r["status"]), 0) + 1
-    before = [r for r in records if r["status"] == 200 and 1.0 <= r["end"] <= kill]
-    rate_before = len(before) / max(kill - 1.0, 1e-9)
+    before = [r for r in records if r["status"] == 200 and r["end"] <= kill]
+    rate_before = len(before) / max(kill, 1e-9)
     back = None
     ends = np.array([r["end"] for r in records if r["status"] == 200])
     for t in np.arange(kill, max(ends.max() if len(ends) else kill, kill) - 2.0, 0.5):

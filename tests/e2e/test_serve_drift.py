@@ -1,7 +1,7 @@
 """The drift monitor over real HTTP (serve/drift.py), on apps beside the module's test app: shadowing
 changes no reply and counts agreement exactly as the library's own coarse and fine answers say; a stream
 of images the coarse stage answers confidently but differently from the fine stage raises the agreement
-alert; inverted images (nothing exits) raise the exit-rate alert."""
+alert; inverted images (their exit rate far from the calibrated one) raise the exit-rate alert."""
 import contextlib
 import io
 import time
@@ -141,5 +141,7 @@ def test_inverted_images_raise_the_exit_rate_alert(served, fmnist_checkpoint, mo
         d = httpx.get(url + "/v1/model").json()["drift"]
     e = d["exit_rate"]
     assert e["samples"] == 40 and e["observed"] == pytest.approx(exits_inv.mean())
-    assert e["observed"] < e["expected"] - e["margin"] and e["alert"] and d["alert"]
+    # this weak model is either unsure of inverted images or confidently wrong about them, depending on η:
+    # either way its exit rate leaves the calibrated one
+    assert abs(e["observed"] - e["expected"]) > e["margin"] and e["alert"] and d["alert"]
     assert not d["agreement"]["alert"]
