@@ -29,6 +29,7 @@ from .slo import governor_for
 from .timing import server_timing
 
 logger = logging.getLogger("ray.serve")
+ETA_NEVER_EXIT = 2.0  # above any softmax probability: every image goes on to the fine stage
 
 STATIC = Path(__file__).parent / "static"
 
@@ -101,6 +102,18 @@ def _stage_unavailable(exc: BaseException) -> bool:
     # down or its node died) before the fine stage fetched it: a retry will succeed.
     return isinstance(exc, (BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError,
                             ActorUnavailableError, RayActorError, ObjectLostError, OwnerDiedError))
+
+
+async def _once_more_if_replica_died(call):
+    """A stage call, sent once more when the replica it went to died under it (its node lost, say): the
+    router sends the second one to a live replica. Overload (BackPressureError) is not retried."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError
+
+    try:
+        return await call()
+    except (ActorDiedError, ActorUnavailableError) as e:
+        logger.info("a model replica died under a request (%s): sending it once more", type(e).__name__)
+        return await call()
 
 
 @api.exception_handler(Exception)
@@ -263,10 +276,11 @@ class CFViTIngress:
         """One call per request to the model deployment; for split, one more for the hard images."""
         stages = self.args.stages
         if stages == "backbone":
-            answers = await self.model.run.remote(images, time.time())
+            answers = await _once_more_if_replica_died(lambda: self.model.run.remote(images, time.time()))
         else:
             shadows = self.drift.pick_shadows(len(images)) if self.drift is not None else None
-            answers = await self.model.run.remote(images, [eta] * len(images), time.time(), shadows)
+            answers = await _once_more_if_replica_died(
+                lambda: self.model.run.remote(images, [eta] * len(images), time.time(), shadows))
         received = time.time()
         first = {"backbone": "backbone", "fused": "fused", "split": "coarse"}[stages]
         for a in answers:
@@ -275,15 +289,28 @@ class CFViTIngress:
             a.setdefault("coarse_probs", a["probs"])
         self._shadow([(a.pop("handoff"), eta, int(a["probs"].argmax())) for a in answers
                        if a["exit"] and "handoff" in a])
-        hard = [a for a in answers if stages == "split" and not a["exit"]]
+        hard = [i for i, a in enumerate(answers) if stages == "split" and not answers[i]["exit"]]
         if hard:
-            fine = await self.fine.run.remote([a.pop("handoff") for a in hard], time.time())
+            fine = await self._fine([answers[i].pop("handoff") for i in hard], [images[i] for i in hard])
+            hard = [answers[i] for i in hard]
             received = time.time()
             for a, f in zip(hard, fine):
                 a["t"].update(f.pop("t"))
                 a["t"]["fine_out"] = (received - a["t"].pop("done_at")) * 1000
                 a.update(probs=f["probs"], selected=f["selected"])
         return answers
+
+    async def _fine(self, handoffs: list, images: list) -> list:
+        """The fine stage for the hard images; if their coarse state was lost (its coarse replica died, or the
+        object store lost it), once more from the pixels: a coarse pass that exits nothing, then fine."""
+        try:
+            return await self.fine.run.remote(handoffs, time.time())
+        except Exception as e:  # noqa: BLE001 - only the "state gone / stage restarting" kinds are retried
+            if not _stage_unavailable(e):
+                raise
+            logger.info("fine stage failed (%s): re-running %d image(s) from their pixels", type(e).__name__, len(images))
+        again = await self.model.run.remote(images, [ETA_NEVER_EXIT] * len(images), time.time())
+        return await self.fine.run.remote([a["handoff"] for a in again], time.time())
 
     def _shadow(self, items: list) -> None:
         """Send answered (coarse-exit) images through the fine stage in the background, for the drift

@@ -28,8 +28,8 @@ def test_killing_a_node_loses_only_requests_in_flight_and_serve_recovers(fmnist_
     assert r["victim_node"] not in r["placement_after"]["CoarseStage"]  # restarted elsewhere
     assert r["replicas_back_s"] is not None, r  # every replica running again within the run
     assert r["failed_after_replicas_back"] == 0, r
-    # The requests that fail are those the dead node held or had handed state for (at most a few per
-    # client), answered as the app's JSON 503 (or a dropped connection), never a hang or a 500.
-    assert r["failed"] <= 3 * r["clients"], r
+    # At most the requests in flight at the kill may fail (the ingress sends a call whose replica died once
+    # more, and re-runs hard images whose coarse state died with it), as the app's JSON 503, never a 500.
+    assert r["failed"] <= r["in_flight_at_kill"], r
     assert set(r["status_codes"]) <= {"503", "0"}, r
     assert r["requests"] > 50 and r["rate_before"] > 0
