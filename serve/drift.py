@@ -42,19 +42,30 @@ def profile_at(profile: Optional[List[Dict]], eta: float, key: str) -> Optional[
 
 @dataclass
 class _Rolling:
-    """The last `window` observations (value, calibrated expectation or None) and the alert's hysteresis."""
+    """The last `window` observations (value, calibrated expectation or None) and the alert's hysteresis.
+    Running sums keep every add O(1): it runs for every image the ingress answers."""
     window: int
     min_samples: int
     margin: float
     two_sided: bool
     items: Deque[Tuple[float, Optional[float]]] = field(default_factory=deque)
     alert: bool = False
+    # sums over items: all values; values, expectations and count of the items with an expectation
+    _sums: List[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0])
+
+    def _book(self, value: float, expected: Optional[float], sign: int) -> None:
+        self._sums[0] += sign * value
+        if expected is not None:
+            self._sums[1] += sign * value
+            self._sums[2] += sign * expected
+            self._sums[3] += sign
 
     def add(self, value: float, expected: Optional[float]) -> Optional[bool]:
         """Book one observation; True/False when the alert switched on/off, None otherwise."""
         self.items.append((value, expected))
+        self._book(value, expected, +1)
         while len(self.items) > self.window:
-            self.items.popleft()
+            self._book(*self.items.popleft(), -1)
         obs, exp = self.means()
         if obs is None or exp is None or len(self.items) < self.min_samples:
             return None
@@ -70,10 +81,11 @@ class _Rolling:
         return None
 
     def means(self) -> Tuple[Optional[float], Optional[float]]:
-        known = [(v, e) for v, e in self.items if e is not None]
-        if not known:
-            return (sum(v for v, _ in self.items) / len(self.items) if self.items else None), None
-        return sum(v for v, _ in known) / len(known), sum(e for _, e in known) / len(known)
+        """(observed, expected) means, both over the items with an expectation; (all items, None) without."""
+        every, known_v, known_e, n_known = self._sums
+        if not n_known:
+            return (every / len(self.items) if self.items else None), None
+        return known_v / n_known, known_e / n_known
 
     def state(self) -> Dict[str, object]:
         obs, exp = self.means()
@@ -132,14 +144,24 @@ class DriftMonitor:
         agree = int(coarse_label) == int(fine_label)
         self.shadowed += 1
         self.agreed += agree
-        self._changed("agreement", self.agreement.add(float(agree), profile_at(self.profile, eta, "agreement")))
+        self._switched("agreement", self.agreement.add(float(agree), profile_at(self.profile, eta, "agreement")))
+        self._publish()
 
     def observe_exits(self, etas: List[float], exited: List[bool]) -> None:
-        """Every answered image: whether the coarse stage answered it, at its η."""
+        """Every answered image of one request: whether the coarse stage answered it, at its η."""
+        expected: Dict[float, Optional[float]] = {}  # one profile lookup per distinct η of the request
         for eta, ex in zip(etas, exited):
-            self._changed("exit_rate", self.exit_rate.add(float(ex), profile_at(self.profile, eta, "exit_fraction")))
+            if eta not in expected:
+                expected[eta] = profile_at(self.profile, eta, "exit_fraction")
+            self._switched("exit_rate", self.exit_rate.add(float(ex), expected[eta]))
+        self._publish()
 
-    def _changed(self, what: str, switched: Optional[bool]) -> None:
+    def _publish(self) -> None:
+        if self.on_change is not None:
+            self.on_change(self.state())
+
+    def _switched(self, what: str, switched: Optional[bool]) -> None:
+        """Log an alert switching on (a warning) or off."""
         if switched is True:
             obs, exp = getattr(self, what).means()
             label = "coarse-fine agreement" if what == "agreement" else "coarse exit rate"
@@ -149,8 +171,6 @@ class DriftMonitor:
                            label, obs, len(getattr(self, what).items), exp, getattr(self, what).margin)
         elif switched is False:
             logger.info("drift: %s back within its margin", what)
-        if self.on_change is not None:
-            self.on_change(self.state())
 
     def state(self) -> Dict[str, object]:
         return {"enabled": True, "calibrated": self.calibrated, "shadow_fraction": self.shadow_fraction,
