@@ -94,7 +94,7 @@ QUICK = dict(epochs=1, train_limit=256, test_limit=128, embed_dim=32, depth=3, n
 
 
 # `--gpu-recipe`: all 60k images, 100 epochs, both arms and the --full ablations on one GPU, sized for about
-# 8 minutes on an H100/H200 (docs/RESULTS.md, "GPU recipe": the arithmetic, and whether it has been run).
+# 8 minutes on an H100/H200 (README, "Benchmarks and results": the arithmetic, and whether it has been run).
 # Large batches keep a 64-dim model's steps few (kernel launches, not FLOPs, bound it); the lr grows with
 # about the square root of the batch; whole-batch numpy transforms in 8 loader processes feed it.
 GPU_RECIPE = dict(device="cuda", epochs=100, train_limit=None, batch_size=1024, lr=4e-3, warmup_epochs=5,
@@ -132,6 +132,7 @@ class _Batches:
         self.images, self.labels, self.data_config, self.cfg = images, labels, data_config, cfg
         self.aug = {"scale": tuple(cfg.scale), "hflip": cfg.hflip}
         self.epoch = 0
+        self._order = (None, None)  # (epoch, its permutation): drawn once per epoch, not per batch
 
     def __len__(self):
         return len(self.labels) // self.cfg.batch_size  # drop_last
@@ -143,7 +144,9 @@ class _Batches:
         from jobs.train import batch_transforms
 
         bs = self.cfg.batch_size
-        idx = np.random.default_rng((self.cfg.seed, self.epoch)).permutation(len(self.labels))[i * bs:(i + 1) * bs]
+        if self._order[0] != self.epoch:
+            self._order = (self.epoch, np.random.default_rng((self.cfg.seed, self.epoch)).permutation(len(self.labels)))
+        idx = self._order[1][i * bs:(i + 1) * bs]
         rng = np.random.default_rng((self.cfg.seed, self.epoch, i))
         x = batch_transforms.transform(self.images[idx], self.data_config, True, self.aug, rng)
         return torch.from_numpy(x), torch.from_numpy(np.asarray(self.labels[idx], dtype=np.int64))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .evaluate import _device
 from .recipe import MODELS, PAPER, SELECTIONS
 
 def _plt():
@@ -57,7 +58,7 @@ def fig_regions(model, x, y, n, path):
 
     plt = _plt()
     x = x[:n]
-    out = model.infer(x.to(next(model.parameters()).device), float("inf"), return_indices=True)
+    out = model.infer(x.to(_device(model)), float("inf"), return_indices=True)
     conf = out.coarse_logits.float().softmax(-1).amax(-1).cpu()
     titles = [f"{FASHION_MNIST_CLASSES[int(t)][:9]} c={float(p):.2f}" for t, p in zip(y[:n], conf)]
     dc = model.data_config
