@@ -10,7 +10,6 @@ GFLOPs, accuracy; a PNG with p99 and η over time for both runs.
 from __future__ import annotations
 
 import asyncio
-import io
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -19,18 +18,11 @@ import numpy as np
 
 def labelled_images(n: int, start: int = 5000) -> tuple[List[bytes], np.ndarray]:
     """PNG files and labels of Fashion-MNIST test images from `start` on (calibration reads the first 5,000)."""
-    from PIL import Image
-
+    from benchmarks.serve import png_files
     from cfvit.data import load_fashion_mnist
 
     x, y = load_fashion_mnist("test")
-    x, y = x[start:start + n], y[start:start + n]
-    files = []
-    for a in x:
-        buf = io.BytesIO()
-        Image.fromarray(a).save(buf, format="PNG")
-        files.append(buf.getvalue())
-    return files, np.asarray(y)
+    return png_files(x[start:start + n]), np.asarray(y[start:start + n])
 
 
 def arrivals(phases: Sequence[tuple[float, float]], seed: int = 0) -> np.ndarray:

@@ -160,14 +160,13 @@ def open_store(endpoint: str | None, bucket: str = "cfvit-bench") -> Store:
     server = None
     if endpoint == "moto":
         import logging
-        import socket
 
         from moto.server import ThreadedMotoServer
 
+        from jobs.common.ray_env import free_port
+
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
         server.start()
         endpoint = f"http://127.0.0.1:{port}"

@@ -11,25 +11,11 @@ and Serve restarts the lost replicas there. Every request is booked with its sta
 from __future__ import annotations
 
 import asyncio
-import io
 import threading
 import time
 from typing import Any, Dict, List, Optional
 
 import numpy as np
-
-
-def _images(n: int = 64) -> List[bytes]:
-    from PIL import Image
-
-    from cfvit.data import load_fashion_mnist
-
-    out = []
-    for a in load_fashion_mnist("test")[0][:n]:
-        buf = io.BytesIO()
-        Image.fromarray(a).save(buf, format="PNG")
-        out.append(buf.getvalue())
-    return out
 
 
 def app_args(checkpoint: str, eta: float, stages: str = "split") -> Dict[str, Any]:
@@ -106,9 +92,11 @@ def run_failover(checkpoint: str, clients: int = 8, before_s: float = 8.0, after
     from ray import serve
     from ray.cluster_utils import Cluster
 
+    from benchmarks.burst import labelled_images
+    from jobs.common.ray_env import free_port
     from serve.app import build_app
 
-    port = port or _free_port()
+    port = port or free_port()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"head": 1}})
     nodes = [cluster.add_node(num_cpus=2, resources={"worker": 4}) for _ in range(2)]
     cluster.wait_for_nodes()
@@ -119,7 +107,7 @@ def run_failover(checkpoint: str, clients: int = 8, before_s: float = 8.0, after
         want = {"CoarseStage": 2, "FineStage": 2} if stages == "split" else {"FusedStage": 2}
         placed = _replica_nodes("failover")
         victim = nodes[1]
-        files, box = _images(), {}
+        files, box = labelled_images(64, start=0)[0], {}
         t0 = time.monotonic() + warmup_s  # t = 0: the end of the (unbooked) warm-up
         stop_at = t0 + before_s + after_s
         url = f"http://127.0.0.1:{port}/v1/classify?eta={eta}"
@@ -185,14 +173,6 @@ def summarize(records: List[Dict[str, Any]], events: Dict[str, Any], clients: in
             "replicas_back_s": None if running is None else running - kill,
             "throughput_back_s": None if back is None else back - kill, "rate_before": rate_before,
             "last_failure_s": max((r["end"] for r in failed), default=kill) - kill}
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def print_failover(res: Dict[str, Any]) -> None:

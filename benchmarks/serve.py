@@ -19,10 +19,20 @@ import yaml
 DEFAULT_SYSTEMS = ("split", "fused", "backbone")
 
 
-def bench_images(model_cfg: Dict[str, Any], n: int, seed: int = 0) -> List[bytes]:
-    """PNG files as users have them: Fashion-MNIST test images for the fmnist model, else noise."""
+def png_files(arrays) -> List[bytes]:
+    """uint8 arrays (H×W or H×W×3) as PNG files, as users send them."""
     from PIL import Image
 
+    files = []
+    for a in arrays:
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format="PNG")
+        files.append(buf.getvalue())
+    return files
+
+
+def bench_images(model_cfg: Dict[str, Any], n: int, seed: int = 0) -> List[bytes]:
+    """PNG files as users have them: Fashion-MNIST test images for the fmnist model, else noise."""
     c, h, w = model_cfg["input_size"]
     arrays = None
     if c == 1 and "fmnist" in str(model_cfg.get("name", "")):
@@ -35,12 +45,7 @@ def bench_images(model_cfg: Dict[str, Any], n: int, seed: int = 0) -> List[bytes
     if arrays is None:
         rng = np.random.default_rng(seed)
         arrays = rng.integers(0, 256, size=(n, h, w) if c == 1 else (n, h, w, 3), dtype=np.uint8)
-    files = []
-    for a in arrays:
-        buf = io.BytesIO()
-        Image.fromarray(a).save(buf, format="PNG")
-        files.append(buf.getvalue())
-    return files
+    return png_files(arrays)
 
 
 def _summary(lat: List[float], stages: List[str], timings: List[Dict[str, float]], clients: int,

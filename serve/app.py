@@ -289,10 +289,10 @@ class CFViTIngress:
             a.setdefault("coarse_probs", a["probs"])
         self._shadow([(a.pop("handoff"), eta, int(a["probs"].argmax())) for a in answers
                        if a["exit"] and "handoff" in a])
-        hard = [i for i, a in enumerate(answers) if stages == "split" and not answers[i]["exit"]]
-        if hard:
-            fine = await self._fine([answers[i].pop("handoff") for i in hard], [images[i] for i in hard])
-            hard = [answers[i] for i in hard]
+        hard_at = [i for i, a in enumerate(answers) if stages == "split" and not a["exit"]]
+        if hard_at:
+            hard = [answers[i] for i in hard_at]
+            fine = await self._fine([a.pop("handoff") for a in hard], [images[i] for i in hard_at])
             received = time.time()
             for a, f in zip(hard, fine):
                 a["t"].update(f.pop("t"))

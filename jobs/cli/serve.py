@@ -69,11 +69,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
                            exit_rate=exit_rate, n_images=images, replicas=replicas, port=port,
                            systems=system or DEFAULT_SYSTEMS, batch_size=batch_size, per_request=per_request)
         print_report(result)
-        if json_out:
-            import json
-
-            with open(json_out, "w") as f:
-                json.dump(result, f, indent=2)
+        _write_json(json_out, result)
 
 
 def _register_failover(bench: typer.Typer) -> None:
@@ -95,11 +91,7 @@ def _register_failover(bench: typer.Typer) -> None:
             raise typer.BadParameter("--stages must be split or fused")
         res = run_failover(checkpoint, clients, before, after, eta, stages)
         print_failover(res)
-        if json_out:
-            import json
-
-            with open(json_out, "w") as f:
-                json.dump(res, f, indent=2)
+        _write_json(json_out, res)
 
 
 def _bench_burst(checkpoint, rate, factor, phases, slo_ms, min_eta, max_drop, eta, stages, replicas, batch_size,
@@ -115,11 +107,16 @@ def _bench_burst(checkpoint, rate, factor, phases, slo_ms, min_eta, max_drop, et
     print_burst(result)
     if plot:
         plot_burst(result, plot)
-    if json_out:
+    _write_json(json_out, result)
+
+
+def _write_json(path: Optional[str], figures: dict) -> None:
+    """`--json PATH`: the figures as JSON too."""
+    if path:
         import json
 
-        with open(json_out, "w") as f:
-            json.dump(result, f, indent=2)
+        with open(path, "w") as f:
+            json.dump(figures, f, indent=2)
 
 
 def _app_args(checkpoint: str, eta: float, stages: str, max_replicas: int, max_images: int) -> dict:

@@ -25,14 +25,15 @@ def init_ray(address: Optional[str] = None, *, min_cpus: Optional[float] = None,
     # The dashboard serves Ray's state API, which Ray Train's placement-group cleaner polls: without it
     # the terminal fills with "Failed to query Ray Train Controller actor state". Its workers are told
     # where it is: with two Ray instances on one machine, "auto" would not know which to ask.
-    port = _free_port()
+    port = free_port()
     ray.init(address="local" if private else None, num_cpus=cpus, include_dashboard=True, dashboard_port=port,
              log_to_driver=log_to_driver,
              runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
     return True
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
     import socket
 
     with socket.socket() as s:

@@ -3,26 +3,18 @@ changes no reply and counts agreement exactly as the library's own coarse and fi
 of images the coarse stage answers confidently but differently from the fine stage raises the agreement
 alert; inverted images (their exit rate far from the calibrated one) raise the exit-rate alert."""
 import contextlib
-import io
 import time
 
 import httpx
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from tests.fixtures.serve_app import TEST_ARGS, served  # noqa: F401  (fixture)
+from tests.fixtures.services import png_bytes as png
 
 pytestmark = pytest.mark.e2e
 
 FUSED = {"num_cpus": 0, "torch_threads": 1, "max_batch_size": 16, "fine_batch_size": 8, "autoscaling_config": None}
-
-
-def png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @contextlib.contextmanager

@@ -16,14 +16,9 @@ import torch
 from PIL import Image
 
 from tests.fixtures.serve_app import APP_NAME, served  # noqa: F401  (fixture)
+from tests.fixtures.services import png_bytes as png
 
 pytestmark = pytest.mark.e2e
-
-
-def png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
