@@ -123,6 +123,22 @@ class ScalingSection(_Section):
     ray_address: Optional[str] = None  # None: connect to RAY_ADDRESS or start a local Ray
     # a worker that waits this long for its next batch reports what the cluster lacks and fails (0: never)
     stall_timeout_s: float = Field(900.0, ge=0)
+    # Ray placement group strategy of the workers: PACK fills nodes first; SPREAD / STRICT_SPREAD put them on
+    # different nodes (losing one node then costs one worker, not all)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    # extra Ray resources of each worker, e.g. {trainer: 1}: a custom resource that only some nodes declare
+    # keeps the workers there (one per node when each declares 1). CPU and GPU come from the keys above.
+    worker_resources: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("worker_resources")
+    @classmethod
+    def _worker_resources(cls, v: dict) -> dict:
+        for k, amount in v.items():
+            if k in ("CPU", "GPU") or not k:
+                raise ValueError(f"{k!r}: set CPUs with scaling.cpus_per_worker and GPUs with scaling.use_gpu")
+            if not amount > 0:
+                raise ValueError(f"{k}: the amount must be > 0, got {amount}")
+        return v
 
 
 class CheckpointSection(_Section):

@@ -101,7 +101,9 @@ def build_trainer(cfg: JobConfig, prep: dict, run_id: Optional[str], uri: str, c
         train_loop_config={"job": cfg.model_dump(mode="json"), "meta": meta},
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker,
+                                                           **cfg.scaling.worker_resources},
+                                     placement_strategy=cfg.scaling.placement_strategy),
         run_config=RunConfig(
             name=cfg.run_name, **run_storage(cfg.checkpoint.storage_path),
             failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
