@@ -78,7 +78,7 @@ def setup(cfg: JobConfig, meta: dict) -> Worker:
     t0 = time.perf_counter()
     rank = ray.train.get_context().get_world_rank()
     # where each rank runs: after a node is lost, the log shows where the restarted group went
-    print(f"[worker] rank {rank} on node {ray.get_runtime_context().get_node_id()}", flush=True)
+    _say(f"[worker] rank {rank} on node {ray.get_runtime_context().get_node_id()}")
     torch.manual_seed(cfg.seed + rank)
     on_gpu = cfg.scaling.use_gpu and torch.cuda.is_available()
     n_classes = len(meta["classes"])
