@@ -1,7 +1,8 @@
 """`cfvit bench failover`: the Serve app on a multi-node Ray cluster on this machine, under steady load, loses a
 whole node; how many requests fail, what the clients see, and how long until every replica runs again.
 
-The cluster is `ray.cluster_utils.Cluster` (one raylet per node, as Ray's own fault-tolerance tests do): a
+The cluster is benchmarks/local_cluster.py's (`ray.cluster_utils.Cluster`, one raylet per node, as Ray's own
+fault-tolerance tests do; no S3 or MLflow needed here): a
 head (the controller, the HTTP proxy and the ingress, pinned by a `head` resource) and two worker nodes
 (`worker` resource), each coarse and fine replica on its own worker node (`max_replicas_per_node: 1`). After
 `before_s` of load from `clients` closed-loop clients, worker node B is removed without warning (its raylet
@@ -90,58 +91,63 @@ def run_failover(checkpoint: str, clients: int = 8, before_s: float = 8.0, after
                  stages: str = "split", port: Optional[int] = None, warmup_s: float = 3.0) -> Dict[str, Any]:
     import ray
     from ray import serve
-    from ray.cluster_utils import Cluster
 
-    from benchmarks.burst import labelled_images
+    from benchmarks.local_cluster import LocalStack
     from jobs.common.ray_env import free_port
-    from serve.app import build_app
 
     port = port or free_port()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"head": 1}})
-    nodes = [cluster.add_node(num_cpus=2, resources={"worker": 4}) for _ in range(2)]
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
-        serve.run(build_app(app_args(checkpoint, eta, stages)), name="failover", route_prefix="/")
-        want = {"CoarseStage": 2, "FineStage": 2} if stages == "split" else {"FusedStage": 2}
-        placed = _replica_nodes("failover")
-        victim = nodes[1]
-        files, box = labelled_images(64, start=0)[0], {}
-        t0 = time.monotonic() + warmup_s  # t = 0: the end of the (unbooked) warm-up
-        stop_at = t0 + before_s + after_s
-        url = f"http://127.0.0.1:{port}/v1/classify?eta={eta}"
-        load = threading.Thread(target=lambda: box.update(r=asyncio.run(_load(url, files, clients, stop_at, t0))))
-        load.start()
-        events = _kill_and_replace(cluster, victim, want, t0, before_s, stop_at)  # Ray's node API: main thread
-        load.join()
-        records = [r for r in box.get("r", []) if r["start"] >= 0]
-        result = summarize(records, events, clients, before_s)
-        result.update(stages=stages, clients=clients, placement_before=placed, victim_node=victim.node_id,
-                      placement_after=_replica_nodes("failover"))
-        return result
-    finally:
+    with LocalStack(nodes=2, services=False) as stack:
+        ray.init(address=stack.cluster.address, log_to_driver=False)
         try:
-            serve.shutdown()
+            serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
+            return _serve_and_kill(stack, checkpoint, clients, before_s, after_s, eta, stages, port, warmup_s)
         finally:
-            ray.shutdown()
-            cluster.shutdown()
+            try:
+                serve.shutdown()
+            finally:
+                ray.shutdown()
 
 
-def _kill_and_replace(cluster, victim, want: Dict[str, int], t0: float, before_s: float, stop_at: float) -> Dict:
+def _serve_and_kill(stack, checkpoint: str, clients: int, before_s: float, after_s: float, eta: float, stages: str,
+                    port: int, warmup_s: float) -> Dict[str, Any]:
+    from ray import serve
+
+    from benchmarks.burst import labelled_images
+    from serve.app import build_app
+
+    serve.run(build_app(app_args(checkpoint, eta, stages)), name="failover", route_prefix="/")
+    want = {"CoarseStage": 2, "FineStage": 2} if stages == "split" else {"FusedStage": 2}
+    placed = _replica_nodes("failover")
+    victim = stack.workers[1].node_id
+    files, box = labelled_images(64, start=0)[0], {}
+    t0 = time.monotonic() + warmup_s  # t = 0: the end of the (unbooked) warm-up
+    stop_at = t0 + before_s + after_s
+    url = f"http://127.0.0.1:{port}/v1/classify?eta={eta}"
+    load = threading.Thread(target=lambda: box.update(r=asyncio.run(_load(url, files, clients, stop_at, t0))))
+    load.start()
+    events = _kill_and_replace(stack, victim, want, t0, before_s, stop_at)  # Ray's node API: main thread
+    load.join()
+    records = [r for r in box.get("r", []) if r["start"] >= 0]
+    result = summarize(records, events, clients, before_s)
+    result.update(stages=stages, clients=clients, placement_before=placed, victim_node=victim,
+                  placement_after=_replica_nodes("failover"))
+    return result
+
+
+def _kill_and_replace(stack, victim: str, want: Dict[str, int], t0: float, before_s: float, stop_at: float) -> Dict:
     """At t0 + before_s remove the victim node without warning, add a replacement, and note when every
     replica runs again (on distinct nodes)."""
     events: Dict[str, Any] = {}
     time.sleep(max(0.0, t0 + before_s - time.monotonic()))
     events["kill"] = time.monotonic() - t0
-    cluster.remove_node(victim, allow_graceful=False)
-    cluster.add_node(num_cpus=2, resources={"worker": 4})
+    stack.kill_node(victim)
+    stack.add_node()
     events["replacement_joined"] = time.monotonic() - t0
     first = list(want)[0]
     while time.monotonic() < stop_at:
         nodes = _replica_nodes("failover").get(first, [])
         events["last_states"] = states = _deployment_states("failover")
-        if _all_running(states, want) and len(set(nodes)) >= want[first] and victim.node_id not in nodes:
+        if _all_running(states, want) and len(set(nodes)) >= want[first] and victim not in nodes:
             events["all_running"] = time.monotonic() - t0
             break
         time.sleep(0.25)

@@ -9,6 +9,7 @@ import typer
 def register(app: typer.Typer, bench: typer.Typer) -> None:
     app.command("train")(train_cmd)
     bench.command("train")(bench_train_cmd)
+    bench.command("train-failover")(bench_train_failover_cmd)
 
 
 def train_cmd(
@@ -70,3 +71,35 @@ def bench_train_cmd(
     if json_out:
         with open(json_out, "w") as f:
             json.dump(res, f, indent=2)
+
+
+def bench_train_failover_cmd(
+    fault: str = typer.Option("node,s3", help="node (kill a worker's node), s3 (pause the S3 server), or both."),
+    epochs: int = typer.Option(3, min=2, help="Epochs of each job."),
+    fault_epoch: int = typer.Option(2, min=1, help="The epoch (1-based) in which the fault is injected."),
+    at: float = typer.Option(0.5, min=0.0, max=0.95, help="How far into that epoch (share of its steps)."),
+    pause: float = typer.Option(20.0, min=1.0, help="Seconds the S3 server stays paused (SIGSTOP)."),
+    replace_after: float = typer.Option(5.0, min=0.0, help="Seconds until a replacement node joins."),
+    n_train: int = typer.Option(1024, min=128, help="Training images in S3."),
+    json_out: Optional[str] = typer.Option(None, "--json", help="Also write the figures to this JSON file."),
+    logs: Optional[str] = typer.Option(None, "--logs", help="Write each job's whole log into this folder."),
+):
+    """A job submitted with `cfvit submit` to a local multi-node cluster (S3, MLflow) survives losing a
+    worker's node and a paused S3 server: epochs repeated, restarts, recovery time (docs/RELIABILITY.md)."""
+    import json
+
+    from benchmarks.train_failover import print_train_failover, run_train_failover
+
+    cases = tuple(c.strip() for c in fault.split(",") if c.strip())
+    if not cases or set(cases) - {"node", "s3"}:
+        raise typer.BadParameter(f"--fault takes node, s3 or node,s3; got {fault!r}")
+    if fault_epoch > epochs:
+        raise typer.BadParameter(f"--fault-epoch {fault_epoch} is past the last epoch ({epochs})")
+    res = run_train_failover(cases, epochs=epochs, fault_epoch=fault_epoch, at_fraction=at, pause_s=pause,
+                             replace_after_s=replace_after, n_train=n_train, log_dir=logs)
+    print_train_failover(res)
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump(res, f, indent=2, default=str)
+    if any(r["status"] != "SUCCEEDED" for r in res.values()):
+        raise typer.Exit(1)

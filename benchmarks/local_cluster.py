@@ -1,0 +1,249 @@
+"""A multi-node Ray cluster on this machine with the services a real one shares: moto's S3 server (the only
+storage the nodes share: data, checkpoints), an MLflow server (runs, registered models), and
+`ray.cluster_utils.Cluster` nodes (one raylet each, as Ray's own fault-tolerance tests use), the head with
+the dashboard so that `cfvit submit` works against it.
+
+    python -m benchmarks.local_cluster --nodes 2      # prints the addresses and the variables to export;
+                                                      # Ctrl-C stops everything
+
+Each worker node declares `trainer: 1` (one training worker per node with `scaling.worker_resources`) and
+`worker: 4` (Serve replicas); the head declares `head: 1` and keeps the drivers. `cfvit bench
+train-failover` and `cfvit bench failover` build on it; docs/RELIABILITY.md has the figures.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from jobs.common.ray_env import free_port
+
+AWS_TEST_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
+WORKER_NODE_RESOURCES = {"trainer": 1, "worker": 4}
+
+
+# ------------------------------------------------------------------ processes
+def wait_http(url: str, timeout: float, proc: Optional[subprocess.Popen] = None, log: Optional[Path] = None) -> None:
+    """Until `url` answers below 500; fails early (with the log's tail) when `proc` exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text()[-3000:] if log is not None and log.exists() else ""
+            raise RuntimeError(f"server for {url} exited with {proc.returncode}:\n{tail}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status < 500:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f}s")
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 15) -> None:
+    """Stop a server started in its own session (the whole group: mlflow forks workers); SIGCONT first in
+    case it was paused."""
+    if proc.poll() is not None:
+        return
+    for sig in (signal.SIGCONT, signal.SIGTERM):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(5)
+
+
+def start_mlflow_server(root: Path, timeout: float = 300) -> tuple[subprocess.Popen, str]:
+    """`mlflow server` (sqlite backend, proxied local artifacts under `root`) on a free loopback port."""
+    root.mkdir(parents=True, exist_ok=True)
+    port, log = free_port(), root / "server.log"
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+           "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts")]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=root, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{uri}/health", timeout=timeout, proc=proc, log=log)  # slow on a busy 2-core box
+    except BaseException:
+        stop_process(proc)
+        raise
+    return proc, uri
+
+
+def start_s3_server(root: Path, timeout: float = 60) -> tuple[subprocess.Popen, str]:
+    """moto's S3 server as its own process (so it can be paused with SIGSTOP) on a free loopback port."""
+    root.mkdir(parents=True, exist_ok=True)
+    port, log = free_port(), root / "s3.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/moto-api/", timeout=timeout, proc=proc, log=log)
+    except BaseException:
+        stop_process(proc)
+        raise
+    return proc, url
+
+
+# ------------------------------------------------------------------ data
+def class_folders(names) -> List[str]:
+    """ImageFolder class folder names whose sorted order is the label order: `00_T-shirt_top`, …"""
+    return [f"{i:02d}_{n.replace('/', '_').replace(' ', '_')}" for i, n in enumerate(names)]
+
+
+def upload_fashion_mnist(client, bucket: str, prefix: str, split: str = "train", n: int = 256,
+                         offset: int = 0) -> List[str]:
+    """Put `n` Fashion-MNIST images as PNGs in ImageFolder layout, s3://bucket/prefix/<class>/<i>.png.
+    Returns the class folder names (label order)."""
+    from benchmarks.serve import png_files
+    from cfvit.data import FASHION_MNIST_CLASSES, load_fashion_mnist
+
+    images, labels = load_fashion_mnist(split)
+    folders = class_folders(FASHION_MNIST_CLASSES)
+    try:
+        client.create_bucket(Bucket=bucket)
+    except client.exceptions.BucketAlreadyOwnedByYou:
+        pass
+    for i, body in zip(range(offset, offset + n), png_files(images[offset:offset + n])):
+        client.put_object(Bucket=bucket, Key=f"{prefix.strip('/')}/{folders[labels[i]]}/{i:06d}.png", Body=body)
+    return folders
+
+
+# ------------------------------------------------------------------ the stack
+class LocalStack:
+    """S3 + MLflow + a head and `nodes` worker nodes. Use as a context manager; everything it started is
+    stopped on exit, nothing else (no `ray stop`)."""
+
+    def __init__(self, nodes: int = 2, node_cpus: int = 2, head_cpus: int = 1, root: Optional[Path] = None,
+                 services: bool = True):
+        self.nodes, self.node_cpus, self.head_cpus, self.services = nodes, node_cpus, head_cpus, services
+        self._own_root = root is None  # a temp folder it made is removed on close
+        self.root = Path(root or tempfile.mkdtemp(prefix="cfvit-stack-"))
+        self.cluster, self.workers, self._procs = None, [], []
+        self.s3_proc = self.s3_url = self.mlflow_uri = self.dashboard_url = None
+        self._saved_env: Dict[str, Optional[str]] = {}
+
+    def __enter__(self) -> "LocalStack":
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def start(self) -> None:
+        from ray.cluster_utils import Cluster
+
+        # The nodes' processes inherit these: every Ray worker reaches S3 as a pod with credentials would,
+        # and jobs run this interpreter (`python` from PATH).
+        env = {"PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
+               "RAY_USAGE_STATS_ENABLED": "0"}
+        if self.services:
+            self.s3_proc, self.s3_url = start_s3_server(self.root / "s3")
+            self._procs.append(self.s3_proc)
+            proc, self.mlflow_uri = start_mlflow_server(self.root / "mlflow")
+            self._procs.append(proc)
+            env.update(AWS_TEST_ENV, AWS_ENDPOINT_URL=self.s3_url, MLFLOW_TRACKING_URI=self.mlflow_uri)
+        self._set_env(env)
+        os.environ.pop("RAY_ADDRESS", None)
+        port = free_port()
+        self.cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": self.head_cpus, "resources": {"head": 1}, "include_dashboard": True,
+            "dashboard_host": "127.0.0.1", "dashboard_port": port})
+        self.dashboard_url = f"http://127.0.0.1:{port}"
+        for _ in range(self.nodes):
+            self.add_node()
+        self.cluster.wait_for_nodes()
+
+    def add_node(self):
+        """A worker node, as a cluster autoscaler would add one (must run in the main thread)."""
+        node = self.cluster.add_node(num_cpus=self.node_cpus, resources=dict(WORKER_NODE_RESOURCES))
+        self.workers.append(node)
+        return node
+
+    def kill_node(self, node_id: str) -> None:
+        """Remove the worker node with this id without warning: its raylet and every process on it die."""
+        node = next(n for n in self.workers if n.node_id == node_id)
+        self.cluster.remove_node(node, allow_graceful=False)
+        self.workers.remove(node)
+
+    def pause_s3(self) -> None:
+        os.kill(self.s3_proc.pid, signal.SIGSTOP)
+
+    def resume_s3(self) -> None:
+        os.kill(self.s3_proc.pid, signal.SIGCONT)
+
+    def s3_client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.s3_url, region_name="us-east-1",
+                            aws_access_key_id="testing", aws_secret_access_key="testing")
+
+    def exports(self) -> Dict[str, str]:
+        """What a shell needs to use this stack (`cfvit submit`, `cfvit train --set …`)."""
+        return {**AWS_TEST_ENV, "AWS_ENDPOINT_URL": self.s3_url, "MLFLOW_TRACKING_URI": self.mlflow_uri,
+                "RAY_ADDRESS": self.dashboard_url}
+
+    def close(self) -> None:
+        try:
+            if self.cluster is not None:
+                self.cluster.shutdown()
+        finally:
+            self.cluster = None
+            for proc in reversed(self._procs):
+                stop_process(proc)
+            self._procs.clear()
+            if self._own_root:
+                shutil.rmtree(self.root, ignore_errors=True)
+            for k, v in self._saved_env.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+    def _set_env(self, env: Dict[str, str]) -> None:
+        for k, v in env.items():
+            self._saved_env.setdefault(k, os.environ.get(k))
+            os.environ[k] = v
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(description="A multi-node Ray cluster with S3 (moto) and MLflow on this machine.")
+    p.add_argument("--nodes", type=int, default=2, help="worker nodes besides the head (default 2)")
+    p.add_argument("--node-cpus", type=int, default=2, help="logical CPUs of each worker node")
+    args = p.parse_args(argv)
+    with LocalStack(nodes=args.nodes, node_cpus=args.node_cpus) as stack:
+        print(f"Ray head (dashboard, jobs): {stack.dashboard_url}   nodes: 1 head + {args.nodes} workers")
+        print(f"S3 (moto): {stack.s3_url}   MLflow: {stack.mlflow_uri}   (their files: {stack.root}, removed "
+              f"on exit)")
+        print("export " + " ".join(f"{k}={v}" for k, v in stack.exports().items()))
+        print("Ctrl-C stops everything.", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            print("stopping…")
+
+
+if __name__ == "__main__":
+    main()

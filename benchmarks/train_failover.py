@@ -1,0 +1,270 @@
+"""`cfvit bench train-failover`: a training job submitted with `cfvit submit` to a multi-node Ray cluster on
+this machine (benchmarks/local_cluster.py: moto's S3 server as the only shared storage, an MLflow server),
+its two workers on different nodes, survives a fault injected mid-epoch:
+
+- `node`: the node of one worker is removed without warning (its raylet and every process on it killed);
+  a replacement node joins `replace_after_s` later, as a cluster autoscaler would add one. Ray Train
+  restarts the worker group (`checkpoint.max_failures`) from the last S3 checkpoint.
+- `s3`: the S3 server is paused (SIGSTOP) for `pause_s` and resumed; reads and the checkpoint upload ride
+  it out on retries, without a restart.
+
+The job's log is polled while it runs; every line is stamped when first seen (≤ ~1 s late). What must hold
+and what is measured: job SUCCEEDED with all its epochs, each epoch completed once (the log's epoch lines
+and MLflow's `train_loss` history), a registered model, complete checkpoints in S3; the time from the
+fault to training again.
+"""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA_BUCKET, RUNS_BUCKET = "cfvit-data", "cfvit-runs"
+CKPT_FILES = {"train_state.json", "model/config.json", "model/model.safetensors",
+              "deepspeed/mp_rank_00_model_states.pt", "deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+              "deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt"}
+LINES = {
+    "progress": re.compile(r"\[cfvit-progress\] (\{.*\})"),
+    "worker": re.compile(r"\[worker\] rank (\d+) on node ([0-9a-f]+)"),
+    "epoch": re.compile(r"\bepoch (\d+)/(\d+)  loss"),
+    "resume": re.compile(r"\[resume\] from the checkpoint of epoch (\d+): continuing at epoch (\d+)"),
+    "slow_checkpoint": re.compile(r"\[checkpoint\] epoch (\d+): rank (\d+) took ([\d.]+) s"),
+}
+
+
+def job_sets(case: str, stack, epochs: int) -> List[str]:
+    """The job's `--set`s: the shipped fmnist_tiny config on the S3 data, a small model, one worker per node."""
+    sets = {
+        "name": f"failover-{case}", "data.train": f"s3://{DATA_BUCKET}/fmnist/train",
+        "data.val": f"s3://{DATA_BUCKET}/fmnist/val", "data.train_limit": "null", "data.val_limit": "null",
+        "model.overrides": "{depth: 2, embed_dim: 48, num_heads: 2}", "optim.batch_size": 64,
+        "deepspeed.micro_batch_size": 32, "schedule.epochs": epochs, "schedule.split_fraction": 0.34,
+        "scaling.num_workers": 2, "scaling.worker_resources": "{trainer: 1}",
+        "scaling.placement_strategy": "STRICT_SPREAD",
+        "checkpoint.storage_path": f"s3://{RUNS_BUCKET}/checkpoints", "checkpoint.run_name": f"failover-{case}",
+        "checkpoint.max_failures": 3, "checkpoint.num_to_keep": epochs,
+        "mlflow.tracking_uri": stack.mlflow_uri, "mlflow.experiment": "cfvit-failover",
+        "mlflow.registered_model": f"cfvit-failover-{case}", "log.progress_every_s": 1,
+    }
+    return [f"{k}={v}" for k, v in sets.items()]
+
+
+def submit_job(stack, case: str, sets: List[str]) -> str:
+    """`cfvit submit run --no-wait` as a user types it; returns the job id."""
+    env = [f"--env={k}={v}" for k, v in stack.exports().items() if k.startswith(("AWS_", "MLFLOW_"))]
+    cmd = [sys.executable, "-m", "jobs.cli", "submit", "run", "--address", stack.dashboard_url, "--no-wait",
+           "--submission-id", f"failover-{case}-{int(time.time())}", *env, "--",
+           "python", "-m", "jobs.train", "--config", "jobs/configs/fmnist_tiny.yaml",
+           *[a for s in sets for a in ("--set", s)]]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    if out.returncode != 0:
+        raise RuntimeError(f"cfvit submit failed: {out.stderr[-2000:]}")
+    return out.stdout.strip().splitlines()[-1]
+
+
+class JobWatch:
+    """The job's log as events: each matched line with the time (s after submission) it was first seen."""
+
+    def __init__(self, client, job_id: str, t0: float):
+        self.client, self.job_id, self.t0 = client, job_id, t0
+        self.events: List[Dict[str, Any]] = []
+        self._seen = 0
+        self.status = "PENDING"
+
+    def poll(self) -> None:
+        self.status = str(self.client.get_job_status(self.job_id))
+        lines = self.client.get_job_logs(self.job_id).splitlines()
+        now = time.monotonic() - self.t0
+        for line in lines[self._seen:]:
+            for kind, rx in LINES.items():
+                m = rx.search(line)
+                if m:
+                    self.events.append({"kind": kind, "t": now, "groups": m.groups()})
+        self._seen = len(lines)
+
+    def last(self, kind: str) -> Optional[Dict[str, Any]]:
+        return next((e for e in reversed(self.events) if e["kind"] == kind), None)
+
+    def progress(self) -> Optional[dict]:
+        e = self.last("progress")
+        return json.loads(e["groups"][0]) if e else None
+
+    def worker_nodes(self, after: float = -1.0) -> Dict[int, str]:
+        return {int(e["groups"][0]): e["groups"][1] for e in self.events if e["kind"] == "worker" and e["t"] > after}
+
+    def log_tail(self, n: int = 4000) -> str:
+        return self.client.get_job_logs(self.job_id)[-n:]
+
+
+def run_case(stack, case: str, *, epochs: int = 3, fault_epoch: int = 2, at_fraction: float = 0.5,
+             kill_rank: int = 1, replace_after_s: float = 5.0, pause_s: float = 20.0, n_train: int = 1024,
+             n_val: int = 256, timeout_s: float = 900.0, log_dir: Optional[str] = None) -> Dict[str, Any]:
+    """Submit one job, inject `case` (node | s3) when epoch `fault_epoch` (1-based) is `at_fraction` done."""
+    from jobs.ops.submit import connect
+
+    client = connect(stack.dashboard_url)
+    steps = n_train // 64  # optimizer steps per epoch: global batch 64
+    t0 = time.monotonic()
+    job_id = submit_job(stack, case, job_sets(case, stack, epochs))
+    watch, fault = JobWatch(client, job_id, t0), {}
+    deadline = t0 + timeout_s
+    while time.monotonic() < deadline:
+        watch.poll()
+        if watch.status in ("SUCCEEDED", "FAILED", "STOPPED"):
+            break
+        p = watch.progress()
+        due = p and p["epoch"] == fault_epoch and p["step"] >= at_fraction * steps
+        if due and "t" not in fault:
+            fault.update(_inject(stack, watch, case, kill_rank), epoch=p["epoch"], step=p["step"], steps=steps,
+                         t=time.monotonic() - t0)
+        _follow_up(stack, fault, case, t0, replace_after_s, pause_s)
+        time.sleep(0.5)
+    if fault.get("paused") and "resumed_t" not in fault:
+        stack.resume_s3()
+    return summarize(stack, watch, case, fault, epochs, t0, log_dir)
+
+
+def _inject(stack, watch: JobWatch, case: str, kill_rank: int) -> Dict[str, Any]:
+    if case == "node":
+        nodes = watch.worker_nodes()
+        victim = nodes[kill_rank]
+        stack.kill_node(victim)
+        return {"victim_node": victim, "nodes_before": nodes}
+    stack.pause_s3()
+    return {"paused": True}
+
+
+def _follow_up(stack, fault: dict, case: str, t0: float, replace_after_s: float, pause_s: float) -> None:
+    """The second half of a fault, on time: a replacement node joins; the S3 server resumes."""
+    if "t" not in fault:
+        return
+    now = time.monotonic() - t0
+    if case == "node" and "replaced_t" not in fault and now >= fault["t"] + replace_after_s:
+        stack.add_node()
+        fault["replaced_t"] = time.monotonic() - t0
+    if case == "s3" and "resumed_t" not in fault and now >= fault["t"] + pause_s:
+        stack.resume_s3()
+        fault["resumed_t"] = time.monotonic() - t0
+
+
+def summarize(stack, watch: JobWatch, case: str, fault: dict, epochs: int, t0: float,
+              log_dir: Optional[str] = None) -> Dict[str, Any]:
+    """What the job did around the fault, from its log, MLflow and the S3 bucket."""
+    ev = watch.events
+    completed = [int(e["groups"][0]) for e in ev if e["kind"] == "epoch"]
+    resumes = [e for e in ev if e["kind"] == "resume"]
+    ft = fault.get("t")
+    after = [e for e in ev if e["kind"] == "progress" and ft is not None and e["t"] > ft
+             and (case == "s3" or any(r["t"] < e["t"] for r in resumes))]
+    out = {
+        "case": case, "job_id": watch.job_id, "status": watch.status, "wall_s": time.monotonic() - t0,
+        "epochs": epochs, "epoch_lines": completed,
+        "epochs_repeated": sum(max(0, completed.count(k) - 1) for k in set(completed)),
+        "restarts": len(resumes), "resumed_at_epoch": [int(r["groups"][1]) + 1 for r in resumes],
+        "fault": {k: v for k, v in fault.items() if k != "paused"},
+        "training_again_s": None if not after or ft is None else after[0]["t"] - ft,
+        "slow_checkpoints": [{"epoch": int(e["groups"][0]), "rank": int(e["groups"][1]),
+                              "seconds": float(e["groups"][2])} for e in ev if e["kind"] == "slow_checkpoint"],
+    }
+    if case == "node" and ft is not None:
+        out["nodes_after"] = watch.worker_nodes(after=ft)
+    out.update(_mlflow_facts(stack.mlflow_uri, f"failover-{case}"))
+    out["checkpoints"] = _checkpoints(stack, f"failover-{case}")
+    if log_dir:  # the whole job log, for reading what Ray Train did
+        out["job_log"] = str(Path(log_dir) / f"{watch.job_id}.log")
+        Path(out["job_log"]).write_text(watch.client.get_job_logs(watch.job_id))
+    if out["status"] != "SUCCEEDED":
+        out["log_tail"] = watch.log_tail()
+    return out
+
+
+def _mlflow_facts(uri: str, job: str) -> Dict[str, Any]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    exp = client.get_experiment_by_name("cfvit-failover")
+    runs = client.search_runs([exp.experiment_id], f"tags.`cfvit.job` = '{job}'", order_by=["start_time DESC"],
+                              max_results=1) if exp else []
+    if not runs:
+        return {"mlflow_run": None}
+    run = runs[0]
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train_loss"))
+    seconds = {m.step + 1: round(m.value, 1) for m in client.get_metric_history(run.info.run_id, "epoch_seconds")}
+    versions = client.search_model_versions(f"name='cfvit-failover-{job.split('-', 1)[1]}'")
+    return {"mlflow_run": run.info.run_id, "mlflow_status": run.info.status, "train_loss_steps": steps,
+            "epoch_seconds": seconds, "val_fine_top1": run.data.metrics.get("val_fine_top1"),
+            "registered_versions": sorted(int(v.version) for v in versions if v.run_id == run.info.run_id)}
+
+
+def _checkpoints(stack, run_name: str) -> List[Dict[str, Any]]:
+    """Each checkpoint folder in S3: its epoch (train_state.json), whether every file is there, and whether
+    its exported model loads."""
+    s3 = stack.s3_client()
+    prefix = f"checkpoints/{run_name}/"
+    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=RUNS_BUCKET, Prefix=prefix)
+            for o in page.get("Contents", [])]
+    folders: Dict[str, set] = {}
+    for k in keys:
+        rest = k[len(prefix):]
+        if rest.startswith("checkpoint_") and "/" in rest:
+            d, f = rest.split("/", 1)
+            folders.setdefault(d, set()).add(f)
+    out = []
+    for d, files in sorted(folders.items()):
+        state = json.loads(s3.get_object(Bucket=RUNS_BUCKET, Key=f"{prefix}{d}/train_state.json")["Body"].read()) \
+            if "train_state.json" in files else {}
+        out.append({"folder": d, "epoch": state.get("epoch", -1) + 1, "complete": CKPT_FILES <= files,
+                    "model_loads": _loads(f"s3://{RUNS_BUCKET}/{prefix}{d}/model") if "model/config.json" in files
+                    else False})
+    return out
+
+
+def _loads(uri: str) -> bool:
+    import cfvit
+    from cfvit.checkpoint import CheckpointError
+    from jobs.common.storage import resolve_checkpoint
+
+    try:
+        cfvit.load(resolve_checkpoint(uri))
+        return True
+    except (CheckpointError, OSError, ValueError):
+        return False
+
+
+def run_train_failover(cases=("node", "s3"), **kw) -> Dict[str, Any]:
+    """Start the stack (head + 2 worker nodes, S3, MLflow), put the data in S3, run each case in turn."""
+    from benchmarks.local_cluster import LocalStack, upload_fashion_mnist
+
+    n_train, n_val = kw.get("n_train", 1024), kw.get("n_val", 256)
+    with LocalStack(nodes=2) as stack:
+        s3 = stack.s3_client()
+        upload_fashion_mnist(s3, DATA_BUCKET, "fmnist/train", "train", n=n_train)
+        upload_fashion_mnist(s3, DATA_BUCKET, "fmnist/val", "test", n=n_val)
+        s3.create_bucket(Bucket=RUNS_BUCKET)
+        return {case: run_case(stack, case, **kw) for case in cases}
+
+
+def print_train_failover(res: Dict[str, Any], echo=print) -> None:
+    for case, r in res.items():
+        f = r["fault"]
+        what = (f"node {f.get('victim_node', '?')[:8]} (rank's node) killed" if case == "node"
+                else f"S3 server paused {f.get('resumed_t', 0) - f.get('t', 0):.0f} s")
+        echo(f"{case}: {what} at epoch {f.get('epoch')} step {f.get('step')}/{f.get('steps')}; job "
+             f"{r['status']} in {r['wall_s']:.0f} s")
+        again = "never" if r["training_again_s"] is None else f"{r['training_again_s']:.1f} s"
+        echo(f"  epochs completed {r['epoch_lines']} (repeated: {r['epochs_repeated']}); restarts "
+             f"{r['restarts']} (resumed at epoch {r['resumed_at_epoch'] or '-'}); training again {again} "
+             f"after the fault")
+        ok = [c for c in r["checkpoints"] if c["complete"] and c["model_loads"]]
+        echo(f"  MLflow: train_loss steps {r.get('train_loss_steps')}, registered versions "
+             f"{r.get('registered_versions')}; S3 checkpoints complete+loadable {len(ok)}/{len(r['checkpoints'])} "
+             f"(epochs {[c['epoch'] for c in r['checkpoints']]})")
+        for s in r["slow_checkpoints"]:
+            echo(f"  slow checkpoint write: epoch {s['epoch']} rank {s['rank']} {s['seconds']:.1f} s")
+        if "log_tail" in r:
+            echo(r["log_tail"][-1500:])
