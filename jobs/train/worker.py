@@ -21,6 +21,7 @@ from .stall import DataWatchdog
 DS_TAG = "deepspeed"  # DeepSpeed state inside a Ray checkpoint (for resuming)
 EXPORT_DIR = "model"  # cfvit.save export inside a Ray checkpoint (for serving)
 STATE_FILE = "train_state.json"
+SLOW_CHECKPOINT_S = 5.0  # a checkpoint write that takes longer is reported in the job's log
 
 
 @dataclass
@@ -104,8 +105,7 @@ def setup(cfg: JobConfig, meta: dict) -> Worker:
             state = json.loads((Path(d) / STATE_FILE).read_text())
         w.start_epoch, w.history = state["epoch"] + 1, state.get("epoch_seconds", [])
         if rank == 0:
-            print(f"[resume] from the checkpoint of epoch {state['epoch']}: continuing at epoch {w.start_epoch}",
-                  flush=True)
+            _say(f"[resume] from the checkpoint of epoch {state['epoch']}: continuing at epoch {w.start_epoch}")
     w.setup_seconds = time.perf_counter() - t0
     return w
 
@@ -115,7 +115,6 @@ def train_epoch(w: Worker, epoch: int) -> dict:
     """One pass over this worker's shard; sums are all-reduced so every rank returns the same metrics.
     `data_wait_share` is the part of the epoch spent waiting for the next batch from Ray Data."""
     import numpy as np
-    import ray.train
 
     cfg, engine = w.cfg, w.engine
     split_all = epoch < cfg.split_epochs
@@ -126,9 +125,9 @@ def train_epoch(w: Worker, epoch: int) -> dict:
     buffer = cfg.data.shuffle_buffer or None
     # Files are shuffled per epoch by the reader; the buffer also mixes images within files/blocks.
     # Seeded per epoch and rank: reproducible, different each epoch.
-    batches = ray.train.get_dataset_shard("train").iter_torch_batches(
-        batch_size=cfg.deepspeed.micro_batch_size, drop_last=True, local_shuffle_buffer_size=buffer,
-        local_shuffle_seed=(cfg.seed + 1000 * epoch + w.rank) if buffer else None)
+    batches = _batches(w, "train", epoch, batch_size=cfg.deepspeed.micro_batch_size, drop_last=True,
+                       local_shuffle_buffer_size=buffer,
+                       local_shuffle_seed=(cfg.seed + 1000 * epoch + w.rank) if buffer else None)
     t0 = time.perf_counter()
     it, step, max_steps = iter(batches), 0, cfg.debug.max_steps_per_epoch
     last_report = t0
@@ -189,11 +188,26 @@ def _valid_part(batch: dict, mixup):
     return x, y, weight, skipped
 
 
+def _batches(w: Worker, role: str, epoch: int = 0, **kw):
+    """This worker's `role` shard as torch dicts (`image`, `label`, `valid`). data.decode=device: the rows are
+    bytes, decoded and augmented here on the engine's device, seeded from (seed, epoch, rank, step)."""
+    import ray.train
+
+    shard = ray.train.get_dataset_shard(role)
+    if w.cfg.data.decode == "cpu":
+        return shard.iter_torch_batches(**kw)
+    from . import device_augment
+    from .data import train_augment
+
+    aug = train_augment(w.cfg) if role == "train" else None
+    return device_augment.batches(shard.iter_batches(batch_format="numpy", **kw), w.meta["data_config"], aug,
+                                  w.engine.device, seed=(w.cfg.seed, epoch, w.rank))
+
+
 
 def validate(w: Worker, metrics: dict):
     """Coarse / fine top-1 and the exact accuracy–GFLOPs curve over η (rank 0 gathers every shard)."""
     import numpy as np
-    import ray.train
     import torch
 
     from cfvit.budget import eta_curve, point_at
@@ -202,7 +216,7 @@ def validate(w: Worker, metrics: dict):
     engine.eval()
     cp, fp, ys, skipped = [], [], [], 0
     with torch.no_grad():
-        for batch in ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=256):
+        for batch in _batches(w, "val", batch_size=256):
             valid = batch["valid"].bool()
             skipped += int((~valid).sum())
             if valid.any():
@@ -236,12 +250,17 @@ def checkpoint(w: Worker, epoch: int, metrics: dict, curve) -> None:
     if not (last or (epoch + 1) % cfg.checkpoint.every_n_epochs == 0):
         ray.train.report(metrics)
         return
+    t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as d:
         w.engine.save_checkpoint(d, tag=DS_TAG)  # every rank writes its ZeRO shard; Ray merges the dirs
         if w.rank == 0:
             (Path(d) / STATE_FILE).write_text(json.dumps({"epoch": epoch, "epoch_seconds": w.history}))
             _export(w.engine.module, Path(d) / EXPORT_DIR, w.meta, cfg, curve, epoch)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))  # uploads, with retries
+    took = time.perf_counter() - t0
+    if took >= SLOW_CHECKPOINT_S:  # the storage was slow or away: say so, the epoch line would not
+        _say(f"[checkpoint] epoch {epoch + 1}: rank {w.rank} took {took:.1f} s to write its checkpoint "
+             f"to {cfg.checkpoint.storage_path} (slow or unreachable storage, retried)")
 
 
 def epoch_line(cfg: JobConfig, m: dict) -> str:
