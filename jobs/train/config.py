@@ -40,6 +40,11 @@ class DataConfig(_Section):
     # CPU-only nodes declare (infra/: the cpu-data group) keeps preprocessing off the GPU nodes, streaming
     # batches to the train workers (docs/SCALING.md). Empty: one CPU on any node.
     preprocess_resources: dict[str, float] = Field(default_factory=dict)
+    # where images are decoded and augmented. cpu: in Ray Data's CPU tasks (PIL decode + timm transform).
+    # device: Ray Data only reads the bytes; each training worker decodes and augments its batch on its own
+    # device (a GPU: nvjpeg + batched tensor ops; a CPU-only worker runs the same code on its CPU, the
+    # fallback). No RandAugment there (augment.auto_augment); jobs/train/device_augment.py
+    decode: Literal["cpu", "device"] = "cpu"
 
     @field_validator("preprocess_resources")
     @classmethod
@@ -209,6 +214,13 @@ class JobConfig(_Section):
             )
         if (self.augment.mixup or self.augment.cutmix) and self.deepspeed.micro_batch_size % 2:
             raise ValueError("deepspeed.micro_batch_size must be even when mixup/cutmix is on")
+        return self
+
+    @model_validator(mode="after")
+    def _device_decode(self):
+        if self.data.decode == "device" and self.augment.auto_augment:
+            raise ValueError(f"augment.auto_augment ({self.augment.auto_augment!r}) needs data.decode=cpu: "
+                             "RandAugment does not run on the device (unset it or set data.decode=cpu)")
         return self
 
     # ---------------------------------------------------------------- derived values

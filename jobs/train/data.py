@@ -2,7 +2,8 @@
 ImageFolder layout (one folder per class) or WebDataset `.tar` shards (image entry + `cls` entry, with
 `classes.json` beside the shards).
 
-Ray Data reads and decodes on CPU workers with the timm transforms from `cfvit.transforms`; a corrupt
+Ray Data reads and decodes on CPU workers with the timm transforms from `cfvit.transforms` (or, with
+`data.decode: device`, only reads: the training workers decode, jobs/train/device_augment.py); a corrupt
 image becomes a row with `valid=False` (counted and dropped by the train loop), never an error.
 """
 from __future__ import annotations
@@ -226,18 +227,33 @@ def preprocess(batch: dict, data_config_json: str, is_training: bool, aug_json: 
     return {"image": out, "label": np.where(valid, labels, 0), "valid": valid}
 
 
-def build_datasets(cfg, data_config: dict, train_src: Source, val_src: Source) -> dict:
-    """The `datasets=` of the TorchTrainer: preprocessed, streaming."""
+def raw_rows(batch: dict, num_classes: int) -> dict:
+    """data.decode=device: no decoding here, the labels checked only → `bytes` (encoded images) or `pixels`
+    (the built-in set's uint8 arrays), `label`, `valid`; the training workers decode (jobs/train/device_augment.py)."""
+    labels = np.asarray(batch["label"], dtype=np.int64)
+    valid = (labels >= 0) & (labels < num_classes)
+    raw = {"pixels": batch["image"]} if "image" in batch else {"bytes": batch["bytes"]}
+    return {**raw, "label": np.where(valid, labels, 0), "valid": valid}
+
+
+def train_augment(cfg) -> dict:
+    """The job's training augmentation as `build_transform` (and device_augment) take it."""
     aug = cfg.augment
-    train_aug = dict(auto_augment=aug.auto_augment, scale=tuple(aug.scale), hflip=aug.hflip, re_prob=aug.re_prob,
-                     color_jitter=aug.color_jitter or None)
+    return dict(auto_augment=aug.auto_augment, scale=tuple(aug.scale), hflip=aug.hflip, re_prob=aug.re_prob,
+                color_jitter=aug.color_jitter or None)
+
+
+def build_datasets(cfg, data_config: dict, train_src: Source, val_src: Source) -> dict:
+    """The `datasets=` of the TorchTrainer: preprocessed (data.decode=cpu) or raw rows (device), streaming."""
+    train_aug = train_augment(cfg)
     n = len(train_src.classes)
+    on_device = cfg.data.decode == "device"  # checked against the model in driver.prepare
     ray_args = remote_args(cfg.data.preprocess_resources)
     out = {}
     for role, src, limit in (("train", train_src, cfg.data.train_limit), ("val", val_src, cfg.data.val_limit)):
         ds = read(src, role=role, limit=limit, seed=cfg.seed, ray_args=ray_args)
         kw = dict(data_config_json=json.dumps(data_config), is_training=role == "train",
                   aug_json=json.dumps(train_aug), num_classes=n)
-        out[role] = ds.map_batches(preprocess, fn_kwargs=kw, batch_size=MAP_BATCH, batch_format="numpy",
-                                   **ray_args)
+        fn, kw = (raw_rows, {"num_classes": n}) if on_device else (preprocess, kw)
+        out[role] = ds.map_batches(fn, fn_kwargs=kw, batch_size=MAP_BATCH, batch_format="numpy", **ray_args)
     return out

@@ -43,6 +43,14 @@ def prepare(cfg: JobConfig) -> dict:
         model = cfvit.create_model(cfg.model.name, **cfg.model.create_kwargs(len(train_src.classes)))
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model: cannot build {cfg.model.name!r} with {cfg.model.create_kwargs(len(train_src.classes))}: {e}") from None
+    if cfg.data.decode == "device":
+        from .data import train_augment
+        from .device_augment import check
+
+        try:
+            check(model.data_config, train_augment(cfg))
+        except ValueError as e:
+            raise ConfigError(f"data.decode=device: {e}") from None
     return {"train_src": train_src, "val_src": val_src, "classes": train_src.classes,
             "data_config": model.data_config, "stage_gflops": model.stage_gflops(),
             "backbone_gflops": model.backbone_gflops()}
