@@ -307,3 +307,18 @@ def test_readme_documents_each_file_with_its_command():
     assert "docker build -f infra/docker/Dockerfile" in readme
     assert "docker build -f infra/mlflow/Dockerfile" in readme
     assert "cfvit submit run" in readme and "cfvit shards" in readme
+
+
+def test_disruption_budgets_select_the_clusters_own_groups():
+    """pdb.yaml: the head never, each worker group one pod at a time; selectors name real groups."""
+    cluster = _docs(INFRA / "kuberay" / "raycluster.yaml")[0]
+    groups = {g["groupName"] for g in cluster["spec"]["workerGroupSpecs"]}
+    budgets = _docs(INFRA / "kuberay" / "pdb.yaml")
+    assert {b["kind"] for b in budgets} == {"PodDisruptionBudget"}
+    selected = {}
+    for b in budgets:
+        labels = b["spec"]["selector"]["matchLabels"]
+        assert labels["ray.io/cluster"] == cluster["metadata"]["name"]
+        selected[labels.get("ray.io/group", labels.get("ray.io/node-type"))] = b["spec"]["maxUnavailable"]
+    assert selected.pop("head") == 0
+    assert selected == {g: 1 for g in groups}
