@@ -34,6 +34,7 @@ LINES = {
     "epoch": re.compile(r"\bepoch (\d+)/(\d+)  loss"),
     "resume": re.compile(r"\[resume\] from the checkpoint of epoch (\d+): continuing at epoch (\d+)"),
     "slow_checkpoint": re.compile(r"\[checkpoint\] epoch (\d+): rank (\d+) took ([\d.]+) s"),
+    "reported": re.compile(r"Checkpoint successfully created at: .*/(checkpoint_[\w.-]+)\)"),  # Ray Train's
 }
 
 
@@ -76,23 +77,23 @@ class JobWatch:
         self._seen = 0
         self.status = "PENDING"
 
-    def poll(self) -> None:
+    def poll(self) -> List[dict]:
+        """Read the new lines; returns where training is by them: {epoch, step} per progress record, and
+        {epoch, step: None} per epoch line (the epoch is over, its checkpoint being written)."""
         self.status = str(self.client.get_job_status(self.job_id))
         lines = self.client.get_job_logs(self.job_id).splitlines()
-        now = time.monotonic() - self.t0
+        now, new = time.monotonic() - self.t0, []
         for line in lines[self._seen:]:
             for kind, rx in LINES.items():
                 m = rx.search(line)
                 if m:
                     self.events.append({"kind": kind, "t": now, "groups": m.groups()})
+                    if kind == "progress":
+                        new.append(json.loads(m.group(1)))
+                    elif kind == "epoch":
+                        new.append({"epoch": int(m.group(1)), "step": None})
         self._seen = len(lines)
-
-    def last(self, kind: str) -> Optional[Dict[str, Any]]:
-        return next((e for e in reversed(self.events) if e["kind"] == kind), None)
-
-    def progress(self) -> Optional[dict]:
-        e = self.last("progress")
-        return json.loads(e["groups"][0]) if e else None
+        return new
 
     def worker_nodes(self, after: float = -1.0) -> Dict[int, str]:
         return {int(e["groups"][0]): e["groups"][1] for e in self.events if e["kind"] == "worker" and e["t"] > after}
@@ -104,7 +105,8 @@ class JobWatch:
 def run_case(stack, case: str, *, epochs: int = 3, fault_epoch: int = 2, at_fraction: float = 0.5,
              kill_rank: int = 1, replace_after_s: float = 5.0, pause_s: float = 20.0, n_train: int = 1024,
              n_val: int = 256, timeout_s: float = 900.0, log_dir: Optional[str] = None) -> Dict[str, Any]:
-    """Submit one job, inject `case` (node | s3) when epoch `fault_epoch` (1-based) is `at_fraction` done."""
+    """Submit one job, inject `case` (node | s3) when epoch `fault_epoch` (1-based) is `at_fraction` done
+    (1: when its training is over, as its checkpoint is being written)."""
     from jobs.ops.submit import connect
 
     client = connect(stack.dashboard_url)
@@ -114,14 +116,16 @@ def run_case(stack, case: str, *, epochs: int = 3, fault_epoch: int = 2, at_frac
     watch, fault = JobWatch(client, job_id, t0), {}
     deadline = t0 + timeout_s
     while time.monotonic() < deadline:
-        watch.poll()
+        records = watch.poll()
         if watch.status in ("SUCCEEDED", "FAILED", "STOPPED"):
             break
-        p = watch.progress()
-        due = p and p["epoch"] == fault_epoch and p["step"] >= at_fraction * steps
-        if due and "t" not in fault:
-            fault.update(_inject(stack, watch, case, kill_rank), epoch=p["epoch"], step=p["step"], steps=steps,
-                         t=time.monotonic() - t0)
+        for p in records if "t" not in fault and "missed" not in fault else []:
+            if _due(p, fault_epoch, None if at_fraction >= 1 else at_fraction * steps):
+                fault.update(_inject(stack, watch, case, kill_rank), epoch=fault_epoch,
+                             step=steps if p["step"] is None else p["step"], steps=steps, t=time.monotonic() - t0)
+                break
+            if p["epoch"] > fault_epoch or (p["step"] is None and p["epoch"] == fault_epoch):
+                fault["missed"] = f"epoch {fault_epoch} ended between two looks at the log"  # inject nothing
         _follow_up(stack, fault, case, t0, replace_after_s, pause_s)
         time.sleep(0.5)
     if fault.get("paused") and "resumed_t" not in fault:
@@ -129,12 +133,19 @@ def run_case(stack, case: str, *, epochs: int = 3, fault_epoch: int = 2, at_frac
     return summarize(stack, watch, case, fault, epochs, t0, log_dir)
 
 
+def _due(p: dict, epoch: int, step: Optional[float]) -> bool:
+    """`step` of `epoch` reached; `step` None: the epoch's line, printed as its checkpoint is being written."""
+    if p["epoch"] != epoch:
+        return False
+    return p["step"] is None if step is None else (p["step"] is not None and p["step"] >= step)
+
+
 def _inject(stack, watch: JobWatch, case: str, kill_rank: int) -> Dict[str, Any]:
     if case == "node":
         nodes = watch.worker_nodes()
         victim = nodes[kill_rank]
         stack.kill_node(victim)
-        return {"victim_node": victim, "nodes_before": nodes}
+        return {"victim_node": victim, "victim_rank": kill_rank, "nodes_before": nodes}
     stack.pause_s3()
     return {"paused": True}
 
@@ -168,6 +179,11 @@ def summarize(stack, watch: JobWatch, case: str, fault: dict, epochs: int, t0: f
         "restarts": len(resumes), "resumed_at_epoch": [int(r["groups"][1]) + 1 for r in resumes],
         "fault": {k: v for k, v in fault.items() if k != "paused"},
         "training_again_s": None if not after or ft is None else after[0]["t"] - ft,
+        # node: when the restarted group's workers reported in, and when rank 0 had loaded the checkpoint
+        "workers_back_s": _first_after(ev, "worker", ft), "resumed_s": _first_after(ev, "resume", ft),
+        # Ray Train's "Checkpoint successfully created" lines (one per rank, after the upload): seen when
+        "checkpoints_reported_s": [[e["groups"][0], round(e["t"] - ft, 1)] for e in ev
+                                   if e["kind"] == "reported" and ft is not None],
         "slow_checkpoints": [{"epoch": int(e["groups"][0]), "rank": int(e["groups"][1]),
                               "seconds": float(e["groups"][2])} for e in ev if e["kind"] == "slow_checkpoint"],
     }
@@ -181,6 +197,10 @@ def summarize(stack, watch: JobWatch, case: str, fault: dict, epochs: int, t0: f
     if out["status"] != "SUCCEEDED":
         out["log_tail"] = watch.log_tail()
     return out
+
+
+def _first_after(events: List[dict], kind: str, t: Optional[float]) -> Optional[float]:
+    return next((e["t"] - t for e in events if t is not None and e["kind"] == kind and e["t"] > t), None)
 
 
 def _mlflow_facts(uri: str, job: str) -> Dict[str, Any]:
@@ -236,8 +256,9 @@ def _loads(uri: str) -> bool:
         return False
 
 
-def run_train_failover(cases=("node", "s3"), **kw) -> Dict[str, Any]:
-    """Start the stack (head + 2 worker nodes, S3, MLflow), put the data in S3, run each case in turn."""
+def run_train_failover(cases=("node", "s3"), kill_at: float = 0.5, pause_at: float = 1.0, **kw) -> Dict[str, Any]:
+    """Start the stack (head + 2 worker nodes, S3, MLflow), put the data in S3, run each case in turn: the
+    node killed `kill_at` into the epoch, S3 paused `pause_at` into it (1: during its checkpoint write)."""
     from benchmarks.local_cluster import LocalStack, upload_fashion_mnist
 
     n_train, n_val = kw.get("n_train", 1024), kw.get("n_val", 256)
@@ -246,21 +267,34 @@ def run_train_failover(cases=("node", "s3"), **kw) -> Dict[str, Any]:
         upload_fashion_mnist(s3, DATA_BUCKET, "fmnist/train", "train", n=n_train)
         upload_fashion_mnist(s3, DATA_BUCKET, "fmnist/val", "test", n=n_val)
         s3.create_bucket(Bucket=RUNS_BUCKET)
-        return {case: run_case(stack, case, **kw) for case in cases}
+        return {case: run_case(stack, case, at_fraction=kill_at if case == "node" else pause_at, **kw)
+                for case in cases}
 
 
 def print_train_failover(res: Dict[str, Any], echo=print) -> None:
     for case, r in res.items():
         f = r["fault"]
-        what = (f"node {f.get('victim_node', '?')[:8]} (rank's node) killed" if case == "node"
+        if "t" not in f:
+            echo(f"{case}: NO FAULT INJECTED ({f.get('missed', 'the job ended first')}); job {r['status']}")
+            continue
+        what = (f"node {f.get('victim_node', '?')[:8]} (rank {f.get('victim_rank')}'s) killed" if case == "node"
                 else f"S3 server paused {f.get('resumed_t', 0) - f.get('t', 0):.0f} s")
-        echo(f"{case}: {what} at epoch {f.get('epoch')} step {f.get('step')}/{f.get('steps')}; job "
-             f"{r['status']} in {r['wall_s']:.0f} s")
+        when = (f"as epoch {f['epoch']}'s checkpoint was written" if f["step"] == f["steps"]
+                else f"at epoch {f['epoch']} step {f['step']}/{f['steps']}")
+        echo(f"{case}: {what} {when}; job {r['status']} in {r['wall_s']:.0f} s")
         again = "never" if r["training_again_s"] is None else f"{r['training_again_s']:.1f} s"
+        if case == "node" and r["workers_back_s"] is not None:
+            again += (f" (replacement node at {f['replaced_t'] - f['t']:.0f} s, workers up "
+                      f"{r['workers_back_s']:.0f} s, checkpoint loaded {r['resumed_s']:.0f} s)")
         echo(f"  epochs completed {r['epoch_lines']} (repeated: {r['epochs_repeated']}); restarts "
              f"{r['restarts']} (resumed at epoch {r['resumed_at_epoch'] or '-'}); training again {again} "
              f"after the fault")
         ok = [c for c in r["checkpoints"] if c["complete"] and c["model_loads"]]
+        echo(f"  seconds per epoch {r.get('epoch_seconds')}")
+        epoch_of = {c["folder"]: c["epoch"] for c in r["checkpoints"]}
+        seen = [f"epoch {epoch_of.get(d, '?')} at {t:+.0f} s" for d, t in r["checkpoints_reported_s"] if t >= 0]
+        if case == "s3" and seen:
+            echo(f"  checkpoint reports (Ray Train, per rank) seen after the pause began: {', '.join(seen)}")
         echo(f"  MLflow: train_loss steps {r.get('train_loss_steps')}, registered versions "
              f"{r.get('registered_versions')}; S3 checkpoints complete+loadable {len(ok)}/{len(r['checkpoints'])} "
              f"(epochs {[c['epoch'] for c in r['checkpoints']]})")

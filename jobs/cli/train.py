@@ -77,7 +77,10 @@ def bench_train_failover_cmd(
     fault: str = typer.Option("node,s3", help="node (kill a worker's node), s3 (pause the S3 server), or both."),
     epochs: int = typer.Option(3, min=2, help="Epochs of each job."),
     fault_epoch: int = typer.Option(2, min=1, help="The epoch (1-based) in which the fault is injected."),
-    at: float = typer.Option(0.5, min=0.0, max=0.95, help="How far into that epoch (share of its steps)."),
+    kill_at: float = typer.Option(0.5, min=0.0, max=0.95, help="How far into that epoch the node dies (share "
+                                  "of its steps)."),
+    pause_at: float = typer.Option(1.0, min=0.0, max=1.0, help="How far into that epoch S3 pauses (1: as the "
+                                   "epoch's checkpoint is written; the pause runs into the next epoch's reads)."),
     pause: float = typer.Option(20.0, min=1.0, help="Seconds the S3 server stays paused (SIGSTOP)."),
     replace_after: float = typer.Option(5.0, min=0.0, help="Seconds until a replacement node joins."),
     n_train: int = typer.Option(1024, min=128, help="Training images in S3."),
@@ -95,11 +98,12 @@ def bench_train_failover_cmd(
         raise typer.BadParameter(f"--fault takes node, s3 or node,s3; got {fault!r}")
     if fault_epoch > epochs:
         raise typer.BadParameter(f"--fault-epoch {fault_epoch} is past the last epoch ({epochs})")
-    res = run_train_failover(cases, epochs=epochs, fault_epoch=fault_epoch, at_fraction=at, pause_s=pause,
+    res = run_train_failover(cases, kill_at=kill_at, pause_at=pause_at, epochs=epochs, fault_epoch=fault_epoch,
+                             pause_s=pause,
                              replace_after_s=replace_after, n_train=n_train, log_dir=logs)
     print_train_failover(res)
     if json_out:
         with open(json_out, "w") as f:
             json.dump(res, f, indent=2, default=str)
-    if any(r["status"] != "SUCCEEDED" for r in res.values()):
+    if any(r["status"] != "SUCCEEDED" or "t" not in r["fault"] for r in res.values()):
         raise typer.Exit(1)

@@ -19,6 +19,12 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "
 MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
 # botocore retries: a paused or flaky S3 endpoint is retried with backoff instead of failing the job.
 S3_RETRIES = {"max_attempts": 10, "mode": "adaptive"}
+# pyarrow (Ray Data's reads, Ray Train's checkpoint uploads): a request may stall this long before it fails.
+# The AWS SDK's default (3 s without a byte) turned a 20-s S3 outage into a failed job (`cfvit bench
+# train-failover`). The timeouts travel with the pickled filesystem to Ray's workers and Train controller;
+# the retry strategy does not (pyarrow 25 drops it when pickling: remote processes retry 3 times), so the
+# timeout is what carries an outage.
+S3_REQUEST_TIMEOUT_S, S3_CONNECT_TIMEOUT_S = 60.0, 10.0
 
 
 def s3_endpoint() -> Optional[str]:
@@ -32,7 +38,8 @@ def s3_filesystem():
     those variables (and without an instance profile) still authenticate as the driver does."""
     import pyarrow.fs as pafs
 
-    kw: Dict[str, Any] = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_RETRIES["max_attempts"])}
+    kw: Dict[str, Any] = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_RETRIES["max_attempts"]),
+                          "request_timeout": S3_REQUEST_TIMEOUT_S, "connect_timeout": S3_CONNECT_TIMEOUT_S}
     endpoint = s3_endpoint()
     if endpoint:
         u = urlparse(endpoint)

@@ -4,8 +4,9 @@ and an MLflow server), the jobs submitted with `cfvit submit`, each worker on it
 
 - node: the node of rank 1 is removed mid-epoch 2 and a replacement joins; the job resumes from the last S3
   checkpoint, repeats no completed epoch, ends with every epoch and a registered model.
-- s3: the S3 server is SIGSTOPped for 20 s mid-epoch 2; the job rides it out without a restart and the
-  checkpoint written across the pause is complete and loads."""
+- s3: the S3 server is SIGSTOPped for 20 s as epoch 2's checkpoint is being written (the pause runs on into
+  epoch 3's reads); the job rides it out on retries without a restart, and the checkpoint written across
+  the pause is complete and loads."""
 import json
 import os
 import subprocess
@@ -24,7 +25,7 @@ def failover(tmp_path_factory):
     out = tmp_path_factory.mktemp("train-failover") / "figures.json"
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "AWS_ENDPOINT_URL")}
     cmd = [sys.executable, "-m", "jobs.cli", "bench", "train-failover", "--fault", "node,s3", "--epochs",
-           str(EPOCHS), "--fault-epoch", "2", "--pause", "20", "--n-train", "512", "--json", str(out)]
+           str(EPOCHS), "--fault-epoch", "2", "--pause", "20", "--json", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
     return json.loads(out.read_text())
@@ -55,9 +56,9 @@ def test_pausing_the_s3_server_is_ridden_out_and_the_checkpoint_is_complete(fail
     _every_epoch_once(r)
     assert r["restarts"] == 0, r  # retried through the pause, no worker group restart
     f = r["fault"]
-    assert f["epoch"] == 2 and f["resumed_t"] - f["t"] >= 19, f
-    # the pause was felt: epoch 2 or its checkpoint write took at least most of it
-    slow = [s for s in r["slow_checkpoints"] if s["epoch"] == 2]
-    assert r["epoch_seconds"]["2"] >= 15 or slow, r
+    assert f["epoch"] == 2 and f["step"] == f["steps"] and f["resumed_t"] - f["t"] >= 19, f
+    # the pause was felt: epoch 2's checkpoint write or epoch 3 (its reads) took most of it
+    slow = [s for s in r["slow_checkpoints"] if s["epoch"] == 2 and s["seconds"] >= 10]
+    assert r["epoch_seconds"]["3"] >= 15 or slow, r
     by_epoch = {c["epoch"]: c for c in r["checkpoints"]}
     assert all(by_epoch[e]["complete"] and by_epoch[e]["model_loads"] for e in range(1, EPOCHS + 1)), by_epoch
