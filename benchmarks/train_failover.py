@@ -272,33 +272,42 @@ def run_train_failover(cases=("node", "s3"), kill_at: float = 0.5, pause_at: flo
 
 
 def print_train_failover(res: Dict[str, Any], echo=print) -> None:
+    """A few lines per case, within 80 columns."""
     for case, r in res.items():
         f = r["fault"]
         if "t" not in f:
             echo(f"{case}: NO FAULT INJECTED ({f.get('missed', 'the job ended first')}); job {r['status']}")
             continue
-        what = (f"node {f.get('victim_node', '?')[:8]} (rank {f.get('victim_rank')}'s) killed" if case == "node"
-                else f"S3 server paused {f.get('resumed_t', 0) - f.get('t', 0):.0f} s")
+        what = (f"rank {f.get('victim_rank')}'s node killed" if case == "node"
+                else f"S3 paused {f.get('resumed_t', 0) - f.get('t', 0):.0f} s")
         when = (f"as epoch {f['epoch']}'s checkpoint was written" if f["step"] == f["steps"]
-                else f"at epoch {f['epoch']} step {f['step']}/{f['steps']}")
-        echo(f"{case}: {what} {when}; job {r['status']} in {r['wall_s']:.0f} s")
+                else f"at epoch {f['epoch']}, step {f['step']}/{f['steps']}")
+        echo(f"{case}: {what} {when} -> {r['status']}, {r['wall_s']:.0f} s")
+        repeated = "none" if not r["epochs_repeated"] else r["epochs_repeated"]
+        echo(f"  epochs done {_ints(r['epoch_lines'])} ({repeated} repeated); restarts {r['restarts']}"
+             + (f", resumed at epoch {_ints(r['resumed_at_epoch'])}" if r["restarts"] else ""))
         again = "never" if r["training_again_s"] is None else f"{r['training_again_s']:.1f} s"
-        if case == "node" and r["workers_back_s"] is not None:
-            again += (f" (replacement node at {f['replaced_t'] - f['t']:.0f} s, workers up "
-                      f"{r['workers_back_s']:.0f} s, checkpoint loaded {r['resumed_s']:.0f} s)")
-        echo(f"  epochs completed {r['epoch_lines']} (repeated: {r['epochs_repeated']}); restarts "
-             f"{r['restarts']} (resumed at epoch {r['resumed_at_epoch'] or '-'}); training again {again} "
-             f"after the fault")
-        ok = [c for c in r["checkpoints"] if c["complete"] and c["model_loads"]]
-        echo(f"  seconds per epoch {r.get('epoch_seconds')}")
+        echo(f"  training again after {again}" + ("" if case != "node" or r["workers_back_s"] is None else
+             f": new node {f['replaced_t'] - f['t']:.0f} s, workers {r['workers_back_s']:.0f} s, "
+             f"ckpt loaded {r['resumed_s']:.0f} s"))
+        echo("  seconds per epoch " + " / ".join(f"{v:.1f}" for _, v in sorted(r.get("epoch_seconds", {}).items())))
+        ok = sum(c["complete"] and c["model_loads"] for c in r["checkpoints"])
+        echo(f"  MLflow epochs {_ints(r.get('train_loss_steps') or [])}; model versions "
+             f"{_ints(r.get('registered_versions') or []) or 'none'}; checkpoints whole+loadable "
+             f"{ok}/{len(r['checkpoints'])}")
         epoch_of = {c["folder"]: c["epoch"] for c in r["checkpoints"]}
-        seen = [f"epoch {epoch_of.get(d, '?')} at {t:+.0f} s" for d, t in r["checkpoints_reported_s"] if t >= 0]
+        seen: Dict[Any, List[str]] = {}
+        for d, t in r["checkpoints_reported_s"]:
+            if t >= 0:
+                seen.setdefault(epoch_of.get(d, "?"), []).append(f"{abs(t):.0f}")
         if case == "s3" and seen:
-            echo(f"  checkpoint reports (Ray Train, per rank) seen after the pause began: {', '.join(seen)}")
-        echo(f"  MLflow: train_loss steps {r.get('train_loss_steps')}, registered versions "
-             f"{r.get('registered_versions')}; S3 checkpoints complete+loadable {len(ok)}/{len(r['checkpoints'])} "
-             f"(epochs {[c['epoch'] for c in r['checkpoints']]})")
-        for s in r["slow_checkpoints"]:
-            echo(f"  slow checkpoint write: epoch {s['epoch']} rank {s['rank']} {s['seconds']:.1f} s")
+            echo("  checkpoint reports, s after the pause: "
+                 + "; ".join(f"epoch {e}: {', '.join(ts)}" for e, ts in seen.items()))
+        for c in r["slow_checkpoints"]:
+            echo(f"  slow checkpoint write: epoch {c['epoch']}, rank {c['rank']}, {c['seconds']:.1f} s")
         if "log_tail" in r:
             echo(r["log_tail"][-1500:])
+
+
+def _ints(values) -> str:
+    return ",".join(str(v) for v in values)
