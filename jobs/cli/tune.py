@@ -94,12 +94,17 @@ def tune_cmd(
     output: Optional[str] = typer.Option(None, help="Output folder (default ./outputs/tune/<name>)."),
     stall_timeout: float = typer.Option(900.0, min=0, help="Stop with an error after this many seconds without "
                                         "trial progress, saying what the cluster waits on (0: never)."),
+    verbose: bool = typer.Option(False, "--verbose", help="Stream Ray's, Ray Data's and DeepSpeed's logs here "
+                                 "instead of into the log file."),
+    log_dir: str = typer.Option("outputs/logs", help="Folder of the run's log file."),
 ):
     """Ray Tune over α and β (ASHA, Optuna), then the exact η per budget for every trial."""
+    from rich.console import Console
+
+    from jobs.common.logs import log_path, routed_logs
     from jobs.train.config import ConfigError, load_config
-    from jobs.tune import print_outcome, run_tune, settings_from_cli
-    from jobs.tune.driver import TuneInterrupted
-    from jobs.tune.watchdog import StallError
+    from jobs.tune import settings_from_cli
+    from jobs.tune.watchdog import say_to
 
     try:
         settings = settings_from_cli(budgets, trials=trials, max_concurrent=max_concurrent, seed=seed,
@@ -109,19 +114,51 @@ def tune_cmd(
                                      calib_limit=calib_limit, registered_model=register_name, output=output,
                                      stall_timeout_s=stall_timeout)
         cfg = load_config(config, set_)
-        outcome = run_tune(cfg, settings, _console())
     except ConfigError as e:
         _fail(str(e))
+    path = None if verbose else log_path(log_dir, "tune")
+    with routed_logs(path, verbose) as term:  # the trials' Ray/Train/Data lines go to the file
+        console = Console(file=term, highlight=False)
+        say_to(term)  # the per-trial lines too
+        if path:
+            console.print(f"Ray, Ray Train, Ray Data and DeepSpeed logs (--verbose streams them):\n  {path}",
+                          soft_wrap=True)
+        try:
+            _run_tune(cfg, settings, console)
+        finally:
+            say_to(None)
+            _stop_ray()  # before stdout is the terminal again: Ray's log thread would print its last lines there
+
+
+def _stop_ray() -> None:
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
+def _run_tune(cfg, settings, console) -> None:
+    from jobs.train.config import ConfigError
+    from jobs.tune import print_outcome, run_tune
+    from jobs.tune.driver import TuneInterrupted
+    from jobs.tune.watchdog import StallError
+
+    try:
+        outcome = run_tune(cfg, settings, console)
+    except ConfigError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2)
     except TuneInterrupted as e:
-        _console().print(f"\\[tune] {e}", highlight=False)
+        console.print(f"\\[tune] {e}")
         raise typer.Exit(130)
     except (StallError, RuntimeError) as e:
-        _console().print(f"[red]error:[/red] {e}", highlight=False)
+        console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(1)
-    print_outcome(outcome, _console(), settings.metric)
+    print_outcome(outcome, console, settings.metric)
     if outcome.interrupted:
-        _console().print(f"\\[tune] interrupted by {outcome.interrupted}: {sum(t.status == 'completed' for t in outcome.trials)} "
-                      f"trial(s) completed, results above", highlight=False)
+        console.print(f"\\[tune] interrupted by {outcome.interrupted}: "
+                      f"{sum(t.status == 'completed' for t in outcome.trials)} trial(s) completed, results above")
         raise typer.Exit(130)
 
 

@@ -88,10 +88,18 @@ def run_interruptible(fit: Callable, watchdog: StallWatchdog, console) -> tuple:
     return box.get("result"), (got[0] if got else None)
 
 
+_TERMINAL = None  # where the trial lines go: stdout, or the terminal when the CLI routes stdout to a log file
+
+
+def say_to(stream) -> None:
+    global _TERMINAL
+    _TERMINAL = stream
+
+
 def _say(text: str) -> None:
     from rich.console import Console
 
-    Console().print(text, highlight=False, markup=False)
+    Console(file=_TERMINAL).print(text, highlight=False, markup=False)
 
 
 class TrialLines(Callback):
