@@ -53,7 +53,7 @@ def decode_batch(blobs, device, channels: int = 3) -> tuple[list[torch.Tensor], 
         if _is_pixels(b):
             a = torch.tensor(b)  # a copy: Ray's batches are read-only
             out[i] = (a[None] if a.ndim == 2 else a.permute(2, 0, 1)).to(device)
-        elif isinstance(b, (bytes, bytearray, memoryview)) and len(b):
+        elif isinstance(b, (bytes, bytearray, memoryview)) and len(b) and not _too_large(b):
             data = torch.frombuffer(bytearray(b), dtype=torch.uint8)
             if bytes(b[:3]) == JPEG_MAGIC:
                 jpegs.append((i, data))
@@ -64,6 +64,24 @@ def decode_batch(blobs, device, channels: int = 3) -> tuple[list[torch.Tensor], 
     valid = torch.tensor([x is not None for x in out], dtype=torch.bool)
     blank = torch.zeros(channels, 1, 1, dtype=torch.uint8, device=device)
     return [_channels(x, channels) if x is not None else blank for x in out], valid
+
+
+def _too_large(b) -> bool:
+    """More pixels than the CPU path accepts (cfvit.transforms.MAX_IMAGE_PIXELS), read from the header alone
+    (PIL opens lazily): a decompression bomb is refused before any decoder allocates it."""
+    import io
+
+    from PIL import Image
+
+    from cfvit.transforms import MAX_IMAGE_PIXELS
+
+    try:
+        with Image.open(io.BytesIO(bytes(b))) as img:
+            return img.width * img.height > MAX_IMAGE_PIXELS
+    except Image.DecompressionBombError:
+        return True
+    except Exception:  # a header PIL cannot read: the decoders below decide
+        return False
 
 
 def _is_pixels(b) -> bool:

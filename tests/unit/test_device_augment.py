@@ -215,3 +215,12 @@ def test_build_datasets_with_device_decode_maps_to_bytes_rows(monkeypatch, fmnis
     cpu = data.build_datasets(load_config("fmnist_tiny", check_uris=False), FMNIST, src, src)
     assert cpu["train"].fn is data.preprocess and json.loads(cpu["train"].kw["data_config_json"])
     assert cpu["train"].kw["num_classes"] == 10
+
+
+def test_an_image_over_the_pixel_limit_is_refused_from_its_header(monkeypatch, jpegs):
+    """A decompression bomb is marked unreadable before a decoder allocates it (the CPU path's limit)."""
+    import cfvit.transforms
+
+    monkeypatch.setattr(cfvit.transforms, "MAX_IMAGE_PIXELS", 100 * 100)  # the test JPEGs are larger
+    imgs, valid = da.decode_batch([jpegs[0], png_bytes(np.zeros((8, 8), np.uint8))], "cpu", 3)
+    assert valid.tolist() == [False, True] and imgs[0].shape == (3, 1, 1)
