@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -42,6 +43,10 @@ def wait_http(url: str, timeout: float, proc: Optional[subprocess.Popen] = None,
             with urllib.request.urlopen(url, timeout=2) as r:
                 if r.status < 500:
                     return
+        except urllib.error.HTTPError as e:  # an answer, though not a 2xx: the server is up
+            if e.code < 500:
+                return
+            time.sleep(0.3)
         except OSError:
             time.sleep(0.3)
     raise TimeoutError(f"{url} did not answer within {timeout:.0f}s")
@@ -163,7 +168,8 @@ class LocalStack:
             self._procs.append(proc)
             env.update(AWS_TEST_ENV, AWS_ENDPOINT_URL=self.s3_url, MLFLOW_TRACKING_URI=self.mlflow_uri)
         self._set_env(env)
-        os.environ.pop("RAY_ADDRESS", None)
+        self._saved_env.setdefault("RAY_ADDRESS", os.environ.get("RAY_ADDRESS"))
+        os.environ.pop("RAY_ADDRESS", None)  # the drivers here join this cluster, not another
         port = free_port()
         self.cluster = Cluster(initialize_head=True, head_node_args={
             "num_cpus": self.head_cpus, "resources": {"head": 1}, "include_dashboard": True,
@@ -181,7 +187,9 @@ class LocalStack:
 
     def kill_node(self, node_id: str) -> None:
         """Remove the worker node with this id without warning: its raylet and every process on it die."""
-        node = next(n for n in self.workers if n.node_id == node_id)
+        node = next((n for n in self.workers if n.node_id == node_id), None)
+        if node is None:
+            raise ValueError(f"no worker node {node_id} in this cluster (the head cannot be removed)")
         self.cluster.remove_node(node, allow_graceful=False)
         self.workers.remove(node)
 
@@ -192,10 +200,9 @@ class LocalStack:
         os.kill(self.s3_proc.pid, signal.SIGCONT)
 
     def s3_client(self):
-        import boto3
+        from jobs.common.storage import s3_client
 
-        return boto3.client("s3", endpoint_url=self.s3_url, region_name="us-east-1",
-                            aws_access_key_id="testing", aws_secret_access_key="testing")
+        return s3_client()  # this stack's endpoint and credentials are in the environment
 
     def exports(self) -> Dict[str, str]:
         """What a shell needs to use this stack (`cfvit submit`, `cfvit train --set …`)."""

@@ -5,8 +5,8 @@ its two workers on different nodes, survives a fault injected mid-epoch:
 - `node`: the node of one worker is removed without warning (its raylet and every process on it killed);
   a replacement node joins `replace_after_s` later, as a cluster autoscaler would add one. Ray Train
   restarts the worker group (`checkpoint.max_failures`) from the last S3 checkpoint.
-- `s3`: the S3 server is paused (SIGSTOP) for `pause_s` and resumed; reads and the checkpoint upload ride
-  it out on retries, without a restart.
+- `s3`: the S3 server is paused (SIGSTOP) for `pause_s` and resumed; reads and the checkpoint upload wait it
+  out (the S3 filesystem's request timeout, jobs/common/storage.py), without a restart.
 
 The job's log is polled while it runs; every line is stamped when first seen (≤ ~1 s late). What must hold
 and what is measured: job SUCCEEDED with all its epochs, each epoch completed once (the log's epoch lines
@@ -48,7 +48,7 @@ def job_sets(case: str, stack, epochs: int) -> List[str]:
         "scaling.num_workers": 2, "scaling.worker_resources": "{trainer: 1}",
         "scaling.placement_strategy": "STRICT_SPREAD",
         "checkpoint.storage_path": f"s3://{RUNS_BUCKET}/checkpoints", "checkpoint.run_name": f"failover-{case}",
-        "checkpoint.max_failures": 3, "checkpoint.num_to_keep": epochs,
+        "checkpoint.max_failures": 3, "checkpoint.num_to_keep": epochs, "checkpoint.slow_write_s": 5,
         "mlflow.tracking_uri": stack.mlflow_uri, "mlflow.experiment": "cfvit-failover",
         "mlflow.registered_model": f"cfvit-failover-{case}", "log.progress_every_s": 1,
     }
@@ -74,16 +74,18 @@ class JobWatch:
     def __init__(self, client, job_id: str, t0: float):
         self.client, self.job_id, self.t0 = client, job_id, t0
         self.events: List[Dict[str, Any]] = []
-        self._seen = 0
+        self._offset = 0  # characters of the log read (whole lines only)
         self.status = "PENDING"
 
     def poll(self) -> List[dict]:
         """Read the new lines; returns where training is by them: {epoch, step} per progress record, and
         {epoch, step: None} per epoch line (the epoch is over, its checkpoint being written)."""
         self.status = str(self.client.get_job_status(self.job_id))
-        lines = self.client.get_job_logs(self.job_id).splitlines()
+        text = self.client.get_job_logs(self.job_id)
+        end = text.rfind("\n") + 1  # a line still being written is read next time
+        lines, self._offset = text[self._offset:end].splitlines(), max(self._offset, end)
         now, new = time.monotonic() - self.t0, []
-        for line in lines[self._seen:]:
+        for line in lines:
             for kind, rx in LINES.items():
                 m = rx.search(line)
                 if m:
@@ -92,7 +94,6 @@ class JobWatch:
                         new.append(json.loads(m.group(1)))
                     elif kind == "epoch":
                         new.append({"epoch": int(m.group(1)), "step": None})
-        self._seen = len(lines)
         return new
 
     def worker_nodes(self, after: float = -1.0) -> Dict[int, str]:
@@ -104,7 +105,7 @@ class JobWatch:
 
 def run_case(stack, case: str, *, epochs: int = 3, fault_epoch: int = 2, at_fraction: float = 0.5,
              kill_rank: int = 1, replace_after_s: float = 5.0, pause_s: float = 20.0, n_train: int = 1024,
-             n_val: int = 256, timeout_s: float = 900.0, log_dir: Optional[str] = None) -> Dict[str, Any]:
+             n_val: int = 256, timeout_s: float = 480.0, log_dir: Optional[str] = None) -> Dict[str, Any]:
     """Submit one job, inject `case` (node | s3) when epoch `fault_epoch` (1-based) is `at_fraction` done
     (1: when its training is over, as its checkpoint is being written)."""
     from jobs.ops.submit import connect
@@ -115,22 +116,37 @@ def run_case(stack, case: str, *, epochs: int = 3, fault_epoch: int = 2, at_frac
     job_id = submit_job(stack, case, job_sets(case, stack, epochs))
     watch, fault = JobWatch(client, job_id, t0), {}
     deadline = t0 + timeout_s
+    threshold = None if at_fraction >= 1 else at_fraction * steps
     while time.monotonic() < deadline:
         records = watch.poll()
         if watch.status in ("SUCCEEDED", "FAILED", "STOPPED"):
             break
-        for p in records if "t" not in fault and "missed" not in fault else []:
-            if _due(p, fault_epoch, None if at_fraction >= 1 else at_fraction * steps):
+        if records and "t" not in fault and "missed" not in fault:
+            p = records[-1]  # where training is now; earlier lines of the same burst are history
+            ready = case != "node" or kill_rank in watch.worker_nodes()
+            if _due(p, fault_epoch, threshold) and ready:
                 fault.update(_inject(stack, watch, case, kill_rank), epoch=fault_epoch,
                              step=steps if p["step"] is None else p["step"], steps=steps, t=time.monotonic() - t0)
-                break
-            if p["epoch"] > fault_epoch or (p["step"] is None and p["epoch"] == fault_epoch):
-                fault["missed"] = f"epoch {fault_epoch} ended between two looks at the log"  # inject nothing
+            elif p["epoch"] > fault_epoch or (threshold is not None and p["epoch"] == fault_epoch
+                                              and p["step"] is None):
+                fault["missed"] = f"epoch {fault_epoch} went by between two looks at the log"  # inject nothing
         _follow_up(stack, fault, case, t0, replace_after_s, pause_s)
         time.sleep(0.5)
-    if fault.get("paused") and "resumed_t" not in fault:
-        stack.resume_s3()
+    else:  # out of time: stop the job rather than leave it running on the cluster
+        client.stop_job(job_id)
+        watch.status = "TIMED OUT"
+    _undo(stack, fault, case, t0)
     return summarize(stack, watch, case, fault, epochs, t0, log_dir)
+
+
+def _undo(stack, fault: dict, case: str, t0: float) -> None:
+    """Whatever the job's end, leave the cluster as it was: S3 running, the lost node replaced."""
+    if case == "s3" and fault.get("paused") and "resumed_t" not in fault:
+        stack.resume_s3()
+        fault["resumed_t"] = time.monotonic() - t0
+    if case == "node" and "t" in fault and "replaced_t" not in fault:
+        stack.add_node()
+        fault["replaced_t"] = time.monotonic() - t0
 
 
 def _due(p: dict, epoch: int, step: Optional[float]) -> bool:
@@ -171,12 +187,12 @@ def summarize(stack, watch: JobWatch, case: str, fault: dict, epochs: int, t0: f
     resumes = [e for e in ev if e["kind"] == "resume"]
     ft = fault.get("t")
     after = [e for e in ev if e["kind"] == "progress" and ft is not None and e["t"] > ft
-             and (case == "s3" or any(r["t"] < e["t"] for r in resumes))]
+             and (case == "s3" or any(ft < r["t"] <= e["t"] for r in resumes))]
     out = {
         "case": case, "job_id": watch.job_id, "status": watch.status, "wall_s": time.monotonic() - t0,
         "epochs": epochs, "epoch_lines": completed,
         "epochs_repeated": sum(max(0, completed.count(k) - 1) for k in set(completed)),
-        "restarts": len(resumes), "resumed_at_epoch": [int(r["groups"][1]) + 1 for r in resumes],
+        "restarts": len(resumes), "resumed_at_epoch": [int(r["groups"][1]) for r in resumes],
         "fault": {k: v for k, v in fault.items() if k != "paused"},
         "training_again_s": None if not after or ft is None else after[0]["t"] - ft,
         # node: when the restarted group's workers reported in, and when rank 0 had loaded the checkpoint
@@ -277,6 +293,8 @@ def print_train_failover(res: Dict[str, Any], echo=print) -> None:
         f = r["fault"]
         if "t" not in f:
             echo(f"{case}: NO FAULT INJECTED ({f.get('missed', 'the job ended first')}); job {r['status']}")
+            if "log_tail" in r:
+                echo(r["log_tail"][-1500:])
             continue
         what = (f"rank {f.get('victim_rank')}'s node killed" if case == "node"
                 else f"S3 paused {f.get('resumed_t', 0) - f.get('t', 0):.0f} s")
@@ -287,7 +305,7 @@ def print_train_failover(res: Dict[str, Any], echo=print) -> None:
         echo(f"  epochs done {_ints(r['epoch_lines'])} ({repeated} repeated); restarts {r['restarts']}"
              + (f", resumed at epoch {_ints(r['resumed_at_epoch'])}" if r["restarts"] else ""))
         again = "never" if r["training_again_s"] is None else f"{r['training_again_s']:.1f} s"
-        echo(f"  training again after {again}" + ("" if case != "node" or r["workers_back_s"] is None else
+        echo(f"  training again after {again}" + ("" if case != "node" or r["resumed_s"] is None else
              f": new node {f['replaced_t'] - f['t']:.0f} s, workers {r['workers_back_s']:.0f} s, "
              f"ckpt loaded {r['resumed_s']:.0f} s"))
         echo("  seconds per epoch " + " / ".join(f"{v:.1f}" for _, v in sorted(r.get("epoch_seconds", {}).items())))
@@ -298,8 +316,8 @@ def print_train_failover(res: Dict[str, Any], echo=print) -> None:
         epoch_of = {c["folder"]: c["epoch"] for c in r["checkpoints"]}
         seen: Dict[Any, List[str]] = {}
         for d, t in r["checkpoints_reported_s"]:
-            if t >= 0:
-                seen.setdefault(epoch_of.get(d, "?"), []).append(f"{abs(t):.0f}")
+            if t > 0:  # seen after the pause began (t is when the bench saw the line)
+                seen.setdefault(epoch_of.get(d, "?"), []).append(f"{t:.0f}")
         if case == "s3" and seen:
             echo("  checkpoint reports, s after the pause: "
                  + "; ".join(f"epoch {e}: {', '.join(ts)}" for e, ts in seen.items()))

@@ -43,7 +43,8 @@ class DataConfig(_Section):
     # where images are decoded and augmented. cpu: in Ray Data's CPU tasks (PIL decode + timm transform).
     # device: Ray Data only reads the bytes; each training worker decodes and augments its batch on its own
     # device (a GPU: nvjpeg + batched tensor ops; a CPU-only worker runs the same code on its CPU, the
-    # fallback). No RandAugment there (augment.auto_augment); jobs/train/device_augment.py
+    # fallback). No RandAugment there (augment.auto_augment); jobs/train/device_augment.py. The epoch line's
+    # `wait` (data_wait_share) then includes the worker's own decode and augment time.
     decode: Literal["cpu", "device"] = "cpu"
 
     @field_validator("preprocess_resources")
@@ -152,6 +153,8 @@ class CheckpointSection(_Section):
     every_n_epochs: int = Field(1, ge=1)
     num_to_keep: Optional[int] = Field(2, ge=1)
     max_failures: int = Field(2, ge=-1)  # -1: retry forever
+    # a rank whose checkpoint save + upload takes longer says so in the job's log (storage slow or away?)
+    slow_write_s: float = Field(60.0, gt=0)
 
 
 class MLflowSection(_Section):

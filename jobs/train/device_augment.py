@@ -1,6 +1,7 @@
 """Decode and augment a training worker's batch on its own device (`data.decode: device`): Ray Data hands over
 the encoded bytes, JPEGs are decoded in one batched `torchvision.io.decode_jpeg` call (nvjpeg on a GPU) and the
-timm transform runs as batched tensor ops. On a CPU-only worker the same code runs on the CPU.
+timm transform runs on the device (crop-and-resize per image, the rest batched). On a CPU-only worker the
+same code runs on the CPU.
 
 The random parameters are drawn on the CPU from a seeded `torch.Generator` before anything touches the device,
 so a GPU and the CPU fallback see the same crops, flips and jitter; their outputs differ only by the decoders
@@ -58,12 +59,26 @@ def decode_batch(blobs, device, channels: int = 3) -> tuple[list[torch.Tensor], 
             if bytes(b[:3]) == JPEG_MAGIC:
                 jpegs.append((i, data))
             else:  # PNG etc.: no device decoder
-                out[i] = _try(lambda: decode_image(data, mode=ImageReadMode.RGB).to(device))
+                out[i] = _decode_other(b, data, device)
     for i, img in zip([i for i, _ in jpegs], _decode_jpegs([d for _, d in jpegs], device)):
         out[i] = img
     valid = torch.tensor([x is not None for x in out], dtype=torch.bool)
     blank = torch.zeros(channels, 1, 1, dtype=torch.uint8, device=device)
     return [_channels(x, channels) if x is not None else blank for x in out], valid
+
+
+def _decode_other(b, data: torch.Tensor, device: torch.device):
+    """Not a JPEG: torchvision's CPU decoder; what it cannot read as 8-bit (BMP, TIFF, 16-bit PNG) with PIL,
+    as the CPU path reads it; None when neither can."""
+    img = _try(lambda: decode_image(data, mode=ImageReadMode.RGB))
+    if img is None or img.dtype != torch.uint8:
+        from cfvit.transforms import ImageDecodeError, decode_image as pil_decode
+
+        try:
+            img = torch.from_numpy(np.array(pil_decode(bytes(b)).convert("RGB"))).permute(2, 0, 1)
+        except (ImageDecodeError, OSError, ValueError):
+            return None
+    return img.to(device)
 
 
 def _too_large(b) -> bool:

@@ -21,7 +21,6 @@ from .stall import DataWatchdog
 DS_TAG = "deepspeed"  # DeepSpeed state inside a Ray checkpoint (for resuming)
 EXPORT_DIR = "model"  # cfvit.save export inside a Ray checkpoint (for serving)
 STATE_FILE = "train_state.json"
-SLOW_CHECKPOINT_S = 5.0  # a checkpoint write that takes longer is reported in the job's log
 
 
 @dataclass
@@ -105,7 +104,8 @@ def setup(cfg: JobConfig, meta: dict) -> Worker:
             state = json.loads((Path(d) / STATE_FILE).read_text())
         w.start_epoch, w.history = state["epoch"] + 1, state.get("epoch_seconds", [])
         if rank == 0:
-            _say(f"[resume] from the checkpoint of epoch {state['epoch']}: continuing at epoch {w.start_epoch}")
+            _say(f"[resume] from the checkpoint of epoch {state['epoch'] + 1}: continuing at epoch "
+                 f"{w.start_epoch + 1}")  # 1-based, as the epoch lines
     w.setup_seconds = time.perf_counter() - t0
     return w
 
@@ -258,9 +258,9 @@ def checkpoint(w: Worker, epoch: int, metrics: dict, curve) -> None:
             _export(w.engine.module, Path(d) / EXPORT_DIR, w.meta, cfg, curve, epoch)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))  # uploads, with retries
     took = time.perf_counter() - t0
-    if took >= SLOW_CHECKPOINT_S:  # the storage was slow or away: say so, the epoch line would not
-        _say(f"[checkpoint] epoch {epoch + 1}: rank {w.rank} took {took:.1f} s to write its checkpoint "
-             f"to {cfg.checkpoint.storage_path} (slow or unreachable storage, retried)")
+    if took >= cfg.checkpoint.slow_write_s:  # say so: the epoch line would not (storage slow or away?)
+        _say(f"[checkpoint] epoch {epoch + 1}: rank {w.rank} took {took:.1f} s to save and upload its "
+             f"checkpoint to {cfg.checkpoint.storage_path}")
 
 
 def epoch_line(cfg: JobConfig, m: dict) -> str:

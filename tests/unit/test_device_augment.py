@@ -162,10 +162,12 @@ def test_batches_of_raw_rows_are_seeded_and_drop_bad_rows(fmnist):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_equals_the_cpu_fallback(jpegs, fmnist):
+def test_cuda_equals_the_cpu_fallback(jpegs):
     """nvjpeg vs libjpeg (JPEG) and float rounding (PNG, decoded on the CPU either way). The JPEG bounds are
-    a guess until measured on a GPU (`python -m benchmarks.device_decode --device cuda` prints them)."""
-    for blobs, dc, tol_max, tol_mean in (([png_bytes(a) for a in fmnist], FMNIST, 3.0, 0.05),
+    a guess until measured on a GPU (`python -m benchmarks.device_decode --device cuda` prints them).
+    Synthetic 28x28 grey images, not Fashion-MNIST: the GPU machine has no Debian data set."""
+    gray = np.random.default_rng(1).integers(0, 256, (16, 28, 28), dtype=np.uint8)
+    for blobs, dc, tol_max, tol_mean in (([png_bytes(a) for a in gray], FMNIST, 3.0, 0.05),
                                          (jpegs, DEIT_DATA_CONFIG, 16.0, 1.0)):
         for aug in (None, AUG):
             out = {}
@@ -224,3 +226,27 @@ def test_an_image_over_the_pixel_limit_is_refused_from_its_header(monkeypatch, j
     monkeypatch.setattr(cfvit.transforms, "MAX_IMAGE_PIXELS", 100 * 100)  # the test JPEGs are larger
     imgs, valid = da.decode_batch([jpegs[0], png_bytes(np.zeros((8, 8), np.uint8))], "cpu", 3)
     assert valid.tolist() == [False, True] and imgs[0].shape == (3, 1, 1)
+
+
+def test_formats_torchvision_cannot_read_are_decoded_as_the_cpu_path_does():
+    """BMP and TIFF (in the readers' extensions) and 16-bit PNG: read with PIL like the CPU path, not
+    dropped or clamped into wrong pixels."""
+    import io
+
+    from PIL import Image
+
+    rgb = np.random.default_rng(2).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    blobs = []
+    for fmt in ("BMP", "TIFF"):
+        buf = io.BytesIO()
+        Image.fromarray(rgb).save(buf, format=fmt)
+        blobs.append(buf.getvalue())
+    buf = io.BytesIO()
+    Image.fromarray(np.full((20, 30), 200, np.uint16)).save(buf, format="PNG")  # 16-bit grey
+    blobs.append(buf.getvalue())
+    imgs, valid = da.decode_batch(blobs, "cpu", 3)
+    assert valid.all()
+    for img in imgs[:2]:
+        assert img.dtype == torch.uint8 and torch.equal(img, torch.from_numpy(rgb).permute(2, 0, 1))
+    want = np.asarray(decode_image(blobs[2]).convert("RGB"))  # what the CPU path makes of it
+    assert imgs[2].dtype == torch.uint8 and torch.equal(imgs[2], torch.from_numpy(want.copy()).permute(2, 0, 1))
