@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
-RATIO = (3 / 4, 4 / 3)  # timm's RandomResizedCrop aspect range
+from .batch_transforms import RATIO  # timm's RandomResizedCrop aspect range (one copy)
+
 ERASE_AREA, ERASE_ASPECT = (0.02, 1 / 3), (0.3, 1 / 0.3)  # timm's RandomErasing defaults
 JPEG_MAGIC = b"\xff\xd8\xff"
 GRAY = (19595 / 65536, 38470 / 65536, 7471 / 65536)  # PIL's "L" weights, exact in float32
