@@ -29,6 +29,7 @@ from typing import Any, Dict, List, Optional
 # (or a copied tree) would otherwise ship a virtualenv or local MLflow store to the cluster.
 DEFAULT_EXCLUDES = [".git", ".venv", "venv", "__pycache__", "*.egg-info", "mlruns", "mlflow.db", "outputs"]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+AGENT_WAIT_S = 60.0  # how long a submit waits for a just-started cluster's job agent
 
 
 class SubmitError(Exception):
@@ -144,17 +145,26 @@ def submit(
     if not entrypoint:
         raise SubmitError("no entrypoint: put the command after `--`, e.g. `-- python -m jobs.train --config C`")
     command = entrypoint[0] if len(entrypoint) == 1 else shlex.join(entrypoint)
-    return _call(
-        client,
-        "submit",
-        None,
-        lambda: client.submit_job(
-            entrypoint=command,
-            runtime_env=runtime_env or None,
-            submission_id=submission_id,
-            metadata=metadata,
-        ),
-    )
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            return _call(
+                client,
+                "submit",
+                None,
+                lambda: client.submit_job(
+                    entrypoint=command,
+                    runtime_env=runtime_env or None,
+                    submission_id=submission_id,
+                    metadata=metadata,
+                ),
+            )
+        except SubmitError as exc:
+            # A cluster that has just started answers 500 "No available agent to submit job, please try
+            # again later" until its job agent registers: nothing was created, so asking again is safe.
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(2.0)
 
 
 def status(client, job_id: str) -> str:
