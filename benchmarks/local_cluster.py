@@ -171,9 +171,12 @@ class LocalStack:
         self._saved_env.setdefault("RAY_ADDRESS", os.environ.get("RAY_ADDRESS"))
         os.environ.pop("RAY_ADDRESS", None)  # the drivers here join this cluster, not another
         port = free_port()
+        # Every port the head opens is chosen free: with Ray's defaults, another Ray on the machine (a test
+        # session) holds the job agent's port 52365 and jobs are refused ("No available agent").
         self.cluster = Cluster(initialize_head=True, head_node_args={
             "num_cpus": self.head_cpus, "resources": {"head": 1}, "include_dashboard": True,
-            "dashboard_host": "127.0.0.1", "dashboard_port": port})
+            "dashboard_host": "127.0.0.1", "dashboard_port": port, "dashboard_agent_listen_port": free_port(),
+            "metrics_export_port": free_port(), "runtime_env_agent_port": free_port()})
         self.dashboard_url = f"http://127.0.0.1:{port}"
         for _ in range(self.nodes):
             self.add_node()
