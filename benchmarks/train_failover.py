@@ -38,19 +38,25 @@ LINES = {
 }
 
 
+def job_name(case: str) -> str:
+    """The job's name, which is also its checkpoint run name; its registered model is `cfvit-<name>`."""
+    return f"failover-{case}"
+
+
 def job_sets(case: str, stack, epochs: int) -> List[str]:
     """The job's `--set`s: the shipped fmnist_tiny config on the S3 data, a small model, one worker per node."""
+    name = job_name(case)
     sets = {
-        "name": f"failover-{case}", "data.train": f"s3://{DATA_BUCKET}/fmnist/train",
+        "name": name, "data.train": f"s3://{DATA_BUCKET}/fmnist/train",
         "data.val": f"s3://{DATA_BUCKET}/fmnist/val", "data.train_limit": "null", "data.val_limit": "null",
         "model.overrides": "{depth: 2, embed_dim: 48, num_heads: 2}", "optim.batch_size": 64,
         "deepspeed.micro_batch_size": 32, "schedule.epochs": epochs, "schedule.split_fraction": 0.34,
         "scaling.num_workers": 2, "scaling.worker_resources": "{trainer: 1}",
         "scaling.placement_strategy": "STRICT_SPREAD",
-        "checkpoint.storage_path": f"s3://{RUNS_BUCKET}/checkpoints", "checkpoint.run_name": f"failover-{case}",
+        "checkpoint.storage_path": f"s3://{RUNS_BUCKET}/checkpoints", "checkpoint.run_name": name,
         "checkpoint.max_failures": 3, "checkpoint.num_to_keep": epochs, "checkpoint.slow_write_s": 5,
         "mlflow.tracking_uri": stack.mlflow_uri, "mlflow.experiment": "cfvit-failover",
-        "mlflow.registered_model": f"cfvit-failover-{case}", "log.progress_every_s": 1,
+        "mlflow.registered_model": f"cfvit-{name}", "log.progress_every_s": 1,
     }
     return [f"{k}={v}" for k, v in sets.items()]
 
@@ -59,7 +65,7 @@ def submit_job(stack, case: str, sets: List[str]) -> str:
     """`cfvit submit run --no-wait` as a user types it; returns the job id."""
     env = [f"--env={k}={v}" for k, v in stack.exports().items() if k.startswith(("AWS_", "MLFLOW_"))]
     cmd = [sys.executable, "-m", "jobs.cli", "submit", "run", "--address", stack.dashboard_url, "--no-wait",
-           "--submission-id", f"failover-{case}-{int(time.time())}", *env, "--",
+           "--submission-id", f"{job_name(case)}-{int(time.time())}", *env, "--",
            "python", "-m", "jobs.train", "--config", "jobs/configs/fmnist_tiny.yaml",
            *[a for s in sets for a in ("--set", s)]]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -99,9 +105,6 @@ class JobWatch:
     def worker_nodes(self, after: float = -1.0) -> Dict[int, str]:
         return {int(e["groups"][0]): e["groups"][1] for e in self.events if e["kind"] == "worker" and e["t"] > after}
 
-    def log_tail(self, n: int = 4000) -> str:
-        return self.client.get_job_logs(self.job_id)[-n:]
-
 
 def run_case(stack, case: str, *, epochs: int = 3, fault_epoch: int = 2, at_fraction: float = 0.5,
              kill_rank: int = 1, replace_after_s: float = 5.0, pause_s: float = 20.0, n_train: int = 1024,
@@ -135,18 +138,8 @@ def run_case(stack, case: str, *, epochs: int = 3, fault_epoch: int = 2, at_frac
     else:  # out of time: stop the job rather than leave it running on the cluster
         client.stop_job(job_id)
         watch.status = "TIMED OUT"
-    _undo(stack, fault, case, t0)
+    _follow_up(stack, fault, case, t0, 0.0, 0.0)  # whatever the end: S3 running, the lost node replaced
     return summarize(stack, watch, case, fault, epochs, t0, log_dir)
-
-
-def _undo(stack, fault: dict, case: str, t0: float) -> None:
-    """Whatever the job's end, leave the cluster as it was: S3 running, the lost node replaced."""
-    if case == "s3" and fault.get("paused") and "resumed_t" not in fault:
-        stack.resume_s3()
-        fault["resumed_t"] = time.monotonic() - t0
-    if case == "node" and "t" in fault and "replaced_t" not in fault:
-        stack.add_node()
-        fault["replaced_t"] = time.monotonic() - t0
 
 
 def _due(p: dict, epoch: int, step: Optional[float]) -> bool:
@@ -197,7 +190,8 @@ def summarize(stack, watch: JobWatch, case: str, fault: dict, epochs: int, t0: f
         "training_again_s": None if not after or ft is None else after[0]["t"] - ft,
         # node: when the restarted group's workers reported in, and when rank 0 had loaded the checkpoint
         "workers_back_s": _first_after(ev, "worker", ft), "resumed_s": _first_after(ev, "resume", ft),
-        # Ray Train's "Checkpoint successfully created" lines (one per rank, after the upload): seen when
+        # Ray Train's "Checkpoint successfully created" lines (one per rank, after the upload): the folder
+        # and when the bench saw the line, s after the fault
         "checkpoints_reported_s": [[e["groups"][0], round(e["t"] - ft, 1)] for e in ev
                                    if e["kind"] == "reported" and ft is not None],
         "slow_checkpoints": [{"epoch": int(e["groups"][0]), "rank": int(e["groups"][1]),
@@ -205,13 +199,14 @@ def summarize(stack, watch: JobWatch, case: str, fault: dict, epochs: int, t0: f
     }
     if case == "node" and ft is not None:
         out["nodes_after"] = watch.worker_nodes(after=ft)
-    out.update(_mlflow_facts(stack.mlflow_uri, f"failover-{case}"))
-    out["checkpoints"] = _checkpoints(stack, f"failover-{case}")
+    out.update(_mlflow_facts(stack.mlflow_uri, job_name(case)))
+    out["checkpoints"] = _checkpoints(stack, job_name(case))
+    log = watch.client.get_job_logs(watch.job_id)
     if log_dir:  # the whole job log, for reading what Ray Train did
         out["job_log"] = str(Path(log_dir) / f"{watch.job_id}.log")
-        Path(out["job_log"]).write_text(watch.client.get_job_logs(watch.job_id))
+        Path(out["job_log"]).write_text(log)
     if out["status"] != "SUCCEEDED":
-        out["log_tail"] = watch.log_tail()
+        out["log_tail"] = log[-4000:]
     return out
 
 
@@ -231,7 +226,7 @@ def _mlflow_facts(uri: str, job: str) -> Dict[str, Any]:
     run = runs[0]
     steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train_loss"))
     seconds = {m.step + 1: round(m.value, 1) for m in client.get_metric_history(run.info.run_id, "epoch_seconds")}
-    versions = client.search_model_versions(f"name='cfvit-failover-{job.split('-', 1)[1]}'")
+    versions = client.search_model_versions(f"name='cfvit-{job}'")
     return {"mlflow_run": run.info.run_id, "mlflow_status": run.info.status, "train_loss_steps": steps,
             "epoch_seconds": seconds, "val_fine_top1": run.data.metrics.get("val_fine_top1"),
             "registered_versions": sorted(int(v.version) for v in versions if v.run_id == run.info.run_id)}
