@@ -74,31 +74,29 @@ def stop_process(proc: subprocess.Popen, timeout: float = 15) -> None:
 
 def start_mlflow_server(root: Path, timeout: float = 300) -> tuple[subprocess.Popen, str]:
     """`mlflow server` (sqlite backend, proxied local artifacts under `root`) on a free loopback port."""
-    root.mkdir(parents=True, exist_ok=True)
-    port, log = free_port(), root / "server.log"
+    port = free_port()
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
            "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts")]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=root, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{uri}/health", timeout=timeout, proc=proc, log=log)  # slow on a busy 2-core box
-    except BaseException:
-        stop_process(proc)
-        raise
-    return proc, uri
+    return _start_server(cmd, root, "server.log", port, "/health", timeout)  # slow on a busy 2-core box
 
 
 def start_s3_server(root: Path, timeout: float = 60) -> tuple[subprocess.Popen, str]:
     """moto's S3 server as its own process (so it can be paused with SIGSTOP) on a free loopback port."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    return _start_server(cmd, root, "s3.log", port, "/moto-api/", timeout)
+
+
+def _start_server(cmd: List[str], root: Path, log_name: str, port: int, health: str,
+                  timeout: float) -> tuple[subprocess.Popen, str]:
+    """Run `cmd` in its own session from `root` (output to `root/log_name`) until `health` answers; its URL."""
     root.mkdir(parents=True, exist_ok=True)
-    port, log = free_port(), root / "s3.log"
+    log = root / log_name
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=root, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_http(f"{url}/moto-api/", timeout=timeout, proc=proc, log=log)
+        wait_http(f"{url}{health}", timeout=timeout, proc=proc, log=log)
     except BaseException:
         stop_process(proc)
         raise
