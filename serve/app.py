@@ -22,6 +22,7 @@ from .deployments import BackboneStage, CoarseStage, FineStage, FusedStage
 from .drift import monitor_for
 from .inputs import (RAW_TYPES, APIError, PixelTransform, check_count, decode_to_pixels, media_type, normalise,
                      parse_json_body, read_body, resolve_eta)
+from .messages import StageAnswer
 from .samples import sample_images
 from .schemas import BatchPrediction, ClassifyJSON, ErrorBody, Health, ModelInfo, Prediction, Samples, TopClass
 from .settings import ETA_MAX, ETA_MIN, AppArgs
@@ -142,6 +143,14 @@ def _normalise_table(raw) -> Optional[List[Dict[str, float]]]:
     return points
 
 
+# Module-level helpers the ingress calls stand above the class: `serve.ingress` copies its methods with the
+# module's globals as they are when the class is defined.
+def _book_return(answers: List[StageAnswer], stage: str, received: float) -> None:
+    """`<stage>_out`: the time each answer took from its replica back to the ingress."""
+    for a in answers:
+        a.timing[f"{stage}_out"] = (received - a.done_at) * 1000
+
+
 @serve.deployment(name="CFViTIngress", max_ongoing_requests=128)
 @serve.ingress(api)
 class CFViTIngress:
@@ -163,7 +172,10 @@ class CFViTIngress:
         self.data_config = dict(model.data_config)
         self.transform = PixelTransform(self.data_config)
         self.stage_gflops = {k: float(v) for k, v in model.stage_gflops().items()}
-        self.backbone_gflops = float(model.backbone_gflops())
+        # what an answer cost, by the stage that gave it (a fine answer paid for the coarse pass too)
+        self.gflops = {"coarse": self.stage_gflops["coarse"], "backbone": float(model.backbone_gflops()),
+                       "fine": self.stage_gflops["coarse"] + self.stage_gflops["fine"]}
+        self._first_stage = {"backbone": "backbone", "fused": "fused", "split": "coarse"}[self.args.stages]
         self.num_classes = int(model.num_classes)
         self.class_names = [str(c) for c in cfg.get("class_names") or range(self.num_classes)]
         self.eta_table = _normalise_table(cfg.get("eta_table"))
@@ -232,7 +244,7 @@ class CFViTIngress:
         preds = [self._prediction(a, eta_value) for a in answers]
         timing = {"read": (t1 - t0) * 1000, "decode": (t2 - t1) * 1000}
         total_ms = (time.perf_counter() - t0) * 1000
-        response.headers["Server-Timing"] = server_timing([a["t"] for a in answers], timing, total_ms)
+        response.headers["Server-Timing"] = server_timing([a.timing for a in answers], timing, total_ms)
         if self.slo is not None:
             self.slo.observe(total_ms, [p.stage for p in preds])
         if self.drift is not None:
@@ -272,35 +284,26 @@ class CFViTIngress:
             images = [normalise(x, self.transform.mean, self.transform.std) for x in images]
         return images
 
-    async def _infer(self, images: list, eta: float) -> List[Dict[str, Any]]:
+    async def _infer(self, images: list, eta: float) -> List[StageAnswer]:
         """One call per request to the model deployment; for split, one more for the hard images."""
-        stages = self.args.stages
-        if stages == "backbone":
+        if self.args.stages == "backbone":
             answers = await _once_more_if_replica_died(lambda: self.model.run.remote(images, time.time()))
         else:
             shadows = self.drift.pick_shadows(len(images)) if self.drift is not None else None
             answers = await _once_more_if_replica_died(
                 lambda: self.model.run.remote(images, [eta] * len(images), time.time(), shadows))
-        received = time.time()
-        first = {"backbone": "backbone", "fused": "fused", "split": "coarse"}[stages]
-        for a in answers:
-            a["t"][f"{first}_out"] = (received - a["t"].pop("done_at")) * 1000
-            a["stage"] = "backbone" if stages == "backbone" else ("coarse" if a["exit"] else "fine")
-            a.setdefault("coarse_probs", a["probs"])
-        self._shadow([(a.pop("handoff"), eta, int(a["probs"].argmax())) for a in answers
-                       if a["exit"] and "handoff" in a])
-        hard_at = [i for i, a in enumerate(answers) if stages == "split" and not a["exit"]]
+        _book_return(answers, self._first_stage, time.time())
+        self._shadow([(a.take_handoff(), eta, int(a.probs.argmax())) for a in answers
+                      if a.stage == "coarse" and a.exited and a.handoff is not None])
+        hard_at = [i for i, a in enumerate(answers) if not a.exited]
         if hard_at:
-            hard = [answers[i] for i in hard_at]
-            fine = await self._fine([a.pop("handoff") for a in hard], [images[i] for i in hard_at])
-            received = time.time()
-            for a, f in zip(hard, fine):
-                a["t"].update(f.pop("t"))
-                a["t"]["fine_out"] = (received - a["t"].pop("done_at")) * 1000
-                a.update(probs=f["probs"], selected=f["selected"])
+            fine = await self._fine([answers[i].take_handoff() for i in hard_at], [images[i] for i in hard_at])
+            _book_return(fine, "fine", time.time())
+            for i, f in zip(hard_at, fine):
+                answers[i] = answers[i].finished_by(f)
         return answers
 
-    async def _fine(self, handoffs: list, images: list) -> list:
+    async def _fine(self, handoffs: list, images: list) -> List[StageAnswer]:
         """The fine stage for the hard images; if their coarse state was lost (its coarse replica died, or the
         object store lost it), once more from the pixels: a coarse pass that exits nothing, then fine."""
         try:
@@ -310,7 +313,7 @@ class CFViTIngress:
                 raise
             logger.info("fine stage failed (%s): re-running %d image(s) from their pixels", type(e).__name__, len(images))
         again = await self.model.run.remote(images, [ETA_NEVER_EXIT] * len(images), time.time())
-        return await self.fine.run.remote([a["handoff"] for a in again], time.time())
+        return await self.fine.run.remote([a.handoff for a in again], time.time())
 
     def _shadow(self, items: list) -> None:
         """Send answered (coarse-exit) images through the fine stage in the background, for the drift
@@ -326,7 +329,7 @@ class CFViTIngress:
                     fine = await self.fine.run.remote(handoffs, time.time())
                 else:
                     fine = await self.model.shadow.remote(handoffs)
-                labels = [int(f["probs"].argmax()) for f in fine]
+                labels = [int(f.probs.argmax()) for f in fine]
             except Exception as e:  # noqa: BLE001 - the replies went out already; just count it
                 logger.info("drift monitor: a shadow call failed: %r", e)
                 labels = [None] * len(items)
@@ -369,18 +372,16 @@ class CFViTIngress:
         finally:
             await form.close()  # spooled upload files are released now, not at garbage collection
 
-    def _prediction(self, answer: Dict[str, Any], eta: float) -> Prediction:
-        probs, stage = answer["probs"], answer["stage"]
+    def _prediction(self, answer: StageAnswer, eta: float) -> Prediction:
         k = min(5, self.num_classes)
-        top_p, top_i = probs.topk(k)
+        top_p, top_i = answer.probs.topk(k)
         top = [TopClass(label=int(i), class_name=self.class_names[int(i)], probability=float(p))
                for p, i in zip(top_p, top_i)]
-        gflops = {"coarse": self.stage_gflops["coarse"], "backbone": self.backbone_gflops,
-                  "fine": self.stage_gflops["coarse"] + self.stage_gflops["fine"]}[stage]
+        coarse = answer.coarse_probs
         return Prediction(label=top[0].label, class_name=top[0].class_name, confidence=top[0].probability,
-                          top5=top, stage=stage, gflops=gflops, eta=eta,
-                          coarse_confidence=float(answer["coarse_probs"].max()),
-                          regions=answer.get("selected") if stage == "fine" else None)
+                          top5=top, stage=answer.stage, gflops=self.gflops[answer.stage], eta=eta,
+                          coarse_confidence=None if coarse is None else float(coarse.max()),
+                          regions=answer.selected)
 
 
 def _stage_options(deployment, opts, name: str):

@@ -2,9 +2,10 @@
 a batch is cut when the model is free, from everything that queued meanwhile).
 
 Every `run` takes all the images of one request in one call (uint8 pixels, or float32 when the app's
-`wire_dtype` says so), queues each in the replica's batch queue, and answers per image with its
-timings (`t`, milliseconds: time in transit to the replica, queueing for a batch, batch compute, batch
-size), which the ingress returns as a `Server-Timing` header.
+`wire_dtype` says so), queues each in the replica's batch queue, and answers per image with a
+`serve.messages.StageAnswer` — the same shape for every topology — carrying its timings (milliseconds:
+time in transit to the replica, queueing for a batch, batch compute, batch size), which the ingress
+returns as a `Server-Timing` header.
 
 - split: `CoarseStage.run` answers the images whose top coarse probability reaches their own η; for
   the rest it puts image + coarse state into the object store and returns only the reference
@@ -19,12 +20,18 @@ from __future__ import annotations
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
+import ray
+import torch
 from ray import serve
 from ray.serve import metrics
 
+from cfvit.model import CoarseState, exit_mask
+
 from .batching import GreedyBatcher
+from .inputs import normalise
+from .messages import BatchTiming, Handoff, StageAnswer
 from .model_host import load_model, placement, threads_for
 from .settings import StageOptions
 
@@ -82,32 +89,25 @@ class _Stage:
 
     def _batch(self, images):
         """Stack a batch onto the replica's device; uint8 pixels are normalised here, all at once."""
-        import torch
-
-        from .inputs import normalise
-
         x = torch.stack(images).to(self.device, non_blocking=True)
         return normalise(x, self.mean, self.std) if x.dtype == torch.uint8 else x
 
     def _autocast(self):
-        import torch
-
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)
 
-    async def _compute(self, stage: str, fn, *args):
+    async def _compute(self, stage: str, fn, *args) -> List[Tuple[Any, BatchTiming]]:
         started = time.time()
         t0 = time.perf_counter()
         out = await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
         dt = time.perf_counter() - t0
         self.metrics.observe(stage, len(args[0]), dt)
-        return out, {"started": started, "compute": _ms(dt), "batch": len(args[0])}
+        timing = BatchTiming(started=started, compute_ms=_ms(dt), size=len(args[0]))
+        return [(o, timing) for o in out]
 
     # ------------------------------------------------------------------ model passes (executor thread)
-    def _coarse_forward(self, images, etas, keeps):
-        import torch
-
-        from cfvit.model import exit_mask
-
+    def _coarse_forward(self, images, etas, keeps) -> List[Tuple[StageAnswer, Optional[CoarseState]]]:
+        """Each image's coarse answer, with its coarse state where the fine stage (or the drift monitor's
+        shadow check) will need it."""
         with torch.inference_mode(), self._autocast():
             state = self.model.coarse_stage(self._batch(images))
         # Replies (and the state a fine replica picks up, maybe on another node) travel as CPU tensors.
@@ -116,62 +116,57 @@ class _Stage:
             logits = state.logits.float()
             exits = exit_mask(logits, torch.tensor(etas, dtype=torch.float32)).tolist()
             probs = logits.softmax(-1)
-            # A copy per sample (advanced indexing), so only its own tensors are serialised; an exiting image
-            # keeps its state only when the drift monitor shadows it.
-            return [{"probs": probs[i].clone(), "exit": exits[i],
-                     "state": state[[i]] if keeps[i] or not exits[i] else None} for i in range(len(images))]
+            out = []
+            for i in range(len(images)):
+                p = probs[i].clone()  # a copy per sample, so only its own tensors are serialised
+                answer = StageAnswer(stage="coarse", probs=p, exited=exits[i], coarse_probs=p)
+                out.append((answer, state[[i]] if keeps[i] or not exits[i] else None))
+            return out
 
-    def _fine_forward(self, images, states):
-        import torch
-
-        from cfvit.model import CoarseState
-
+    def _fine_forward(self, images, states) -> List[StageAnswer]:
         with torch.inference_mode(), self._autocast():
             state = CoarseState.cat(states).to(self.device, non_blocking=True)
             logits, selected = self.model.fine_stage(self._batch(images), state)
             probs = logits.float().softmax(-1).cpu()
             selected = selected.cpu().tolist()
-            return [{"probs": probs[i].clone(), "selected": selected[i]} for i in range(len(images))]
+            return [StageAnswer(stage="fine", probs=probs[i].clone(), selected=selected[i]) for i in range(len(images))]
 
-    def _backbone_forward(self, images):
-        import torch
-
+    def _backbone_forward(self, images) -> List[StageAnswer]:
         with torch.inference_mode(), self._autocast():
             probs = self.model.vit(self._batch(images)).float().softmax(-1).cpu()
-            return [{"probs": probs[i].clone()} for i in range(len(images))]
+            return [StageAnswer(stage="backbone", probs=probs[i].clone()) for i in range(len(images))]
 
     # ------------------------------------------------------------------ batch functions (event loop)
-    async def _coarse_batch(self, images: List[Any], etas: List[float], keeps: List[bool]) -> List[Dict[str, Any]]:
-        out, t = await self._compute("coarse", self._coarse_forward, images, etas, keeps)
-        self.metrics.exited(sum(o["exit"] for o in out), len(out))
-        return [{**o, "t": t} for o in out]
+    async def _coarse_batch(self, images: List[Any], etas: List[float], keeps: List[bool]):
+        out = await self._compute("coarse", self._coarse_forward, images, etas, keeps)
+        self.metrics.exited(sum(a.exited for (a, _), _ in out), len(out))
+        return out
 
-    async def _fine_batch(self, images: List[Any], states: List[Any]) -> List[Dict[str, Any]]:
-        out, t = await self._compute("fine", self._fine_forward, images, states)
-        return [{**o, "t": t} for o in out]
+    async def _fine_batch(self, images: List[Any], states: List[CoarseState]):
+        return await self._compute("fine", self._fine_forward, images, states)
 
-    async def _backbone_batch(self, images: List[Any]) -> List[Dict[str, Any]]:
-        out, t = await self._compute("backbone", self._backbone_forward, images)
-        return [{**o, "t": t} for o in out]
+    async def _backbone_batch(self, images: List[Any]):
+        return await self._compute("backbone", self._backbone_forward, images)
 
-    async def _queued(self, stage: str, call, timing: Dict[str, float], ready_at: float) -> Dict[str, Any]:
+    async def _queued(self, stage: str, call, timing: Dict[str, float], ready_at: float) -> Any:
         """Await one image's batched call and book its queueing, compute and batch size under `stage`."""
-        out = await call
-        t = out.pop("t")
-        queue = max(0.0, t["started"] - ready_at)
+        out, batch = await call
+        queue = max(0.0, batch.started - ready_at)
         self.metrics.queue.observe(queue * 1000.0, tags={"stage": stage})
-        timing.update({f"{stage}_queue": _ms(queue), f"{stage}_compute": t["compute"], f"{stage}_batch": t["batch"]})
+        timing.update({f"{stage}_queue": _ms(queue), f"{stage}_compute": batch.compute_ms,
+                       f"{stage}_batch": batch.size})
         return out
 
     @staticmethod
-    async def _each(name: str, sent_at: float, items: List[Any], answer) -> List[Dict[str, Any]]:
+    async def _each(name: str, sent_at: float, items: List[Any], answer) -> List[StageAnswer]:
         """`answer(item, timing, arrived)` for every image of one call, concurrently; each reply carries its
         timings (`<name>_in` first) and the moment it left the replica (`done_at`, for `<name>_out`)."""
         now = time.time()
         timings = [_arrived(name, sent_at) for _ in items]
         outs = await asyncio.gather(*(answer(x, t, now) for x, t in zip(items, timings)))
         for out, t in zip(outs, timings):
-            out["t"] = {**t, "done_at": time.time()}
+            out.timing = {**t, **out.timing}
+            out.done_at = time.time()
         return outs
 
 
@@ -187,22 +182,19 @@ class CoarseStage(_Stage):
         self.handoff = handoff
 
     async def run(self, images: List[Any], etas: List[float], sent_at: float,
-                  shadows: Optional[List[bool]] = None) -> List[Dict[str, Any]]:
+                  shadows: Optional[List[bool]] = None) -> List[StageAnswer]:
         """`shadows`: the images whose coarse state is kept even when they exit (the drift monitor's sample)."""
         return await self._each("coarse", sent_at, list(zip(images, etas, shadows or [False] * len(images))),
                                 self._one)
 
-    async def _one(self, item, t: Dict[str, float], arrived: float) -> Dict[str, Any]:
+    async def _one(self, item, t: Dict[str, float], arrived: float) -> StageAnswer:
         """One image's coarse answer; a hard (or shadowed) one carries image + coarse state for the fine stage."""
-        import ray
-
         image, eta, keep = item
-        out = await self._queued("coarse", self._coarse(image, eta, keep), t, arrived)
-        state = out.pop("state")
+        answer, state = await self._queued("coarse", self._coarse(image, eta, keep), t, arrived)
         if state is not None:
-            handoff = {"image": image, "state": state}
-            out["handoff"] = ray.put(handoff) if self.handoff == "direct" else handoff
-        return out
+            handoff = Handoff(image=image, state=state)
+            answer.handoff = ray.put(handoff) if self.handoff == "direct" else handoff
+        return answer
 
 
 @serve.deployment(name="FineStage", max_ongoing_requests=256)
@@ -211,22 +203,20 @@ class FineStage(_Stage):
         super().__init__(checkpoint, options, "fine")
         self._fine = GreedyBatcher(self._fine_batch, self.opts.max_batch_size, self.opts.batch_wait_timeout_s)
 
-    async def run(self, handoffs: List[Any], sent_at: float) -> List[Dict[str, Any]]:
-        """`handoffs`: {image, state} per hard image, or object references to them (fetched here)."""
-        import ray
-
+    async def run(self, handoffs: List[Any], sent_at: float) -> List[StageAnswer]:
+        """`handoffs`: a `Handoff` per hard image, or object references to them (fetched here)."""
         timings = [_arrived("fine", sent_at) for _ in handoffs]
         t0 = time.time()
         refs = [h for h in handoffs if isinstance(h, ray.ObjectRef)]
         fetched = dict(zip(map(id, refs), await asyncio.gather(*refs))) if refs else {}
-        items = [fetched.get(id(h), h) for h in handoffs]
+        items: List[Handoff] = [fetched.get(id(h), h) for h in handoffs]
         now = time.time()
         for t in timings:
             t["fine_fetch"] = _ms(now - t0)
-        outs = await asyncio.gather(*(self._queued("fine", self._fine(h["image"], h["state"]), t, now)
+        outs = await asyncio.gather(*(self._queued("fine", self._fine(h.image, h.state), t, now)
                                       for h, t in zip(items, timings)))
         for out, t in zip(outs, timings):
-            out["t"] = {**t, "done_at": time.time()}
+            out.timing, out.done_at = t, time.time()
         return outs
 
 
@@ -242,28 +232,26 @@ class FusedStage(_Stage):
         self._coarse = GreedyBatcher(self._coarse_batch, opts.max_batch_size, opts.batch_wait_timeout_s)
         self._fine = GreedyBatcher(self._fine_batch, opts.fine_batch_size, opts.fine_wait_timeout_s)
 
-    async def _one(self, item, t: Dict[str, float], arrived: float) -> Dict[str, Any]:
-        import ray
-
+    async def _one(self, item, t: Dict[str, float], arrived: float) -> StageAnswer:
         image, eta, keep = item
-        coarse = await self._queued("coarse", self._coarse(image, eta, keep), t, arrived)
-        state = coarse.pop("state")
-        if coarse["exit"]:
+        coarse, state = await self._queued("coarse", self._coarse(image, eta, keep), t, arrived)
+        if coarse.exited:
             if state is not None:  # shadowed: the ingress sends it to `shadow` after replying
-                coarse["handoff"] = ray.put({"image": image, "state": state})
+                coarse.handoff = ray.put(Handoff(image=image, state=state))
             return coarse
         fine = await self._queued("fine", self._fine(image, state), t, time.time())
-        return {"probs": fine["probs"], "selected": fine["selected"], "coarse_probs": coarse["probs"], "exit": False}
+        return coarse.finished_by(fine)
 
     async def run(self, images: List[Any], etas: List[float], sent_at: float,
-                  shadows: Optional[List[bool]] = None) -> List[Dict[str, Any]]:
+                  shadows: Optional[List[bool]] = None) -> List[StageAnswer]:
         return await self._each("fused", sent_at, list(zip(images, etas, shadows or [False] * len(images))),
                                 self._one)
 
-    async def shadow(self, handoffs: List[Any]) -> List[Dict[str, Any]]:
+    async def shadow(self, handoffs: List[Any]) -> List[StageAnswer]:
         """The drift monitor's shadowed images (answered already) through this replica's fine pool."""
-        items = await asyncio.gather(*handoffs)
-        return await asyncio.gather(*(self._fine(h["image"], h["state"]) for h in items))
+        items: List[Handoff] = await asyncio.gather(*handoffs)
+        outs = await asyncio.gather(*(self._fine(h.image, h.state) for h in items))
+        return [answer for answer, _ in outs]
 
 
 @serve.deployment(name="BackboneStage", max_ongoing_requests=256)
@@ -275,7 +263,6 @@ class BackboneStage(_Stage):
         self._backbone = GreedyBatcher(self._backbone_batch, self.opts.max_batch_size,
                                        self.opts.batch_wait_timeout_s)
 
-    async def run(self, images: List[Any], sent_at: float) -> List[Dict[str, Any]]:
+    async def run(self, images: List[Any], sent_at: float) -> List[StageAnswer]:
         return await self._each("backbone", sent_at, images,
                                 lambda x, t, arrived: self._queued("backbone", self._backbone(x), t, arrived))
-

@@ -21,9 +21,10 @@ class Prediction(BaseModel):
     top5: List[TopClass]
     stage: Literal["coarse", "fine", "backbone"] = Field(
         description="the stage that answered (`backbone` only when the app serves the single-stage baseline)")
-    gflops: float = Field(description="GFLOPs (multiply-accumulates) spent: coarse, or coarse + fine")
+    gflops: float = Field(description="GFLOPs (multiply-accumulates) spent: coarse, coarse + fine, or the backbone's")
     eta: float = Field(description="the exit threshold applied to this image")
-    coarse_confidence: float = Field(description="top softmax probability of the coarse stage")
+    coarse_confidence: Optional[float] = Field(
+        description="top softmax probability of the coarse stage (null for the `backbone` topology: no coarse pass)")
     regions: Optional[List[int]] = Field(
         None, description="fine answers: the coarse-grid indices (row-major) that were re-split")
 

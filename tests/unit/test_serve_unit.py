@@ -264,25 +264,34 @@ def test_stage_forward_passes_run_on_the_replica_device_and_reply_on_cpu(precisi
     s = stage(CoarseStage)
     s.mean, s.std = model.data_config["mean"], model.data_config["std"]
     coarse = s._coarse_forward(list(x), [0.0, 2.0, 0.0, 2.0, 2.0], [False, False, True, False, False])
-    assert [c["exit"] for c in coarse] == [True, False, True, False, False]
+    answers = [a for a, _ in coarse]
+    assert [a.exited for a in answers] == [True, False, True, False, False]
+    assert {a.stage for a in answers} == {"coarse"}
     # an exiting image keeps its coarse state only when the drift monitor shadows it (image 2)
-    assert [c["state"] is not None for c in coarse] == [False, True, True, True, True]
-    hard = [i for i, c in enumerate(coarse) if not c["exit"]]
-    fine = s._fine_forward([x[i] for i in hard], [coarse[i]["state"] for i in hard])
+    assert [state is not None for _, state in coarse] == [False, True, True, True, True]
+    hard = [i for i, a in enumerate(answers) if not a.exited]
+    fine = s._fine_forward([x[i] for i in hard], [coarse[i][1] for i in hard])
     base = s._backbone_forward(list(x))
+    assert {f.stage for f in fine} == {"fine"} and {b.stage for b in base} == {"backbone"}
+    assert all(b.coarse_probs is None and b.exited for b in base)
     # uint8 pixels are normalised inside the replica, as a batch
     u8 = torch.randint(0, 256, (3, 1, 56, 56), dtype=torch.uint8)
     from serve.inputs import normalise
     torch.testing.assert_close(s._batch(list(u8)), normalise(u8, s.mean, s.std).to(device))
-    assert all(r["probs"].device.type == "cpu" for r in coarse + fine + base)
+    assert all(r.probs.device.type == "cpu" for r in answers + fine + base)
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         ref = model.infer(x.to(device), torch.tensor([0.0, 2.0, 0.0, 2.0, 2.0], device=device))
-    got = torch.stack([coarse[i]["probs"] for i in range(5) if coarse[i]["exit"]] + [f["probs"] for f in fine])
+        ref_backbone = model.vit(x.to(device)).float().softmax(-1).cpu()
+    got = torch.stack([answers[i].probs for i in range(5) if answers[i].exited] + [f.probs for f in fine])
     order = [0, 2] + hard
     want = ref.logits.float().softmax(-1).cpu()[order]
     tol = 1e-5 if precision == "fp32" else 2e-2
     torch.testing.assert_close(got, want, atol=tol, rtol=0)
-    assert len(fine[0]["selected"]) == model.k_selected
+    torch.testing.assert_close(torch.stack([b.probs for b in base]), ref_backbone, atol=tol, rtol=0)
+    assert len(fine[0].selected) == model.k_selected
+    # a hard coarse answer completed by its fine answer keeps the coarse probabilities beside the fine ones
+    done = answers[hard[0]].finished_by(fine[0])
+    assert done.stage == "fine" and done.exited and done.coarse_probs is answers[hard[0]].probs
 
 
 def test_unexpected_failures_are_json_errors_503_when_a_stage_is_unavailable():
