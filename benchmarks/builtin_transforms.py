@@ -8,16 +8,16 @@ from __future__ import annotations
 import argparse
 import time
 
+import torch
+from PIL import Image
+
+import cfvit
+from cfvit.data import load_fashion_mnist
+from cfvit.transforms import build_transform
+from jobs.train import batch_transforms
+
 
 def measure(model: str = "cfvit_tiny32_fmnist", n_pil: int = 1000, n_numpy: int = 2000, batch: int = 250) -> dict:
-    import torch
-    from PIL import Image
-
-    import cfvit
-    from cfvit.data import load_fashion_mnist
-    from cfvit.transforms import build_transform
-    from jobs.train import batch_transforms
-
     torch.set_num_threads(1)
     x = load_fashion_mnist("train")[0][:max(n_pil, n_numpy)]
     dc = dict(cfvit.create_model(model).data_config)

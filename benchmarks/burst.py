@@ -13,14 +13,22 @@ import asyncio
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
+import httpx
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
+import ray
+from ray import serve
+from rich.console import Console
+from rich.table import Table
+
+from benchmarks.serve import _deploy, png_files, system_args
+from cfvit.data import load_fashion_mnist
+from serve.runner import start_ray
 
 
 def labelled_images(n: int, start: int = 5000) -> tuple[List[bytes], np.ndarray]:
     """PNG files and labels of Fashion-MNIST test images from `start` on (calibration reads the first 5,000)."""
-    from benchmarks.serve import png_files
-    from cfvit.data import load_fashion_mnist
-
     x, y = load_fashion_mnist("test")
     return png_files(x[start:start + n]), np.asarray(y[start:start + n])
 
@@ -40,8 +48,6 @@ def arrivals(phases: Sequence[tuple[float, float]], seed: int = 0) -> np.ndarray
 async def open_loop(url: str, files: List[bytes], labels: np.ndarray, times: np.ndarray,
                     timeout_s: float = 10.0) -> List[Dict[str, Any]]:
     """One request per arrival time; each record: arrival t, latency ms, status, stage, eta, gflops, correct."""
-    import httpx
-
     records: List[Dict[str, Any]] = []
     async with httpx.AsyncClient(timeout=timeout_s, limits=httpx.Limits(max_connections=512)) as client:
         start = time.perf_counter()
@@ -104,12 +110,6 @@ def run_burst(checkpoint: str, rate: float, burst_factor: float = 3.0, steady_s:
               max_accuracy_drop: Optional[float] = None, eta: float = 0.5, stages: str = "split", replicas: int = 1,
               batch_size: int = 16, port: int = 8123, seed: int = 0) -> Dict[str, Any]:
     """Deploy the checkpoint twice (SLO mode off, then on), send the same arrival schedule to each."""
-    import ray
-    from ray import serve
-
-    from benchmarks.serve import _deploy, system_args
-    from serve.runner import start_ray
-
     phases = [(steady_s, rate), (burst_s, burst_factor * rate), (after_s, rate)]
     times = arrivals(phases, seed)
     files, labels = labelled_images(2000)
@@ -140,8 +140,6 @@ def run_burst(checkpoint: str, rate: float, burst_factor: float = 3.0, steady_s:
 
 
 def _get(port: int, key: str):
-    import httpx
-
     try:
         return httpx.get(f"http://127.0.0.1:{port}/v1/model", timeout=10).json().get(key)
     except httpx.HTTPError:
@@ -149,10 +147,7 @@ def _get(port: int, key: str):
 
 
 def plot_burst(result: Dict[str, Any], path: str) -> None:
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(3, 1, figsize=(7, 7), dpi=110, sharex=True)
     for mode, run in result["runs"].items():
@@ -176,9 +171,6 @@ def plot_burst(result: Dict[str, Any], path: str) -> None:
 
 
 def print_burst(result: Dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     console = Console(width=80)
     r, f = result["rate"], result["burst_factor"]
     console.print(f"{result['stages']} · {r:g} req/s, {f:g}× burst · p99 target {result['slo_ms']:g} ms")

@@ -2,18 +2,19 @@
 every η plus one η per budget. The validation pass that produces the probabilities is not included."""
 from __future__ import annotations
 
+import time
 from typing import Sequence
 
 import numpy as np
+
+from cfvit.budget import BudgetError, eta_curve, eta_for_budget
 
 
 def bench(n: int = 50_000, classes: int = 1000, budgets: Sequence[float] = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0),
           repeats: int = 3, seed: int = 0) -> dict:
     """Seconds to calibrate `n` samples (random probabilities): the exact curve over every η + one η per
     budget. The validation pass that produces the probabilities is not included."""
-    import time
 
-    from cfvit.budget import BudgetError, eta_curve, eta_for_budget
 
     rng = np.random.default_rng(seed)
     logits_c = rng.standard_normal((n, classes), dtype=np.float32) * 3

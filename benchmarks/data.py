@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import posixpath
 import tempfile
@@ -26,6 +27,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import ray
+import torch
+import yaml
+from moto.server import ThreadedMotoServer
+from PIL import Image
+from ray.data import DataContext
+
+from cfvit.transforms import build_transform, decode_image
+from cfvit_common.ray_env import free_port
+from cfvit_common.storage import resolve, s3_client
+from jobs.ops.shards import convert, downscale
+from jobs.train.data import describe, preprocess, read
 
 # CF-ViT DeiT-S, bf16, batch 256, ZeRO-1 on one H100: 3,322 img/s (docs/BENCHMARKS.md, training step)
 GPU_STEP_RATE = 3300
@@ -37,8 +50,6 @@ CLASSES = [f"n{i:08d}" for i in range(4)]
 
 def deit_augment() -> dict:
     """The training augmentation of the shipped ImageNet config, as build_datasets passes it."""
-    import yaml
-
     aug = yaml.safe_load(CONFIG.read_text())["augment"]
     return dict(auto_augment=aug["auto_augment"], scale=tuple(aug["scale"]), hflip=aug["hflip"],
                 re_prob=aug["re_prob"])
@@ -47,8 +58,6 @@ def deit_augment() -> dict:
 # ------------------------------------------------------------------ images
 def synth_jpeg(rng: np.random.Generator, w: int = 500, h: int = 375, noise: float = 25.0) -> bytes:
     """A photo-like JPEG: low-frequency colour + mid-frequency texture + noise, quality 90 (~110 KB)."""
-    from PIL import Image
-
     low = Image.fromarray((rng.random((6, 8, 3)) * 255).astype(np.uint8)).resize((w, h), Image.BICUBIC)
     mid = Image.fromarray((rng.random((h // 8, w // 8)) * 255).astype(np.uint8)).resize((w, h), Image.BICUBIC)
     a = np.asarray(low, np.float32) * 0.7 + np.asarray(mid, np.float32)[..., None] * 0.3
@@ -67,8 +76,6 @@ def make_images(n: int, seed: int = 0) -> dict[str, bytes]:
 
 def write_folder(images: dict[str, bytes], uri: str) -> None:
     """Write the images as an ImageFolder under a local path or s3:// prefix."""
-    from jobs.common.storage import resolve
-
     fs, root = resolve(uri)
     for rel, data in images.items():
         path = posixpath.join(root, rel)
@@ -80,18 +87,12 @@ def write_folder(images: dict[str, bytes], uri: str) -> None:
 
 def downscaled(images: dict[str, bytes], max_side: int) -> dict[str, bytes]:
     """The bytes `cfvit shards --max-side` stores for each image."""
-    from jobs.ops.shards import downscale
-
     return {k: (downscale(v, k, max_side) or ("jpg", v))[1] for k, v in images.items()}
 
 
 # ------------------------------------------------------------------ per core
 def per_core(images: list[bytes], repeats: int = 1) -> dict:
     """ms per image for decode alone and decode + DeiT training transform, one thread, this process."""
-    import torch
-
-    from cfvit.transforms import build_transform, decode_image
-
     torch.set_num_threads(1)
     tf = build_transform(DEIT_DATA_CONFIG, is_training=True, **deit_augment())
     tf(decode_image(images[0]))  # warm-up (imports, first-call costs)
@@ -125,8 +126,6 @@ class PipelineResult:
 
 def pipeline(uri: str, batch_size: int = 32, map_batch: int = 32) -> PipelineResult:
     """Images/s of the training job's Ray Data path (read → decode → augment → batches to the driver)."""
-    from jobs.train.data import describe, preprocess, read
-
     src = describe(uri)
     kw = dict(data_config_json=json.dumps(DEIT_DATA_CONFIG), is_training=True,
               aug_json=json.dumps(deit_augment()), num_classes=len(src.classes))
@@ -159,11 +158,8 @@ def open_store(endpoint: str | None, bucket: str = "cfvit-bench") -> Store:
         return Store(tempfile.mkdtemp(prefix="cfvit-bench-data-"), "local folder")
     server = None
     if endpoint == "moto":
-        import logging
 
-        from moto.server import ThreadedMotoServer
 
-        from jobs.common.ray_env import free_port
 
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
         port = free_port()
@@ -174,7 +170,6 @@ def open_store(endpoint: str | None, bucket: str = "cfvit-bench") -> Store:
                      "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}.items():
             os.environ.setdefault(k, v)
     os.environ["AWS_ENDPOINT_URL"] = endpoint
-    from jobs.common.storage import s3_client
 
     client = s3_client()
     try:
@@ -212,21 +207,14 @@ def run_bench(n_images: int = 256, endpoint: str | None = "moto", max_side: int 
 
 
 def _pipelines(store: Store, images: dict, max_side: int | None, num_cpus: int, shard_size: int) -> dict:
-    import ray
-
-    from jobs.ops.shards import convert
-
     folder, wds = f"{store.root}/imagefolder", f"{store.root}/wds"
     write_folder(images, folder)
     aws = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
-    import logging
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # one INFO line per dataset otherwise
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": aws})
     try:
-        from ray.data import DataContext
-
         DataContext.get_current().enable_progress_bars = False
         uris = {"imagefolder": folder, "webdataset": wds}
         convert(folder, wds, shard_size=shard_size)

@@ -10,21 +10,19 @@ import json
 import os
 import time
 
+import deepspeed
 import torch
 
 import cfvit
+from jobs.train.deepspeed import deepspeed_config
 
 
 def ds_config(zero: int, batch: int, bf16: bool) -> dict:
-    from jobs.train.deepspeed import deepspeed_config
-
     conf = deepspeed_config(None, True, micro_batch_size=batch, zero_stage=zero, precision="bf16" if bf16 else "fp32")
     return {**conf, "gradient_clipping": 5.0}
 
 
 def run(kind: str, model_name: str, zero: int, batch: int, steps: int, warmup: int, device: str) -> dict:
-    import deepspeed
-
     torch.manual_seed(0)
     model = cfvit.create_model(model_name, drop_path_rate=0.1)
     net = model if kind != "backbone" else model.vit
@@ -78,7 +76,6 @@ def main():
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
-    import deepspeed
 
     deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
     rows = []

@@ -17,17 +17,17 @@ import argparse
 import json
 import time
 
+import torch
+
 from benchmarks.data import DEIT_DATA_CONFIG, make_images
+from cfvit.transforms import build_transform, decode_image
+from jobs.train import device_augment as da
 
 AUG = dict(scale=(0.08, 1.0), hflip=0.5, color_jitter=0.4, re_prob=0.25)
 
 
 def cpu_path(blobs: list[bytes]) -> dict:
     """(a): the Ray Data task's work per image, one thread."""
-    import torch
-
-    from cfvit.transforms import build_transform, decode_image
-
     torch.set_num_threads(1)
     tf = build_transform(DEIT_DATA_CONFIG, is_training=True, auto_augment=None, **AUG)
     tf(decode_image(blobs[0]))  # warm-up
@@ -40,10 +40,6 @@ def cpu_path(blobs: list[bytes]) -> dict:
 
 def device_path(blobs: list[bytes], device: str, batch: int) -> dict:
     """(b): whole batches on `device`; decode and augment timed apart as well."""
-    import torch
-
-    from jobs.train import device_augment as da
-
     def sync():
         if device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -74,10 +70,6 @@ def device_path(blobs: list[bytes], device: str, batch: int) -> dict:
 
 def gpu_vs_cpu(blobs: list[bytes], device: str) -> dict:
     """Grey levels (0-255, before Normalize) between `device` and the CPU fallback, the same seed."""
-    import torch
-
-    from jobs.train import device_augment as da
-
     out = {}
     for name, train in (("eval", False), ("train", True)):
         x = {}
@@ -102,7 +94,6 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads of the device path on a CPU")
     p.add_argument("--json", default=None, help="also write the figures here")
     args = p.parse_args()
-    import torch
 
     blobs = list(make_images(args.n).values())
     r = {"device": args.device, "n": args.n, "batch": args.batch,

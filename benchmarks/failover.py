@@ -16,7 +16,16 @@ import threading
 import time
 from typing import Any, Dict, List, Optional
 
+import httpx
 import numpy as np
+import ray
+from ray import serve
+from ray.util.state import list_actors
+
+from benchmarks.burst import labelled_images
+from benchmarks.local_cluster import LocalStack
+from cfvit_common.ray_env import free_port
+from serve.app import build_app
 
 
 def app_args(checkpoint: str, eta: float, stages: str = "split") -> Dict[str, Any]:
@@ -34,9 +43,6 @@ def app_args(checkpoint: str, eta: float, stages: str = "split") -> Dict[str, An
 
 def _replica_nodes(app: str) -> Dict[str, List[str]]:
     """Node id of every running replica, per deployment (from the Serve actors' placement)."""
-    import ray
-    from ray.util.state import list_actors
-
     out: Dict[str, List[str]] = {}
     # this cluster's address: another Ray on the machine (a test session) must not be asked instead
     address = ray.get_runtime_context().gcs_address
@@ -49,8 +55,6 @@ def _replica_nodes(app: str) -> Dict[str, List[str]]:
 
 def _deployment_states(app: str) -> Dict[str, str]:
     """'HEALTHY 2 RUNNING'-like summary per deployment of the app (empty while it is unknown)."""
-    from ray import serve
-
     st = serve.status().applications.get(app)
     if st is None:
         return {}
@@ -63,8 +67,6 @@ def _all_running(states: Dict[str, str], want: Dict[str, int]) -> bool:
 
 
 async def _load(url: str, files: List[bytes], clients: int, stop_at: float, t0: float) -> List[Dict[str, Any]]:
-    import httpx
-
     records: List[Dict[str, Any]] = []
     async with httpx.AsyncClient(timeout=30) as client:
         async def worker(k: int):
@@ -89,12 +91,6 @@ async def _load(url: str, files: List[bytes], clients: int, stop_at: float, t0: 
 
 def run_failover(checkpoint: str, clients: int = 8, before_s: float = 8.0, after_s: float = 30.0, eta: float = 0.5,
                  stages: str = "split", port: Optional[int] = None, warmup_s: float = 3.0) -> Dict[str, Any]:
-    import ray
-    from ray import serve
-
-    from benchmarks.local_cluster import LocalStack
-    from jobs.common.ray_env import free_port
-
     port = port or free_port()
     with LocalStack(nodes=2, services=False) as stack:
         ray.init(address=stack.cluster.address, log_to_driver=False)
@@ -110,11 +106,6 @@ def run_failover(checkpoint: str, clients: int = 8, before_s: float = 8.0, after
 
 def _serve_and_kill(stack, checkpoint: str, clients: int, before_s: float, after_s: float, eta: float, stages: str,
                     port: int, warmup_s: float) -> Dict[str, Any]:
-    from ray import serve
-
-    from benchmarks.burst import labelled_images
-    from serve.app import build_app
-
     serve.run(build_app(app_args(checkpoint, eta, stages)), name="failover", route_prefix="/")
     want = {"CoarseStage": 2, "FineStage": 2} if stages == "split" else {"FusedStage": 2}
     placed = _replica_nodes("failover")

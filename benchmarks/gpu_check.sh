@@ -12,9 +12,9 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch, timm, deepspeed; print('torch', torch.__version__, 'timm', timm.__version__, 'deepspeed', deepspeed.__version__)"
-cfvit() { python3 -m jobs.cli "$@"; }
+cfvit() { python3 -m cfvit_cli "$@"; }
 python3 -m pytest -q --noconftest -p no:cacheprovider tests/unit/test_model.py tests/unit/test_device_augment.py -k "cuda or nine or batch_invariance or streaming" 2>&1 | tee "$OUT/pytest_cuda.log" | tail -5
 cfvit bench throughput --device cuda --bf16 --batch-size 1024 --batches 50 --json "$OUT/throughput_eager.json" 2>&1 | tee "$OUT/throughput_eager.txt"
 timeout 200 python3 benchmarks/deepspeed_step.py --batch-size 256 --steps 15 --warmup 4 --zero 0 1 2 --json "$OUT/train_step.json" 2>&1 | grep -vE '^\[' | tee "$OUT/train_step.txt"
-timeout 240 python3 -m jobs.cli bench throughput --device cuda --bf16 --batch-size 1024 --batches 50 --compile --json "$OUT/throughput_compiled.json" 2>&1 | tail -30 | tee "$OUT/throughput_compiled.txt"
+timeout 240 python3 -m cfvit_cli bench throughput --device cuda --bf16 --batch-size 1024 --batches 50 --compile --json "$OUT/throughput_compiled.json" 2>&1 | tail -30 | tee "$OUT/throughput_compiled.txt"
 timeout 120 python3 -m benchmarks.device_decode --device cuda --n 512 --batch 256 --json "$OUT/device_decode.json" 2>&1 | tee "$OUT/device_decode.txt"

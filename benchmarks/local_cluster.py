@@ -12,6 +12,7 @@ train-failover` and `cfvit bench failover` build on it; docs/RELIABILITY.md has 
 """
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import signal
@@ -24,7 +25,12 @@ import urllib.request
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from jobs.common.ray_env import free_port
+from ray.cluster_utils import Cluster
+
+from benchmarks.serve import png_files
+from cfvit.data import FASHION_MNIST_CLASSES, load_fashion_mnist
+from cfvit_common.ray_env import free_port
+from cfvit_common.storage import s3_client
 
 AWS_TEST_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
@@ -113,8 +119,6 @@ def upload_fashion_mnist(client, bucket: str, prefix: str, split: str = "train",
                          offset: int = 0) -> List[str]:
     """Put `n` Fashion-MNIST images as PNGs in ImageFolder layout, s3://bucket/prefix/<class>/<i>.png.
     Returns the class folder names (label order)."""
-    from benchmarks.serve import png_files
-    from cfvit.data import FASHION_MNIST_CLASSES, load_fashion_mnist
 
     images, labels = load_fashion_mnist(split)
     folders = class_folders(FASHION_MNIST_CLASSES)
@@ -153,7 +157,6 @@ class LocalStack:
         self.close()
 
     def start(self) -> None:
-        from ray.cluster_utils import Cluster
 
         # The nodes' processes inherit these: every Ray worker reaches S3 as a pod with credentials would,
         # and jobs run this interpreter (`python` from PATH).
@@ -201,8 +204,6 @@ class LocalStack:
         os.kill(self.s3_proc.pid, signal.SIGCONT)
 
     def s3_client(self):
-        from jobs.common.storage import s3_client
-
         return s3_client()  # this stack's endpoint and credentials are in the environment
 
     def exports(self) -> Dict[str, str]:
@@ -234,8 +235,6 @@ class LocalStack:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    import argparse
-
     p = argparse.ArgumentParser(description="A multi-node Ray cluster with S3 (moto) and MLflow on this machine.")
     p.add_argument("--nodes", type=int, default=2, help="worker nodes besides the head (default 2)")
     p.add_argument("--node-cpus", type=int, default=2, help="logical CPUs of each worker node")

@@ -6,13 +6,35 @@ size as the target."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
+import json
 import os
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
+import httpx
 import numpy as np
+import ray
+import torch
 import yaml
+from PIL import Image
+from ray import serve
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+import cfvit
+from cfvit.data import load_fashion_mnist
+from cfvit.streaming import infer_stream
+from cfvit.transforms import decode_image
+from cfvit_common.checkpoints import resolve_checkpoint
+from serve.app import build_app
+from serve.inputs import PixelTransform, normalise
+from serve.runner import start_ray
+from serve.timing import parse_server_timing
+
+from .throughput import eta_for_exit_fraction
 
 # Each system: a topology (`stages`) then optional `key=value` overrides of the app arguments (YAML
 # values, dotted keys into a stage block), e.g. "split wire_dtype=float32 handoff=ingress".
@@ -21,8 +43,6 @@ DEFAULT_SYSTEMS = ("split", "fused", "backbone")
 
 def png_files(arrays) -> List[bytes]:
     """uint8 arrays (H×W or H×W×3) as PNG files, as users send them."""
-    from PIL import Image
-
     files = []
     for a in arrays:
         buf = io.BytesIO()
@@ -37,8 +57,6 @@ def bench_images(model_cfg: Dict[str, Any], n: int, seed: int = 0) -> List[bytes
     arrays = None
     if c == 1 and "fmnist" in str(model_cfg.get("name", "")):
         try:
-            from cfvit.data import load_fashion_mnist
-
             arrays = load_fashion_mnist("test")[0][:n]
         except FileNotFoundError:
             arrays = None
@@ -70,8 +88,6 @@ def _summary(lat: List[float], stages: List[str], timings: List[Dict[str, float]
 
 def _request_body(files: List[bytes], i: int, per_request: int) -> Dict[str, Any]:
     """One image as a raw PNG body, or `per_request` images as the JSON batch form (base64)."""
-    import base64
-
     if per_request == 1:
         return {"content": files[i % len(files)], "headers": {"content-type": "image/png"}}
     batch = [base64.b64encode(files[(i + j) % len(files)]).decode() for j in range(per_request)]
@@ -80,10 +96,6 @@ def _request_body(files: List[bytes], i: int, per_request: int) -> Dict[str, Any
 
 async def _closed_loop(url: str, files: List[bytes], clients: int, warmup_s: float, duration_s: float,
                        per_request: int = 1) -> Dict[str, Any]:
-    import httpx
-
-    from serve.timing import parse_server_timing
-
     lat, stages, timings, errors = [], [], [], 0
     t_start = time.perf_counter() + warmup_s
     t_end = t_start + duration_s
@@ -140,15 +152,8 @@ def offline_reference(checkpoint: str, files: List[bytes], batch_size: int, n_ba
                       eta: Optional[float], exit_rate: Optional[float], threads: int) -> Dict[str, Any]:
     """The same images through the library in this process: coarse confidences (→ η for `exit_rate`),
     then backbone and `infer_stream` images/s over `n_batches` batches of `batch_size`."""
-    import torch
 
-    import cfvit
-    from cfvit.streaming import infer_stream
-    from cfvit.transforms import decode_image
-    from jobs.common.storage import resolve_checkpoint
-    from serve.inputs import PixelTransform, normalise
 
-    from .throughput import eta_for_exit_fraction
 
     torch.set_num_threads(threads)
     model = cfvit.load(str(resolve_checkpoint(checkpoint))).eval()
@@ -199,20 +204,11 @@ def system_args(spec: str, checkpoint: str, eta: float, replicas: int, batch_siz
 
 
 def _deploy(args: Dict[str, Any], name: str, port: int) -> Dict[str, Any]:
-    import httpx
-    from ray import serve
-
-    from serve.app import build_app
-
     serve.run(build_app(args), name=name, route_prefix="/")
     return httpx.get(f"http://127.0.0.1:{port}/v1/model", timeout=30).json()
 
 
 def _model_cfg(checkpoint: str) -> Dict[str, Any]:
-    import json
-
-    from jobs.common.storage import resolve_checkpoint
-
     return json.loads((resolve_checkpoint(checkpoint) / "config.json").read_text())
 
 
@@ -220,11 +216,6 @@ def run_bench(checkpoint: str, levels: List[int], duration_s: float = 10.0, warm
               eta: float = 0.5, exit_rate: Optional[float] = None, n_images: int = 256, replicas: int = 1,
               port: int = 8123, systems: Sequence[str] = DEFAULT_SYSTEMS, batch_size: int = 16,
               offline_batches: int = 6, per_request: int = 1) -> Dict[str, Any]:
-    import ray
-    from ray import serve
-
-    from serve.runner import start_ray
-
     cfg = _model_cfg(checkpoint)
     files = bench_images({"name": cfg.get("name") or cfg.get("model_name"),
                           "input_size": cfg["data_config"]["input_size"]}, n_images)
@@ -301,10 +292,6 @@ def served_ratios(result: Dict[str, Any]) -> List[Dict[str, Any]]:
 
 
 def print_report(result: Dict[str, Any]) -> None:
-    from rich import box
-    from rich.console import Console
-    from rich.table import Table
-
     console = Console(width=80)
     off, systems = result["offline"], result["systems"]
     console.print(f"cfvit bench serve — {result.get('model')} · η={result['eta']:.5g} · {result['cpus']} CPUs")
@@ -339,9 +326,6 @@ def print_report(result: Dict[str, Any]) -> None:
 
 
 def _print_breakdown(console, systems: Dict[str, List[Dict[str, Any]]]) -> None:
-    from rich import box
-    from rich.table import Table
-
     levels = [r["concurrency"] for r in next(iter(systems.values()))]
     for li, c in enumerate(levels):
         t = Table(box=box.SIMPLE, title=f"where a request's time goes, {c} clients (ms; *_batch: images)")

@@ -9,12 +9,14 @@ import contextlib
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from cfvit.model import exit_mask
 from cfvit.patch import full_attention_matrix
 from cfvit.registry import create_model
 from cfvit.streaming import infer_stream
+from cfvit_common.machine import cpu_name
 
 EXIT_FRACTIONS = (0.0, 0.25, 0.5, 0.76, 1.0)
 
@@ -141,7 +143,6 @@ def _patched_stages(model, coarse, fine):
 def eta_for_exit_fraction(conf, f: float) -> float:
     """η such that a share f of the coarse confidences `conf` (a tensor on any device, an array or a list)
     is >= η. f = 0: just above the largest (float32, as the exit rule compares)."""
-    import numpy as np
 
     c = conf.detach().cpu().numpy() if hasattr(conf, "detach") else np.asarray(conf)
     srt = np.sort(c.ravel())[::-1]
@@ -150,14 +151,3 @@ def eta_for_exit_fraction(conf, f: float) -> float:
     if f >= 1:
         return 0.0
     return float(srt[max(0, int(round(f * len(srt))) - 1)])
-
-
-def cpu_name() -> str:
-    """The processor's model name (for benchmark tables)."""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "cpu"

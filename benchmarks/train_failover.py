@@ -6,7 +6,7 @@ its two workers on different nodes, survives a fault injected mid-epoch:
   a replacement node joins `replace_after_s` later, as a cluster autoscaler would add one. Ray Train
   restarts the worker group (`checkpoint.max_failures`) from the last S3 checkpoint.
 - `s3`: the S3 server is paused (SIGSTOP) for `pause_s` and resumed; reads and the checkpoint upload wait it
-  out (the S3 filesystem's request timeout, jobs/common/storage.py), without a restart.
+  out (the S3 filesystem's request timeout, cfvit_common/storage.py), without a restart.
 
 The job's log is polled while it runs; every line is stamped when first seen (≤ ~1 s late). What must hold
 and what is measured: job SUCCEEDED with all its epochs, each epoch completed once (the log's epoch lines
@@ -22,6 +22,14 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
+
+from mlflow.tracking import MlflowClient
+
+import cfvit
+from benchmarks.local_cluster import LocalStack, upload_fashion_mnist
+from cfvit.checkpoint import CheckpointError
+from cfvit_common.checkpoints import resolve_checkpoint
+from jobs.ops.submit import connect
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_BUCKET, RUNS_BUCKET = "cfvit-data", "cfvit-runs"
@@ -64,7 +72,7 @@ def job_sets(case: str, stack, epochs: int) -> List[str]:
 def submit_job(stack, case: str, sets: List[str]) -> str:
     """`cfvit submit run --no-wait` as a user types it; returns the job id."""
     env = [f"--env={k}={v}" for k, v in stack.exports().items() if k.startswith(("AWS_", "MLFLOW_"))]
-    cmd = [sys.executable, "-m", "jobs.cli", "submit", "run", "--address", stack.dashboard_url, "--no-wait",
+    cmd = [sys.executable, "-m", "cfvit_cli", "submit", "run", "--address", stack.dashboard_url, "--no-wait",
            "--submission-id", f"{job_name(case)}-{int(time.time())}", *env, "--",
            "python", "-m", "jobs.train", "--config", "jobs/configs/fmnist_tiny.yaml",
            *[a for s in sets for a in ("--set", s)]]
@@ -76,7 +84,6 @@ def submit_job(stack, case: str, sets: List[str]) -> str:
 
 class JobWatch:
     """The job's log as events: each matched line with the time (s after submission) it was first seen."""
-
     def __init__(self, client, job_id: str, t0: float):
         self.client, self.job_id, self.t0 = client, job_id, t0
         self.events: List[Dict[str, Any]] = []
@@ -111,7 +118,6 @@ def run_case(stack, case: str, *, epochs: int = 3, fault_epoch: int = 2, at_frac
              n_val: int = 256, timeout_s: float = 480.0, log_dir: Optional[str] = None) -> Dict[str, Any]:
     """Submit one job, inject `case` (node | s3) when epoch `fault_epoch` (1-based) is `at_fraction` done
     (1: when its training is over, as its checkpoint is being written)."""
-    from jobs.ops.submit import connect
 
     client = connect(stack.dashboard_url)
     steps = n_train // 64  # optimizer steps per epoch: global batch 64
@@ -215,8 +221,6 @@ def _first_after(events: List[dict], kind: str, t: Optional[float]) -> Optional[
 
 
 def _mlflow_facts(uri: str, job: str) -> Dict[str, Any]:
-    from mlflow.tracking import MlflowClient
-
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     exp = client.get_experiment_by_name("cfvit-failover")
     runs = client.search_runs([exp.experiment_id], f"tags.`cfvit.job` = '{job}'", order_by=["start_time DESC"],
@@ -256,10 +260,6 @@ def _checkpoints(stack, run_name: str) -> List[Dict[str, Any]]:
 
 
 def _loads(uri: str) -> bool:
-    import cfvit
-    from cfvit.checkpoint import CheckpointError
-    from jobs.common.storage import resolve_checkpoint
-
     try:
         cfvit.load(resolve_checkpoint(uri))
         return True
@@ -270,7 +270,6 @@ def _loads(uri: str) -> bool:
 def run_train_failover(cases=("node", "s3"), kill_at: float = 0.5, pause_at: float = 1.0, **kw) -> Dict[str, Any]:
     """Start the stack (head + 2 worker nodes, S3, MLflow), put the data in S3, run each case in turn: the
     node killed `kill_at` into the epoch, S3 paused `pause_at` into it (1: during its checkpoint write)."""
-    from benchmarks.local_cluster import LocalStack, upload_fashion_mnist
 
     n_train, n_val = kw.get("n_train", 1024), kw.get("n_val", 256)
     with LocalStack(nodes=2) as stack:

@@ -8,10 +8,18 @@ import os
 import time
 from typing import Optional
 
+import deepspeed
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from timm.optim import create_optimizer_v2
+
+import cfvit
+from cfvit.losses import cfvit_loss
+from jobs.train.deepspeed import deepspeed_config
+
 
 def _sync(device):
-    import torch
-
     if device.type == "cuda":
         torch.cuda.synchronize()
 
@@ -28,11 +36,6 @@ def _time_steps(step, steps: int, device, warmup: int = 3) -> float:
 
 
 def _make_step(module, kind: str, x, y, opt_or_engine, bf16: bool, engine=False):
-    import torch
-    import torch.nn.functional as F
-
-    from cfvit.losses import cfvit_loss
-
     def forward_loss():
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16 and not engine):
             xin = x.to(torch.bfloat16) if (engine and bf16) else x
@@ -56,9 +59,6 @@ def _make_step(module, kind: str, x, y, opt_or_engine, bf16: bool, engine=False)
 
 
 def _init_single_process_dist(device) -> None:
-    import deepspeed
-    import torch.distributed as dist
-
     if dist.is_initialized():
         return
     for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29512", "RANK": "0", "WORLD_SIZE": "1",
@@ -71,11 +71,6 @@ def _init_single_process_dist(device) -> None:
 def bench_train(model_name: str = "cfvit_tiny_fmnist", overrides: Optional[dict] = None, *, batch_size: int = 64,
                 steps: int = 10, device: Optional[str] = None, bf16: Optional[bool] = None,
                 zero_stages: tuple = ()) -> dict:
-    import torch
-    from timm.optim import create_optimizer_v2
-
-    import cfvit
-
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     bf16 = (dev.type == "cuda") if bf16 is None else bf16
     torch.manual_seed(0)
@@ -105,9 +100,7 @@ def bench_train(model_name: str = "cfvit_tiny_fmnist", overrides: Optional[dict]
     if zero_stages:
         if dev.type != "cuda":  # single-process DeepSpeed on CPU waits for shared-memory peers
             raise ValueError("the ZeRO rows need a CUDA device; on CPU the e2e training test covers DeepSpeed")
-        import deepspeed
 
-        from jobs.train.deepspeed import deepspeed_config
 
         _init_single_process_dist(dev)
         for stage in zero_stages:

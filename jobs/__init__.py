@@ -12,5 +12,5 @@
 - `reproduce/`  the paper's tables in miniature on Fashion-MNIST
 - `cli/`        the `cfvit` command: one typer app for every verb
 
-Nothing here is imported by `cfvit/`; `serve/` depends only on `jobs.common`.
+Nothing here is imported by `cfvit/`; `serve/` depends only on `cfvit_common`.
 """

@@ -10,19 +10,33 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
+import torch
 from fastapi import FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
+from ray.exceptions import ActorDiedError, ActorUnavailableError, ObjectLostError, OwnerDiedError, RayActorError
 from ray.serve import Application
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .deployments import BackboneStage, CoarseStage, FineStage, FusedStage
 from .drift import monitor_for
-from .inputs import (RAW_TYPES, APIError, PixelTransform, check_count, decode_to_pixels, media_type, normalise,
-                     parse_json_body, read_body, resolve_eta)
+from .inputs import (
+    RAW_TYPES,
+    APIError,
+    PixelTransform,
+    check_count,
+    decode_to_pixels,
+    media_type,
+    normalise,
+    parse_json_body,
+    read_body,
+    resolve_eta,
+)
 from .messages import StageAnswer
+from .model_host import checkpoint_version, load_model
 from .samples import sample_images
 from .schemas import BatchPrediction, ClassifyJSON, ErrorBody, Health, ModelInfo, Prediction, Samples, TopClass
 from .settings import ETA_MAX, ETA_MIN, AppArgs
@@ -96,8 +110,6 @@ async def _http_error(_: Request, exc: StarletteHTTPException):
 
 
 def _stage_unavailable(exc: BaseException) -> bool:
-    from ray.exceptions import ActorUnavailableError, ObjectLostError, OwnerDiedError, RayActorError
-    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
     # ObjectLost/OwnerDied: a hard image's coarse state belonged to a coarse replica that went away (scaled
     # down or its node died) before the fine stage fetched it: a retry will succeed.
@@ -108,7 +120,6 @@ def _stage_unavailable(exc: BaseException) -> bool:
 async def _once_more_if_replica_died(call):
     """A stage call, sent once more when the replica it went to died under it (its node lost, say): the
     router sends the second one to a live replica. Overload (BackPressureError) is not retried."""
-    from ray.exceptions import ActorDiedError, ActorUnavailableError
 
     try:
         return await call()
@@ -159,10 +170,6 @@ class CFViTIngress:
     says) and, for split, the hard images' object-store references in one call to `fine`."""
 
     def __init__(self, model: DeploymentHandle, fine: Optional[DeploymentHandle], args: Dict[str, Any]):
-        import torch
-
-        from .model_host import checkpoint_version, load_model
-
         torch.set_num_threads(1)
         self.args = AppArgs(**args)
         self.model, self.fine = model, fine

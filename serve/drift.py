@@ -23,6 +23,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Deque, Dict, List, Optional, Tuple
 
+from ray.serve import metrics
+
 logger = logging.getLogger("ray.serve")
 
 
@@ -187,7 +189,6 @@ def monitor_for(args, profile) -> Optional[DriftMonitor]:
     """The drift monitor for the app's `AppArgs` (split and fused), with its Serve metrics; None for the backbone."""
     if args.stages == "backbone":
         return None
-    from ray.serve import metrics
 
     mon = DriftMonitor(profile or [], args.shadow_fraction, args.drift_agreement_margin, args.drift_exit_rate_margin,
                        window=args.drift_window, exit_window=args.drift_exit_window,

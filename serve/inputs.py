@@ -11,6 +11,15 @@ import json
 import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
+import torch
+from PIL import Image
+from pydantic import ValidationError
+from torchvision import transforms as T
+
+from cfvit.transforms import ImageDecodeError, build_transform, decode_image
+
+from .schemas import ClassifyJSON
 from .settings import ETA_MAX, ETA_MIN
 
 RAW_TYPES = ("image/", "application/octet-stream")
@@ -46,10 +55,6 @@ def media_type(content_type: Optional[str]) -> str:
 
 def parse_json_body(body: bytes, max_images: int) -> Tuple[List[bytes], Dict[str, Any]]:
     """`{"images": [base64...], "eta"?, "budget_gflops"?}` → image files and parameters."""
-    from pydantic import ValidationError
-
-    from .schemas import ClassifyJSON
-
     try:
         raw = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
@@ -90,10 +95,6 @@ class PixelTransform:
     and Normalize, the same float maths) runs on a whole batch inside the stage replicas."""
 
     def __init__(self, data_config: Dict[str, Any]):
-        from torchvision import transforms as T
-
-        from cfvit.transforms import build_transform
-
         steps = _flatten(build_transform(data_config, is_training=False))
         cut = next(i for i, t in enumerate(steps) if "ToTensor" in type(t).__name__)
         rest = steps[cut + 1:]
@@ -104,8 +105,6 @@ class PixelTransform:
 
     def pixels(self, img):
         """PIL image → uint8 tensor C×H×W at the model's input size."""
-        import numpy as np
-        import torch
 
         a = np.asarray(self.pil(img), dtype=np.uint8)
         a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
@@ -119,8 +118,6 @@ def _flatten(tf) -> list:
 
 def normalise(x, mean: Sequence[float], std: Sequence[float]):
     """uint8 (…, C, H, W) → float32, exactly as torchvision's ToTensor + Normalize compute it."""
-    import torch
-
     m = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(-1, 1, 1)
     s = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(-1, 1, 1)
     return x.to(torch.float32).div(255).sub_(m).div_(s)
@@ -128,10 +125,6 @@ def normalise(x, mean: Sequence[float], std: Sequence[float]):
 
 def decode_to_pixels(files: Sequence[bytes], transform: PixelTransform, max_pixels: int):
     """Decode every file (PNG/JPEG, any size, grey or colour) and bring it to the model's input size."""
-    from PIL import Image
-
-    from cfvit.transforms import ImageDecodeError, decode_image
-
     tensors = []
     for i, data in enumerate(files):
         if not data:

@@ -5,15 +5,14 @@ import hashlib
 from pathlib import Path
 from typing import Any, Dict
 
-from jobs.common.storage import resolve_checkpoint
+import torch
+
+import cfvit
+from cfvit_common.checkpoints import resolve_checkpoint
 
 
 def load_model(checkpoint: str, num_threads: int = 0):
     """`cfvit.load` the checkpoint in eval mode; returns (model, local_dir)."""
-    import torch
-
-    import cfvit
-
     if num_threads > 0:
         torch.set_num_threads(num_threads)
     local = resolve_checkpoint(checkpoint)
@@ -41,7 +40,6 @@ def placement(num_gpus: float, precision: str = "auto"):
 
     A replica that asks for a GPU but sees none fails loudly instead of silently serving from the CPU.
     """
-    import torch
 
     if num_gpus > 0:
         if not torch.cuda.is_available():

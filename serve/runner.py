@@ -6,6 +6,13 @@ import sys
 import time
 from typing import Any, Dict, Optional
 
+import ray
+from ray import serve
+
+from cfvit_common.ray_env import init_ray
+
+from .app import build_app
+
 
 class _Stop(Exception):
     """Raised in the main thread by the SIGINT/SIGTERM handler."""
@@ -18,17 +25,13 @@ def _raise_stop(signum, _frame):
 def start_ray(address: Optional[str], num_cpus: Optional[int] = None) -> bool:
     """Join the cluster at `address` (or $RAY_ADDRESS), else start a private local instance (never
     silently joining someone else's). Returns True when this process started Ray (and so must stop it)."""
-    from jobs.common.ray_env import init_ray
 
     return init_ray(address, num_cpus=num_cpus, log_to_driver=False, private=True)
 
 
 def serve_forever(app_args: Dict[str, Any], host: str, port: int, address: Optional[str] = None,
                   num_cpus: Optional[int] = None, name: str = "cfvit", echo=print) -> None:
-    import ray
-    from ray import serve
 
-    from .app import build_app
 
     # Signals raise in the main thread from here on; a second signal during shutdown is ignored so the
     # clean-up finishes (SIGKILL remains for the impatient).

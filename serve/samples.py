@@ -10,14 +10,16 @@ import io
 import logging
 from typing import List
 
+from PIL import Image
+
+from cfvit.data import FASHION_MNIST_CLASSES, load_fashion_mnist
+
 from .schemas import Sample
 
 HELD_OUT_FROM = 9000  # first test index considered (calibration reads the first ones)
 
 
 def sample_images(class_names: List[str]) -> List[Sample]:
-    from cfvit.data import FASHION_MNIST_CLASSES, load_fashion_mnist
-
     if list(class_names) != list(FASHION_MNIST_CLASSES):
         return []
     try:
@@ -25,7 +27,6 @@ def sample_images(class_names: List[str]) -> List[Sample]:
     except Exception as e:  # noqa: BLE001 - not installed or unreadable here: the page just shows no samples
         logging.getLogger("ray.serve").warning("no sample images: %s: %s", type(e).__name__, e)
         return []
-    from PIL import Image
 
     out = []
     for label, name in enumerate(class_names):

@@ -19,6 +19,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
+from ray.serve import metrics
+
 logger = logging.getLogger("ray.serve")
 
 
@@ -119,7 +121,6 @@ def governor_for(args, table) -> Optional[EtaGovernor]:
     """SLO mode's governor for the app's `AppArgs`, with its Serve metrics; None when `latency_slo_ms` is unset."""
     if args.latency_slo_ms is None:
         return None
-    from ray.serve import metrics
 
     ladder = eta_ladder(args.eta, table, args.min_eta, args.max_accuracy_drop)
     gov = EtaGovernor(ladder, args.latency_slo_ms, window_s=args.slo_window_s, check_s=args.slo_check_s,

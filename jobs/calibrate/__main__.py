@@ -1,7 +1,5 @@
-"""`python -m jobs.calibrate --checkpoint … --budgets …`: the `cfvit calibrate` verb."""
-import sys
-
-from jobs.cli import main
+"""`python -m jobs.calibrate …`: the `cfvit calibrate` verb."""
+from .cli import app
 
 if __name__ == "__main__":
-    sys.exit(main(["calibrate", *sys.argv[1:]]))
+    app(prog_name="python -m jobs.calibrate")

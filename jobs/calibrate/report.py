@@ -3,8 +3,12 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+from rich import box
+from rich.table import Column, Table
+
 from cfvit.budget import Budget
 from cfvit.calibration import BudgetResult
+from cfvit_common import tracking
 
 from .run import Calibration
 
@@ -12,8 +16,6 @@ from .run import Calibration
 def results_table(results: Sequence[BudgetResult], title: str = "", show_source: bool = False):
     """One row per budget, 80 columns wide: the budget (and its GFLOPs when given in %), the chosen (α, β, η),
     its exact top-1, expected GFLOPs and exit share. Notes are printed below the table, not in it."""
-    from rich import box
-    from rich.table import Column, Table
 
     num = dict(justify="right", no_wrap=True)
     cols = [Column("budget", no_wrap=True)] + ([Column("trial", no_wrap=True)] if show_source else []) + \
@@ -34,8 +36,6 @@ def results_table(results: Sequence[BudgetResult], title: str = "", show_source:
 def log_to_mlflow(cal: Calibration, tracking_uri: Optional[str], experiment: str, register: Optional[str] = None,
                   alias: Optional[str] = None) -> dict:
     """A run with the calibration's metrics and table; optionally the calibrated model registered."""
-    from jobs.common import tracking
-
     uri = tracking.tracking_uri(tracking_uri)
     params = {"checkpoint": cal.checkpoint.origin, "budgets": ",".join(r.budget.spec for r in cal.results),
               "alpha": cal.chosen.alpha, "beta": cal.chosen.beta, "images": cal.chosen.n}
@@ -46,7 +46,7 @@ def log_to_mlflow(cal: Calibration, tracking_uri: Optional[str], experiment: str
             metrics.update({f"{key}_accuracy": r.accuracy, f"{key}_gflops": r.gflops, f"{key}_eta": r.eta})
     with tracking.run(uri, experiment, "calibrate", params, tags={"cfvit.job": "calibrate"}) as run_id:
         tracking.log_metrics(uri, run_id, metrics, step=0)
-        tracking._client(uri).log_dict(run_id, cal.summary(), "calibration.json")
+        tracking.mlflow_client(uri).log_dict(run_id, cal.summary(), "calibration.json")
         version = None
         if register and cal.written_to and not cal.written_to.startswith("s3://"):
             version = tracking.log_model(uri, run_id, cal.written_to, register, alias)
@@ -63,7 +63,6 @@ def print_calibration(cal: Calibration, console) -> None:
     console.print(results_table(cal.results, title=f"η per budget · {cal.checkpoint.origin} · "
                                                    f"{cal.variants[0].n} images · backbone {cal.backbone_gflops:.3f} GFLOPs"))
     if multi:
-        from rich.table import Table
 
         t = Table("α", "β", "coarse top-1", "fine top-1", "reachable GFLOPs", title="inference settings evaluated")
         for v in cal.variants:

@@ -8,15 +8,29 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from cfvit.budget import parse_budgets
-from cfvit.calibration import (BudgetResult, Variant, best_per_budget, eta_table_for, inference_settings,
-                               pick_adopted, record_probs, variants_from_probs)
+import cfvit
+from cfvit.budget import agreement_profile, parse_budgets
+from cfvit.calibration import (
+    BudgetResult,
+    Variant,
+    best_per_budget,
+    eta_table_for,
+    inference_settings,
+    pick_adopted,
+    record_probs,
+    variants_from_probs,
+)
+from cfvit.data import FASHION_MNIST_CLASSES, load_fashion_mnist
+from cfvit_common.checkpoints import checkpoint_kind, resolve_checkpoint, upload_checkpoint
+from cfvit_common.ray_env import init_ray
+from jobs.train.data import describe, preprocess, read
 
 DEFAULT_DATA = "fashion-mnist:test"
 
@@ -24,7 +38,6 @@ DEFAULT_DATA = "fashion-mnist:test"
 def eval_batch(batch: dict, data_config_json: str, num_classes: int) -> dict:
     """Rows (`image` uint8 arrays, or encoded `bytes`) + `label` → the eval transform serving uses too
     (`image` float32 C×H×W, `label`, `valid`): the training job's validation preprocessing."""
-    from jobs.train.data import preprocess
 
     return preprocess(batch, data_config_json, False, "{}", num_classes)
 
@@ -36,7 +49,6 @@ def validation_batches(uri: str, data_config: dict, num_classes: int, *, limit: 
     (the training job's readers). Unreadable images are skipped, as in training."""
     dc = json.dumps(data_config, default=list)
     if uri.split(":", 1)[0] == "fashion-mnist":
-        from cfvit.data import FASHION_MNIST_CLASSES, load_fashion_mnist
 
         split = uri.split(":", 1)[1] if ":" in uri else "test"
         if split not in ("train", "test"):
@@ -54,8 +66,6 @@ def validation_batches(uri: str, data_config: dict, num_classes: int, *, limit: 
             if v.any():
                 yield out["image"][v], out["label"][v]
         return
-    from jobs.common.ray_env import init_ray
-    from jobs.train.data import describe, read
 
     init_ray(log_to_driver=False)
     src = describe(uri, fmt)
@@ -79,16 +89,11 @@ class LocalCheckpoint:
 
 def fetch_checkpoint(ref: str, tracking_uri: Optional[str] = None) -> LocalCheckpoint:
     """A local directory for a local path, an `s3://bucket/prefix` or an MLflow model URI (cached)."""
-    from jobs.common.storage import checkpoint_kind, resolve_checkpoint
-
     return LocalCheckpoint(resolve_checkpoint(ref, tracking_uri), ref, checkpoint_kind(ref))
 
 
 def save_calibrated(model, path, variant: Variant, table: list[dict], calibration: dict) -> Path:
     """Write the model with the variant's α/β (so `cfvit.load` rebuilds it that way) and the η table."""
-    import cfvit
-    from cfvit.budget import agreement_profile
-
     saved = (model.alpha, model.beta, dict(model.model_kwargs))
     try:
         model.alpha, model.beta = variant.alpha, variant.beta
@@ -129,10 +134,6 @@ def calibrate(checkpoint: str, budgets: str | Sequence[str], *, data: Optional[s
               write: bool = True, output: Optional[str] = None, tracking_uri: Optional[str] = None,
               batch_size: int = 256, device: str = "cpu") -> Calibration:
     """Load, record probabilities (per α/β setting), choose η per budget, write the η table."""
-    import time
-
-    import cfvit
-
     t0 = time.perf_counter()
     ck = fetch_checkpoint(checkpoint, tracking_uri)
     model = cfvit.load(ck.path, map_location=device)
@@ -166,7 +167,6 @@ def calibrate(checkpoint: str, budgets: str | Sequence[str], *, data: Optional[s
             dst = ck.path
         save_calibrated(model, dst, chosen, table, info)
         if ck.kind == "s3" and not output:
-            from jobs.common.storage import upload_checkpoint
 
             upload_checkpoint(dst, ck.origin)
             written = ck.origin

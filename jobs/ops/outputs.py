@@ -12,6 +12,8 @@ import os
 import shlex
 from typing import Mapping, Optional, Sequence
 
+from jobs.train.config import ConfigError, load_config
+
 # Set by Ray's job supervisor in the entrypoint's environment.
 RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 # Escape hatch for single-node clusters where a local absolute path is fine: `--env CFVIT_ALLOW_LOCAL_OUTPUTS=1`.
@@ -50,7 +52,7 @@ def is_local_tracking(uri: str) -> bool:
 def job_config_of(entrypoint: Sequence[str]) -> Optional[tuple[str, Optional[str], list[str]]]:
     """(verb, --config, --set items) when the entrypoint runs one of our jobs, else None.
 
-    Knows `python -m jobs.train|jobs.tune|jobs.cli VERB …` and `cfvit VERB …` (also inside `bash -c "…"`)."""
+    Knows `python -m jobs.train|jobs.tune|cfvit_cli VERB …` and `cfvit VERB …` (also inside `bash -c "…"`)."""
     argv = list(entrypoint)
     if len(argv) == 1:
         argv = shlex.split(argv[0])
@@ -62,7 +64,7 @@ def job_config_of(entrypoint: Sequence[str]) -> Optional[tuple[str, Optional[str
             mod = argv[i + 1]
             if mod in JOB_MODULES:
                 verb, rest = JOB_MODULES[mod], argv[i + 2:]
-            elif mod == "jobs.cli" and i + 2 < len(argv) and argv[i + 2] in JOB_VERBS:
+            elif mod == "cfvit_cli" and i + 2 < len(argv) and argv[i + 2] in JOB_VERBS:
                 verb, rest = argv[i + 2], argv[i + 3:]
             break
         if os.path.basename(a) == "cfvit" and i + 1 < len(argv) and argv[i + 1] in JOB_VERBS:
@@ -92,7 +94,6 @@ def check_entrypoint(entrypoint: Sequence[str], env: Mapping[str, str], working_
     found = job_config_of(entrypoint)
     if found is None or env.get(ALLOW_ENV) == "1":
         return []
-    from jobs.train.config import ConfigError, load_config
 
     verb, config, sets = found
     if config and working_dir and not os.path.isabs(config):
@@ -120,7 +121,6 @@ def check_running_job(cfg, output: Optional[str] = None, output_flag: str = "--o
         else:
             problems.append(f"{where} and MLflow is off: pass {output_flag} /a/path/every/node/shares")
     if problems:
-        from jobs.train.config import ConfigError
 
         raise ConfigError("this job runs under Ray Jobs and would lose its results:\n  " + "\n  ".join(problems)
                           + f"\n  (on a single-node cluster, --env {ALLOW_ENV}=1 accepts local outputs)")

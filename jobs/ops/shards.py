@@ -1,7 +1,7 @@
 """ImageFolder tree → WebDataset ``.tar`` shards, as a Ray Data job (local paths or ``s3://``).
 
     cfvit shards s3://my-bucket/imagenet/train s3://my-bucket/imagenet-wds/train --shard-size 1000
-    python -m jobs.cli shards /data/imagenet/val /data/imagenet-wds/val
+    python -m cfvit_cli shards /data/imagenet/val /data/imagenet-wds/val
 
 Source layout (torchvision ``ImageFolder``): one folder per class directly under ``SRC``; images at any
 depth inside it (``.jpg .jpeg .png .bmp .gif .webp .tif .tiff .ppm .pgm``, any case). Class names are
@@ -35,13 +35,20 @@ import io
 import json
 import posixpath
 import re
+import tarfile
 import uuid
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
-from jobs.common.storage import IMAGE_EXTENSIONS as _EXTS
-from jobs.common.storage import resolve as _resolve
-from jobs.common.storage import s3_client
+import ray
+from PIL import Image
+from pyarrow import fs
+from ray.data import FileShuffleConfig, SaveMode
+from ray.data.datasource import FilenameProvider
+
+from cfvit_common.storage import IMAGE_EXTENSIONS as _EXTS
+from cfvit_common.storage import resolve as _resolve
+from cfvit_common.storage import s3_client
 
 IMAGE_EXTENSIONS = list(_EXTS)
 
@@ -76,8 +83,6 @@ def resolve(uri: str):
 
 def list_classes(filesystem, root: str) -> List[str]:
     """Sorted class-folder names directly under ``root``."""
-    from pyarrow import fs
-
     info = filesystem.get_file_info(root)
     if info.type != fs.FileType.Directory:
         raise ShardError(f"source {root!r} is not a directory")
@@ -90,8 +95,6 @@ def list_classes(filesystem, root: str) -> List[str]:
 
 def existing_shards(filesystem, root: str) -> Dict[str, Any]:
     """``{name: mtime}`` of the ``.tar`` files and ``classes.json`` directly under ``root``."""
-    from pyarrow import fs
-
     if filesystem.get_file_info(root).type != fs.FileType.Directory:
         return {}
     entries = filesystem.get_file_info(fs.FileSelector(root, recursive=False))
@@ -104,8 +107,6 @@ def existing_shards(filesystem, root: str) -> Dict[str, Any]:
 
 def count_samples(filesystem, shard_path: str) -> int:
     """Number of samples (``.cls`` members) in one shard."""
-    import tarfile
-
     with filesystem.open_input_stream(shard_path) as f, tarfile.open(fileobj=f, mode="r|") as tar:
         return sum(1 for member in tar if member.name.endswith(".cls"))
 
@@ -115,7 +116,6 @@ def delete_files(filesystem, root: str, names: List[str]) -> None:
     ``prefix/`` folder-marker object behind, which S3 listings (and some readers) then show as a file."""
     if not names:
         return
-    from pyarrow import fs
 
     if isinstance(filesystem, fs.S3FileSystem):
         bucket, _, prefix = root.partition("/")
@@ -130,8 +130,6 @@ def delete_files(filesystem, root: str, names: List[str]) -> None:
 
 def promote(filesystem, staging: str, root: str, names: List[str]) -> None:
     """Move ``staging/name`` to ``root/name`` (a rename locally, a server-side copy + delete on S3)."""
-    from pyarrow import fs
-
     if isinstance(filesystem, fs.S3FileSystem):
         client = s3_client()
         for name in names:
@@ -149,8 +147,6 @@ def discard(filesystem, staging: str) -> None:
     """Best-effort removal of a failed run's staging folder."""
     try:
         delete_files(filesystem, staging, sorted(existing_shards(filesystem, staging)))
-        from pyarrow import fs
-
         if not isinstance(filesystem, fs.S3FileSystem):
             filesystem.delete_dir(staging)
     except OSError:
@@ -171,7 +167,6 @@ def image_entry(data: bytes, path: str) -> Tuple[str, bytes]:
         return "jpg", data
     if data[:8] == b"\x89PNG\r\n\x1a\n":
         return "png", data
-    from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data)) as img:
@@ -186,7 +181,6 @@ def image_entry(data: bytes, path: str) -> Tuple[str, bytes]:
 def downscale(data: bytes, path: str, max_side: int) -> Optional[Tuple[str, bytes]]:
     """``("jpg", bytes)`` of the image shrunk so its longer side is ``max_side`` (aspect ratio kept), or
     None when it is already that small (the caller keeps the original bytes)."""
-    from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data)) as img:
@@ -207,7 +201,6 @@ def downscale(data: bytes, path: str, max_side: int) -> Optional[Tuple[str, byte
 
 class _ToSamples:
     """Ray Data UDF: rows ``{bytes, path}`` → ``{__key__, ext, image, cls}``."""
-
     def __init__(self, root: str, classes: List[str], max_side: Optional[int] = None):
         self.root = root.rstrip("/") + "/"
         self.class_to_idx = {name: i for i, name in enumerate(classes)}
@@ -293,10 +286,6 @@ def convert(
 def _write_staged(src, dst, src_fs, src_root, dst_fs, staging, classes, shard_size, shuffle, seed,
                   max_side=None) -> None:
     """The Ray Data job: read the class folders, encode samples, write `shard_size`-sample tar files."""
-    import ray
-    from ray.data import FileShuffleConfig, SaveMode
-    from ray.data.datasource import FilenameProvider
-
     class ShardNames(FilenameProvider):
         def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
             return SHARD_PATTERN.format(index=task_index)

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from ray.job_submission import JobSubmissionClient
 
 # Never upload these with the working dir: Ray also honours .gitignore, but a checkout without one
 # (or a copied tree) would otherwise ship a virtualenv or local MLflow store to the cluster.
@@ -110,8 +111,6 @@ def auth_headers() -> Dict[str, str]:
 
 def connect(address: Optional[str]):
     """A connected JobSubmissionClient, or SubmitError with a one-line reason."""
-    from ray.job_submission import JobSubmissionClient
-
     url = resolve_address(address)
     try:
         return JobSubmissionClient(url, headers=auth_headers() or None)

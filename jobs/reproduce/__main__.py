@@ -1,7 +1,5 @@
 """`python -m jobs.reproduce …`: the `cfvit reproduce` verb."""
-import sys
-
-from jobs.cli import main
+from .cli import app
 
 if __name__ == "__main__":
-    sys.exit(main(["reproduce", *sys.argv[1:]]))
+    app(prog_name="python -m jobs.reproduce")

@@ -5,6 +5,12 @@ from __future__ import annotations
 import time
 from typing import Optional
 
+import numpy as np
+import torch
+
+from cfvit.model import exit_mask
+from cfvit.streaming import infer_stream
+
 from .recipe import ETAS, autocast
 
 
@@ -18,8 +24,6 @@ def _batches(x, bs, device="cpu"):
 
 def predict_backbone(model, x, bs: int = 256):
     """Backbone logits (float32, on the CPU) for every sample, batches on the model's device."""
-    import torch
-
     dev = _device(model)
     with torch.inference_mode(), autocast(dev.type):
         return torch.cat([model.vit(b).float().cpu() for b in _batches(x, bs, dev)])
@@ -27,8 +31,6 @@ def predict_backbone(model, x, bs: int = 256):
 
 def predict_stages(model, x, bs: int = 256):
     """Coarse and fine logits for every sample (fine with informative selection: η = 1, nobody exits)."""
-    import torch
-
     dev = _device(model)
     cs, fs = [], []
     with torch.inference_mode(), autocast(dev.type):
@@ -62,8 +64,6 @@ def eta_points(coarse, fine, y, stage_g: dict, etas=ETAS) -> list[dict]:
 
 def answers_at(coarse, fine, eta: float):
     """The logits CF-ViT answers with at η (coarse where it exits, fine elsewhere) and the exit mask."""
-    from cfvit.model import exit_mask
-
     ex = exit_mask(coarse, eta)
     logits = fine.clone()
     logits[ex] = coarse[ex]
@@ -72,8 +72,6 @@ def answers_at(coarse, fine, eta: float):
 
 def match_backbone(curve, backbone_top1: float, backbone_gflops: float) -> Optional[dict]:
     """The cheapest operating point (lowest η on the exact curve) whose top-1 >= the backbone's, or None."""
-    import numpy as np
-
     ok = np.flatnonzero(curve.accuracy >= backbone_top1 - 1e-12)
     if ok.size == 0:
         return None
@@ -87,9 +85,7 @@ def match_backbone(curve, backbone_top1: float, backbone_gflops: float) -> Optio
 def measure_throughput(model, x, etas=ETAS, bs: int = 256, reps: int = 2) -> dict:
     """Images/s of the backbone and of CF-ViT's streaming early exit at each η on the same test batches
     (best of `reps` passes, each after a warm-up batch; on a shared machine the minimum time is the least noisy)."""
-    import torch
 
-    from cfvit.streaming import infer_stream
 
     dev = _device(model)
     batches = _batches(x, bs, dev)
@@ -126,8 +122,6 @@ def measure_throughput(model, x, etas=ETAS, bs: int = 256, reps: int = 2) -> dic
 
 def fine_logits_with(model, x, selection: str, seed: int):
     """Fine logits of every sample with another patch selection (Table 4), the trained weights unchanged."""
-    import torch
-
     old, model.selection = model.selection, selection
     # random selection draws its noise on the CPU (cfvit.coarse_to_fine), so a CPU generator on any device
     model.generator = torch.Generator().manual_seed(seed) if selection == "random" else None

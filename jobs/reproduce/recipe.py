@@ -13,9 +13,21 @@ is as fast as Ray with 2 workers, and both arms must see exactly the same recipe
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
+
+import numpy as np
+import torch
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+
+import cfvit
+from cfvit.data import load_fashion_mnist
+from cfvit.losses import cfvit_loss, classification_loss
+from cfvit.transforms import build_transform
+from jobs.train import batch_transforms
 
 ETAS = (0.0, 0.5, 0.75, 0.9, 1.0)
 EXIT_ETAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)  # Fig. 8 sweep
@@ -116,8 +128,6 @@ def _log(msg: str) -> None:
 
 def _subset(images, labels, limit: Optional[int], seed: int):
     """A random subset (a seeded permutation; roughly class-balanced as the splits are), or everything."""
-    import numpy as np
-
     if not limit or limit >= len(labels):
         return images, labels
     idx = np.random.default_rng(seed).permutation(len(labels))[:limit]
@@ -138,11 +148,6 @@ class _Batches:
         return len(self.labels) // self.cfg.batch_size  # drop_last
 
     def __getitem__(self, i):
-        import numpy as np
-        import torch
-
-        from jobs.train import batch_transforms
-
         bs = self.cfg.batch_size
         if self._order[0] != self.epoch:
             self._order = (self.epoch, np.random.default_rng((self.cfg.seed, self.epoch)).permutation(len(self.labels)))
@@ -154,7 +159,6 @@ class _Batches:
 
 class _Images:
     """uint8 arrays through a timm transform (PIL per image), as the training job's data path does."""
-
     def __init__(self, images, labels, transform):
         self.images, self.labels, self.transform = images, labels, transform
 
@@ -166,12 +170,6 @@ class _Images:
 
 
 def load_data(cfg: ReproConfig, data_config: dict):
-    import numpy as np
-    import torch
-
-    from cfvit.data import load_fashion_mnist
-    from cfvit.transforms import build_transform
-
     tr_x, tr_y = _subset(*load_fashion_mnist("train"), cfg.train_limit, cfg.seed)
     te_x, te_y = _subset(*load_fashion_mnist("test"), cfg.test_limit, cfg.seed)
     if cfg.batched_transforms:
@@ -194,16 +192,10 @@ class ArmResult:
 
 def autocast(device: str):
     """bf16 autocast on a GPU (where it pays), nothing on the CPU (fp32 there, as every CPU figure so far)."""
-    import contextlib
-
-    import torch
-
     return torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
 
 
 def _loader(cfg: ReproConfig, train_set):
-    import torch
-
     if isinstance(train_set, _Batches):  # whole batches: the dataset shuffles (per epoch, seeded)
         return torch.utils.data.DataLoader(train_set, batch_size=None, shuffle=False, num_workers=cfg.loader_workers,
                                            pin_memory=cfg.device == "cuda")
@@ -219,12 +211,7 @@ def train_arm(name: str, cfg: ReproConfig, train_set, *, backbone_only: bool = F
     """Train one arm with the shared recipe. The model is always built as CF-ViT with the same seed, so the
     backbone arm starts from exactly the same backbone weights and sees the same batches in the same order.
     `evaluate(model)` (test-set metrics, model in eval mode) runs after every epoch: the history shows the plateau."""
-    import torch
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import create_scheduler_v2
 
-    import cfvit
-    from cfvit.losses import cfvit_loss, classification_loss
 
     torch.manual_seed(cfg.seed)
     model = cfvit.create_model(cfg.model, reuse=reuse, **cfg.model_kwargs()).to(cfg.device)

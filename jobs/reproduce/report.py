@@ -4,14 +4,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import matplotlib
+import matplotlib.pyplot as plt
+
+from cfvit.data import FASHION_MNIST_CLASSES
+from cfvit.visualize import draw_regions
+
 from .evaluate import _device
 from .recipe import MODELS, PAPER, SELECTIONS
 
-def _plt():
-    import matplotlib
 
+def _plt():
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     return plt
 
@@ -53,9 +57,6 @@ def fig_exits(rows, n, path):
 
 def fig_regions(model, x, y, n, path):
     """Fig. 9: the coarse patches the fine stage re-split (every image forced through the fine stage)."""
-    from cfvit.data import FASHION_MNIST_CLASSES
-    from cfvit.visualize import draw_regions
-
     plt = _plt()
     x = x[:n]
     out = model.infer(x.to(_device(model)), float("inf"), return_indices=True)

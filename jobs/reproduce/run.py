@@ -9,8 +9,25 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-from .evaluate import (_top1, answers_at, correct, eta_points, fine_logits_with, match_backbone, measure_throughput,
-                       predict_backbone, predict_stages)
+import torch
+from mlflow.tracking import MlflowClient
+
+import cfvit
+from cfvit.budget import eta_curve
+from cfvit_common import tracking
+from cfvit_common.machine import cpu_name
+
+from .evaluate import (
+    _top1,
+    answers_at,
+    correct,
+    eta_points,
+    fine_logits_with,
+    match_backbone,
+    measure_throughput,
+    predict_backbone,
+    predict_stages,
+)
 from .recipe import EXIT_ETAS, PAPER, SELECTIONS, ReproConfig, _log, load_data, train_arm
 from .report import fig_curve, fig_exits, fig_regions, render_markdown
 from .stats import paired_difference, verdict, wilson_interval
@@ -18,8 +35,6 @@ from .stats import paired_difference, verdict, wilson_interval
 PLATEAU_GAIN = 0.005  # an arm has plateaued when its last epoch adds < 0.5 points of test top-1
 
 def _tracking(uri: Optional[str]):
-    from jobs.common import tracking
-
     return tracking, tracking.tracking_uri(uri)
 
 
@@ -54,8 +69,6 @@ class _Run:
 def reproduce(cfg: ReproConfig, out_dir="docs", *, tracking_uri: Optional[str] = None, experiment: str = "cfvit-reproduce",
               command: Optional[str] = None, note: Optional[str] = None) -> dict:
     """Run everything; write RESULTS.md, results.json and figures/ under `out_dir`; return the results dict."""
-    import cfvit
-
     t_start = time.perf_counter()
     out = Path(out_dir)
     (out / "figures").mkdir(parents=True, exist_ok=True)
@@ -99,8 +112,6 @@ def _backbone_arm(run: _Run, train_set, test_x, test_y) -> dict:
 
 def _evaluate_cfvit(cfg: ReproConfig, model, test_x, test_y, bb: dict, out: Path) -> dict:
     """Table 2, Fig. 8 exit counts, the backbone match, the selection ablation, throughput and figures."""
-    from cfvit.budget import eta_curve
-
     coarse, fine = predict_stages(model, test_x)
     g = model.stage_gflops()
     curve = eta_curve(coarse.softmax(-1), fine.softmax(-1), test_y, coarse_gflops=g["coarse"], fine_gflops=g["fine"])
@@ -174,10 +185,6 @@ def _retrained_ablations(run: _Run, train_set, test_x, test_y, main: dict) -> di
 
 
 def _results(cfg, command, note, t_start, load_start, train_set, test_y, model, bb, cf, ablations, arms, mlflow) -> dict:
-    import torch
-
-    from benchmarks.throughput import cpu_name
-
     match = cf["match"]
     return {
         "command": command or "python -m jobs.reproduce",
@@ -208,14 +215,10 @@ def _results(cfg, command, note, t_start, load_start, train_set, test_y, model, 
 
 
 def _device_name(device: str) -> str:
-    import torch
-
     return torch.cuda.get_device_name() if device == "cuda" else "cpu"
 
 
 def _write_outputs(run: _Run, results: dict, out: Path) -> None:
-    from mlflow.tracking import MlflowClient
-
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "RESULTS.md").write_text(render_markdown(results))
     table2, thr, match = results["table2"], results["throughput"], results["match"]

@@ -8,14 +8,13 @@
 from __future__ import annotations
 
 import numpy as np
+from scipy.stats import binomtest, bootstrap
 
 LEVEL = 0.95
 
 
 def wilson_interval(correct) -> tuple[float, float]:
     """95 % interval of the accuracy behind a vector of per-image correctness (bools)."""
-    from scipy.stats import binomtest
-
     c = np.asarray(correct, dtype=bool)
     ci = binomtest(int(c.sum()), len(c)).proportion_ci(LEVEL, method="wilson")
     return float(ci.low), float(ci.high)
@@ -23,8 +22,6 @@ def wilson_interval(correct) -> tuple[float, float]:
 
 def paired_difference(a, b, n_resamples: int = 2000, seed: int = 0) -> dict:
     """Accuracy of a minus accuracy of b on the same images, with its paired bootstrap 95 % interval."""
-    from scipy.stats import bootstrap
-
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if a.shape != b.shape or a.ndim != 1 or len(a) < 2:
         raise ValueError(f"paired_difference needs two equal 1-D vectors of >= 2 images, got {a.shape} and {b.shape}")

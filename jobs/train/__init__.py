@@ -8,10 +8,23 @@
 
 `python -m jobs.train --config …` is the Ray job entrypoint (the `cfvit train` verb).
 """
-from .config import ConfigError, JobConfig, load_config, parse_set
-from .deepspeed import deepspeed_config
-from .driver import TrainingOutcome, init_ray, prepare, run_training
-from .worker import DS_TAG, EXPORT_DIR, STATE_FILE, train_loop_per_worker
+from cfvit_common.lazy import lazy_exports
 
+# Loaded on first use, so that this package's `cli.py` imports without torch or Ray.
+__getattr__ = lazy_exports(__name__, {
+    "ConfigError": ".config",
+    "DS_TAG": ".worker",
+    "EXPORT_DIR": ".worker",
+    "JobConfig": ".config",
+    "STATE_FILE": ".worker",
+    "TrainingOutcome": ".driver",
+    "deepspeed_config": ".deepspeed",
+    "init_ray": ".driver",
+    "load_config": ".config",
+    "parse_set": ".config",
+    "prepare": ".driver",
+    "run_training": ".driver",
+    "train_loop_per_worker": ".worker",
+})
 __all__ = ["ConfigError", "DS_TAG", "EXPORT_DIR", "JobConfig", "STATE_FILE", "TrainingOutcome", "deepspeed_config",
            "init_ray", "load_config", "parse_set", "prepare", "run_training", "train_loop_per_worker"]

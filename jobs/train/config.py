@@ -10,13 +10,15 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from cfvit_common.errors import ConfigError
+
+from .sources import check_uri
+
+__all__ = ["ConfigError", "JobConfig", "load_config", "parse_set", "resolve_config_path"]
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"  # jobs/configs
 DEFAULT_CONFIG = CONFIG_DIR / "fmnist_tiny.yaml"
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message names the key and says what is wrong."""
 
 
 class _Section(BaseModel):
@@ -335,8 +337,6 @@ def load_config(path=None, overrides: list[str] | None = None, *, check_uris: bo
 
 
 def check_data_uris(cfg: JobConfig) -> None:
-    from .data import check_uri  # boto3/pyarrow only when needed
-
     for key in ("train", "val"):
         check_uri(getattr(cfg.data, key), f"data.{key}")
     if cfg.checkpoint.storage_path.startswith("s3://"):

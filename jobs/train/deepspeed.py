@@ -10,6 +10,9 @@ from __future__ import annotations
 import importlib
 from typing import Optional
 
+import torch
+from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
 
 def deepspeed_config(cfg, on_gpu: bool, *, micro_batch_size: Optional[int] = None, grad_accum: Optional[int] = None,
                      zero_stage: Optional[int] = None, precision: Optional[str] = None) -> dict:
@@ -48,9 +51,6 @@ def _resolve(name: str):
 
 
 def _weights_only_engine_class():
-    import torch
-    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
-
     class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
         """DeepSpeed's torch engine, except that `load` is `torch.load(weights_only=True)`."""
 

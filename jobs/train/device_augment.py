@@ -13,12 +13,18 @@ rounded to uint8 levels as PIL's output is; the jitter stays in floats. RandAugm
 """
 from __future__ import annotations
 
+import io
 import math
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+
+from cfvit import transforms as cf_transforms  # MAX_IMAGE_PIXELS read at each call: a setting
+from cfvit.transforms import ImageDecodeError
+from cfvit.transforms import decode_image as pil_decode
 
 from .batch_transforms import RATIO  # timm's RandomResizedCrop aspect range (one copy)
 
@@ -73,7 +79,6 @@ def _decode_other(b, data: torch.Tensor, device: torch.device):
     as the CPU path reads it; None when neither can."""
     img = _try(lambda: decode_image(data, mode=ImageReadMode.RGB))
     if img is None or img.dtype != torch.uint8:
-        from cfvit.transforms import ImageDecodeError, decode_image as pil_decode
 
         try:
             img = torch.from_numpy(np.array(pil_decode(bytes(b)).convert("RGB"))).permute(2, 0, 1)
@@ -85,15 +90,12 @@ def _decode_other(b, data: torch.Tensor, device: torch.device):
 def _too_large(b) -> bool:
     """More pixels than the CPU path accepts (cfvit.transforms.MAX_IMAGE_PIXELS), read from the header alone
     (PIL opens lazily): a decompression bomb is refused before any decoder allocates it."""
-    import io
 
-    from PIL import Image
 
-    from cfvit.transforms import MAX_IMAGE_PIXELS
 
     try:
         with Image.open(io.BytesIO(bytes(b))) as img:
-            return img.width * img.height > MAX_IMAGE_PIXELS
+            return img.width * img.height > cf_transforms.MAX_IMAGE_PIXELS
     except Image.DecompressionBombError:
         return True
     except Exception:  # a header PIL cannot read: the decoders below decide

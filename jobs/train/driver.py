@@ -11,7 +11,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import ray.data
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+import cfvit
+from cfvit_common import tracking
+from cfvit_common.ray_env import init_ray as _init
+from cfvit_common.storage import run_storage
+from jobs.ops.outputs import check_running_job
+
 from .config import ConfigError, JobConfig
+from .data import build_datasets, describe, train_augment
+from .device_augment import check
 from .worker import EXPORT_DIR, train_loop_per_worker
 
 ENV_PREFIXES = ("AWS_", "MLFLOW_", "FASHION_MNIST_ROOT")
@@ -28,10 +40,6 @@ class TrainingOutcome:
 
 def prepare(cfg: JobConfig) -> dict:
     """Everything the workers need that the driver can work out once: classes, model facts."""
-    import cfvit
-
-    from .data import describe
-
     try:
         train_src = describe(cfg.data.train, cfg.data.format)
         val_src = describe(cfg.data.val, cfg.data.format)
@@ -44,8 +52,6 @@ def prepare(cfg: JobConfig) -> dict:
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model: cannot build {cfg.model.name!r} with {cfg.model.create_kwargs(len(train_src.classes))}: {e}") from None
     if cfg.data.decode == "device":
-        from .data import train_augment
-        from .device_augment import check
 
         try:
             check(model.data_config, train_augment(cfg))
@@ -58,8 +64,6 @@ def prepare(cfg: JobConfig) -> dict:
 
 def init_ray(cfg: JobConfig, min_cpus: Optional[float] = None) -> None:
     """Join `scaling.ray_address` / RAY_ADDRESS, else start a local Ray with at least `min_cpus` CPUs."""
-    from jobs.common.ray_env import init_ray as _init
-
     _init(cfg.scaling.ray_address, min_cpus=min_cpus)
 
 
@@ -67,8 +71,6 @@ def run_training(cfg: JobConfig, *, callbacks: Optional[list] = None, parent_run
                  register: bool = True) -> TrainingOutcome:
     """Validate, start (or join) Ray, train with checkpoints and MLflow; register the final model.
     Whatever fails after the MLflow run starts (Ray, data, training, registration) ends it FAILED."""
-    from jobs.common import tracking
-    from jobs.ops.outputs import check_running_job
 
     check_running_job(cfg)  # under Ray Jobs: never write results into the job's temporary working dir
     prep = prepare(cfg)
@@ -90,14 +92,6 @@ def run_training(cfg: JobConfig, *, callbacks: Optional[list] = None, parent_run
 
 def build_trainer(cfg: JobConfig, prep: dict, run_id: Optional[str], uri: str, callbacks: Optional[list] = None):
     """The `TorchTrainer`: workers, storage, failure handling and the Ray Data inputs of one job."""
-    import ray.data
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from jobs.common.storage import run_storage
-
-    from .data import build_datasets
-
     ray.data.DataContext.get_current().enable_progress_bars = False  # the epoch lines are the progress
     meta = {k: prep[k] for k in ("classes", "data_config", "stage_gflops", "backbone_gflops")}
     meta.update(mlflow_run_id=run_id, tracking_uri=uri)

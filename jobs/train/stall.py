@@ -11,6 +11,9 @@ import threading
 import time
 from typing import Optional
 
+import ray
+from ray.util.state import list_actors, list_tasks
+
 
 class StallError(RuntimeError):
     """No progress for the configured time; the message says what the job was waiting on."""
@@ -18,15 +21,11 @@ class StallError(RuntimeError):
 
 def cluster_waits_on() -> str:
     """Free vs. total CPUs/GPUs and the tasks and actors still waiting for resources (Ray's state API)."""
-    import ray
-
     if not ray.is_initialized():
         return "(not connected to Ray: no resource figures)"
     total, free = ray.cluster_resources(), ray.available_resources()
     parts = [f"free {free.get(k, 0):g} of {total[k]:g} {k}" for k in ("CPU", "GPU") if k in total]
     try:
-        from ray.util.state import list_actors, list_tasks
-
         pending = [t.name for t in list_tasks(filters=[("state", "=", "PENDING_NODE_ASSIGNMENT")], timeout=10)]
         pending += [a.class_name for a in list_actors(filters=[("state", "=", "PENDING_CREATION")], timeout=10)]
         if pending:

@@ -5,17 +5,37 @@ Tune as well. Ray is imported inside the functions: this module loads without it
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import deepspeed
+import numpy as np
+import ray.train
+import torch
+import torch.distributed as dist
+from timm.data import Mixup
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+
+import cfvit
+from cfvit.budget import agreement_profile, eta_curve, eta_table, point_at
+from cfvit.losses import cfvit_loss
+from cfvit_common import tracking
+from cfvit_common.logs import PROGRESS_TAG
+
+from . import device_augment
 from .config import JobConfig
+from .data import train_augment
+from .deepspeed import deepspeed_config, use_weights_only_loading
 from .stall import DataWatchdog
 
 DS_TAG = "deepspeed"  # DeepSpeed state inside a Ray checkpoint (for resuming)
@@ -60,20 +80,10 @@ def train_loop_per_worker(config: dict) -> None:
 
 def setup(cfg: JobConfig, meta: dict) -> Worker:
     """Model, optimizer, timm scheduler, DeepSpeed engine, mixup; resume from Ray's last checkpoint."""
-    import warnings
-
     # DeepSpeed's ZeRO calls a torch.distributed API that warns on every step: keep the epoch lines readable.
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
-    import deepspeed
-    import ray.train
-    import torch
-    from timm.data import Mixup
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import create_scheduler_v2
 
-    import cfvit
 
-    from .deepspeed import deepspeed_config, use_weights_only_loading
 
     t0 = time.perf_counter()
     rank = ray.train.get_context().get_world_rank()
@@ -114,7 +124,6 @@ def setup(cfg: JobConfig, meta: dict) -> Worker:
 def train_epoch(w: Worker, epoch: int) -> dict:
     """One pass over this worker's shard; sums are all-reduced so every rank returns the same metrics.
     `data_wait_share` is the part of the epoch spent waiting for the next batch from Ray Data."""
-    import numpy as np
 
     cfg, engine = w.cfg, w.engine
     split_all = epoch < cfg.split_epochs
@@ -158,8 +167,6 @@ def train_epoch(w: Worker, epoch: int) -> dict:
 
 def _train_step(w: Worker, batch: dict) -> list[float]:
     """Forward, loss, backward, optimizer step on one micro-batch → [loss·n, ce·n, aux·n, n, skipped, 0]."""
-    from cfvit.losses import cfvit_loss
-
     cfg, engine = w.cfg, w.engine
     x, y, weight, skipped = _valid_part(batch, w.mixup)
     out = engine(x.to(engine.device, w.dtype))
@@ -191,13 +198,10 @@ def _valid_part(batch: dict, mixup):
 def _batches(w: Worker, role: str, epoch: int = 0, **kw):
     """This worker's `role` shard as torch dicts (`image`, `label`, `valid`). data.decode=device: the rows are
     bytes, decoded and augmented here on the engine's device, seeded from (seed, epoch, rank, step)."""
-    import ray.train
 
     shard = ray.train.get_dataset_shard(role)
     if w.cfg.data.decode == "cpu":
         return shard.iter_torch_batches(**kw)
-    from . import device_augment
-    from .data import train_augment
 
     aug = train_augment(w.cfg) if role == "train" else None
     return device_augment.batches(shard.iter_batches(batch_format="numpy", **kw), w.meta["data_config"], aug,
@@ -207,11 +211,6 @@ def _batches(w: Worker, role: str, epoch: int = 0, **kw):
 
 def validate(w: Worker, metrics: dict):
     """Coarse / fine top-1 and the exact accuracy–GFLOPs curve over η (rank 0 gathers every shard)."""
-    import numpy as np
-    import torch
-
-    from cfvit.budget import eta_curve, point_at
-
     engine, meta = w.engine, w.meta
     engine.eval()
     cp, fp, ys, skipped = [], [], [], 0
@@ -243,7 +242,6 @@ def validate(w: Worker, metrics: dict):
 def checkpoint(w: Worker, epoch: int, metrics: dict, curve) -> None:
     """Report the epoch; every `every_n_epochs` (and at the end) with a checkpoint: each rank's ZeRO shard,
     the resume state and (rank 0) the cfvit export that serving loads."""
-    import ray.train
 
     cfg = w.cfg
     last = epoch == cfg.schedule.epochs - 1
@@ -287,7 +285,6 @@ def _progress(w: Worker, epoch: int, step: int, sums, t0: float, last: float) ->
     every, now = w.cfg.log.progress_every_s, time.perf_counter()
     if w.rank != 0 or not every or now - last < every:
         return last
-    from jobs.common.logs import PROGRESS_TAG
 
     rec = {"epoch": epoch + 1, "epochs": w.cfg.schedule.epochs, "step": step, "loss": sums[0] / max(sums[3], 1),
            "images_per_s": sums[3] * _world() / max(now - t0, 1e-9), "split_all": bool(w.engine.module.split_all)}
@@ -296,14 +293,10 @@ def _progress(w: Worker, epoch: int, step: int, sums, t0: float, last: float) ->
 
 
 def _world() -> int:
-    import torch.distributed as dist
-
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def _gather(obj):
-    import torch.distributed as dist
-
     if not dist.is_initialized():
         return [obj]
     out = [None] * dist.get_world_size()
@@ -312,9 +305,6 @@ def _gather(obj):
 
 
 def _sum(values: list[float]) -> list[float]:
-    import torch
-    import torch.distributed as dist
-
     t = torch.tensor(values, dtype=torch.float64)
     if dist.is_initialized():
         dist.all_reduce(t)
@@ -324,7 +314,6 @@ def _sum(values: list[float]) -> list[float]:
 def _kill_drill(cfg: JobConfig, epoch: int, rank: int) -> None:
     """Failure drill (tests): SIGKILL this worker once, after Ray has registered the last checkpoint
     (reports are registered asynchronously; waiting makes the drill's outcome deterministic)."""
-    import ray.train
 
     d = cfg.debug
     if d.kill_at_epoch != epoch or d.kill_rank != rank or not d.kill_marker or os.path.exists(d.kill_marker):
@@ -337,7 +326,6 @@ def _kill_drill(cfg: JobConfig, epoch: int, rank: int) -> None:
 def _as_probs(coarse_conf_pred, fine_pred, num_classes: int):
     """N x C arrays with the same max and argmax as the real probabilities: all `eta_curve` reads. Workers
     send (confidence, prediction) pairs instead of N x C matrices (50k x 1000 floats per epoch on ImageNet)."""
-    import numpy as np
 
     n, rows = len(fine_pred), np.arange(len(fine_pred))
     cp = np.zeros((n, num_classes), np.float32)
@@ -348,8 +336,6 @@ def _as_probs(coarse_conf_pred, fine_pred, num_classes: int):
 
 
 def _log_epoch(meta, metrics, curve, epoch, title) -> None:
-    from jobs.common import tracking
-
     try:
         tracking.log_metrics(meta["tracking_uri"], meta["mlflow_run_id"], metrics, step=epoch)
         if curve is not None:
@@ -359,12 +345,8 @@ def _log_epoch(meta, metrics, curve, epoch, title) -> None:
 
 
 def _export(module, path: Path, meta: dict, cfg: JobConfig, curve, epoch: int) -> None:
-    import copy
 
-    import torch
 
-    import cfvit
-    from cfvit.budget import agreement_profile, eta_table
 
     # export fp32 weights whatever the training precision
     model = module if next(module.parameters()).dtype == torch.float32 else copy.deepcopy(module).float()

@@ -7,12 +7,25 @@
 - `report.py`    MLflow child runs, registration, the printed tables
 - `driver.py`    `run_tune(cfg, settings)`
 """
-from .driver import TuneOutcome, run_tune
-from .posthoc import TrialOutcome, alias_for, pareto_front
-from .report import print_outcome
-from .search import ClusterTooSmall, fit_concurrency, trial_cpus
-from .settings import TRIAL_METRIC, TuneSettings, make_settings, parse_range, settings_from_cli
+from cfvit_common.lazy import lazy_exports
 
+# Loaded on first use, so that this package's `cli.py` imports without torch or Ray.
+__getattr__ = lazy_exports(__name__, {
+    "ClusterTooSmall": ".search",
+    "TRIAL_METRIC": ".settings",
+    "TrialOutcome": ".plan",
+    "TuneOutcome": ".plan",
+    "TuneSettings": ".settings",
+    "alias_for": ".posthoc",
+    "fit_concurrency": ".search",
+    "make_settings": ".settings",
+    "pareto_front": ".posthoc",
+    "parse_range": ".settings",
+    "print_outcome": ".report",
+    "run_tune": ".driver",
+    "settings_from_cli": ".settings",
+    "trial_cpus": ".search",
+})
 __all__ = ["ClusterTooSmall", "TRIAL_METRIC", "TrialOutcome", "TuneOutcome", "TuneSettings", "alias_for",
            "fit_concurrency", "make_settings", "pareto_front", "parse_range", "print_outcome", "run_tune",
            "settings_from_cli", "trial_cpus"]

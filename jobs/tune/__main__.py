@@ -1,7 +1,5 @@
 """`python -m jobs.tune …`: the `cfvit tune` verb."""
-import sys
-
-from jobs.cli import main
+from .cli import app
 
 if __name__ == "__main__":
-    sys.exit(main(["tune", *sys.argv[1:]]))
+    app(prog_name="python -m jobs.tune")

@@ -10,91 +10,26 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
-from pydantic import ValidationError
+from rich.console import Console
 
-from jobs.train.config import ConfigError, JobConfig
+from cfvit.calibration import best_per_budget, pick_adopted
+from cfvit_common import tracking
+from jobs.train.config import JobConfig
 
-from .posthoc import TrialOutcome, calibrate_trial, local_export, pareto_plot, save_winners
+from .plan import Plan, TrialOutcome, TuneInterrupted, TuneOutcome, make_plan
+from .posthoc import calibrate_trial, local_export, pareto_plot, save_winners
+from .report import child_runs, log_mlflow
+from .search import run_search
 from .settings import TuneSettings
 
 
-class TuneInterrupted(KeyboardInterrupt):
-    """Ctrl-C / SIGTERM before any trial had a checkpoint (the MLflow runs end KILLED)."""
-
-
-@dataclass
-class TuneOutcome:
-    trials: list[TrialOutcome]
-    results: list  # cfvit.calibration.BudgetResult per budget
-    champion: Optional[Any]  # Variant
-    registered: dict  # label -> {"version", "aliases", "path"}
-    plot: Optional[str]
-    summary_path: str
-    parent_run_id: Optional[str]
-    output: str
-    budgets: list
-    seconds: dict
-    interrupted: Optional[str] = None  # "SIGINT" / "SIGTERM" when the search was stopped early
-
-    def summary(self) -> dict:
-        return json.loads(Path(self.summary_path).read_text())
-
-
-@dataclass
-class Plan:
-    """A tuning run worked out before anything starts."""
-    short: JobConfig  # the shortened trial config
-    base: dict
-    budgets: list
-    backbone: float
-    out: Path
-    storage: str  # where the trials' Ray checkpoints go
-
-
-def plan(cfg: JobConfig, settings: TuneSettings) -> Plan:
-    from cfvit.budget import BudgetSpecError, parse_budgets
-    from jobs.ops.outputs import check_running_job
-    from jobs.train.driver import prepare
-
-    check_running_job(cfg, settings.output or f"./outputs/tune/{cfg.name}")
-
-    base = cfg.model_dump(mode="json")
-    if settings.epochs:
-        base["schedule"]["epochs"] = settings.epochs
-        base["schedule"]["warmup_epochs"] = min(base["schedule"]["warmup_epochs"], settings.epochs - 1)
-    if settings.max_steps_per_epoch:
-        base["debug"]["max_steps_per_epoch"] = settings.max_steps_per_epoch
-    try:
-        short = JobConfig.model_validate(base)
-    except ValidationError as e:
-        raise ConfigError(f"the shortened trial config is invalid: {e}") from None
-    prep = prepare(short)
-    backbone = float(prep["backbone_gflops"])
-    try:
-        budgets = parse_budgets(settings.budgets, backbone)
-    except BudgetSpecError as e:
-        raise ConfigError(f"--budgets: {e}") from None
-    out = Path(settings.output or f"./outputs/tune/{short.name}").resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    storage = short.checkpoint.storage_path
-    storage = (storage.rstrip("/") + f"/tune-{short.name}") if storage.startswith("s3://") else str(out / "trials")
-    return Plan(short, base, budgets, backbone, out, storage)
-
-
 def run_tune(cfg: JobConfig, settings: TuneSettings, console=None) -> TuneOutcome:
-    from rich.console import Console
-
-    from jobs.common import tracking
-
-    from .search import run_search
-
     console = console or Console()
     t0 = time.perf_counter()
-    p = plan(cfg, settings)
+    p = make_plan(cfg, settings)
     short, name = p.short, p.short.name
     uri = tracking.tracking_uri(short.mlflow.tracking_uri) if short.mlflow.enabled else None
     params = {f"tune.{k}": v for k, v in settings.model_dump(mode="json").items()}
@@ -138,11 +73,6 @@ def collect_trials(grid, p: Plan, interrupted: Optional[str]) -> list[TrialOutco
 def finish(p: Plan, settings: TuneSettings, trials: list[TrialOutcome], uri, parent, console,
            interrupted: Optional[str]) -> TuneOutcome:
     """Level 2 and the outputs: calibrate each trial with a checkpoint, best per budget, winners, summary."""
-    from cfvit.calibration import best_per_budget, pick_adopted
-    from jobs.common import tracking
-
-    from .report import child_runs, log_mlflow
-
     t1 = time.perf_counter()
     data_uri = settings.calib_data or p.short.data.val
     limit = settings.calib_limit or p.short.data.val_limit
@@ -161,7 +91,7 @@ def finish(p: Plan, settings: TuneSettings, trials: list[TrialOutcome], uri, par
     name = p.short.name
     plot = pareto_plot(trials, results, p.backbone, p.out / "pareto.png",
                        f"{name}: {len(trials)} trials · {len(variants)} (α, β) settings")
-    client = tracking._client(uri) if uri else None
+    client = tracking.mlflow_client(uri) if uri else None
     children = child_runs(client, parent) if client else {}
     for t in trials:
         run = children.get(f"{name}-{t.trial_id}")

@@ -3,34 +3,28 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import matplotlib
+import numpy as np
+import pyarrow.fs as pafs
+from matplotlib.figure import Figure
+
+import cfvit
+from cfvit.calibration import Variant, eta_table_for, inference_settings, record_probs, variants_from_probs
+from cfvit_common.storage import s3_filesystem
+from jobs.calibrate.run import save_calibrated, validation_batches
+from jobs.train.worker import EXPORT_DIR
+
+from .plan import Plan, TrialOutcome
+from .report import register_winner
 from .settings import TuneSettings
-
-
-@dataclass
-class TrialOutcome:
-    trial_id: str
-    config: dict
-    status: str  # completed | stopped early | error
-    iterations: int
-    metrics: dict
-    checkpoint: Optional[str]  # the cfvit export directory (local)
-    mlflow_run_id: Optional[str] = None
-    variants: list = field(default_factory=list)  # jobs.calibrate.Variant
-    error: Optional[str] = None
 
 
 def local_export(checkpoint_path: str, storage_path: str, dst: Path) -> Optional[Path]:
     """The cfvit export inside a Ray Train checkpoint, as a local directory."""
-    from jobs.common.storage import s3_filesystem
-    from jobs.train.worker import EXPORT_DIR
-
     if storage_path.startswith("s3://"):
-        import pyarrow.fs as pafs
-
         dst.mkdir(parents=True, exist_ok=True)
         pafs.copy_files(f"{checkpoint_path.rstrip('/')}/{EXPORT_DIR}", str(dst), source_filesystem=s3_filesystem())
         path = dst
@@ -39,12 +33,8 @@ def local_export(checkpoint_path: str, storage_path: str, dst: Path) -> Optional
     return path if (path / "config.json").is_file() else None
 
 
-def calibrate_trial(trial: TrialOutcome, budgets, settings: TuneSettings, data_uri: str, limit: Optional[int]) -> list:
-    import cfvit
-
-    from cfvit.calibration import inference_settings, record_probs, variants_from_probs
-    from jobs.calibrate.run import validation_batches
-
+def calibrate_trial(trial: TrialOutcome, budgets, settings: TuneSettings, data_uri: str,
+                    limit: Optional[int]) -> list[Variant]:
     model = cfvit.load(trial.checkpoint)
     grid = inference_settings(model, settings.posthoc_alphas, settings.posthoc_betas)
     probs = record_probs(model, validation_batches(data_uri, model.data_config, model.num_classes, limit=limit), grid)
@@ -65,14 +55,9 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
 
 
 def pareto_plot(trials: list[TrialOutcome], results, backbone_gflops: float, path: Path, title: str) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    fig, ax = plt.subplots(figsize=(7, 4.8), dpi=110)
-    cmap = plt.get_cmap("tab10")
+    fig = Figure(figsize=(7, 4.8), dpi=110)  # the object API: no pyplot state, no display backend
+    ax = fig.subplots()
+    cmap = matplotlib.colormaps["tab10"]
     pts = []
     i = 0
     for t in trials:
@@ -101,7 +86,6 @@ def pareto_plot(trials: list[TrialOutcome], results, backbone_gflops: float, pat
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
-    plt.close(fig)
     return str(path)
 
 
@@ -109,16 +93,10 @@ def alias_for(budget) -> str:
     return "budget-" + re.sub(r"[^\w\-]", "_", budget.spec.replace("%", "pct"))
 
 
-def save_winners(results, champion, settings: TuneSettings, p, data_uri: str, parent: Optional[str], client,
-                 reg_name: str) -> dict:
+def save_winners(results, champion: Variant, settings: TuneSettings, p: Plan, data_uri: str,
+                 parent: Optional[str], client, reg_name: str) -> dict:
     """Each budget's winning (trial, α, β) saved with its η table (and registered when `client` is given):
     alias `champion` for the overall winner, `budget-…` for each budget it wins."""
-    import cfvit
-    from cfvit.calibration import eta_table_for
-    from jobs.calibrate.run import save_calibrated
-
-    from .report import register_winner
-
     winners: dict[int, dict] = {}
     for r in results:
         if r.feasible:

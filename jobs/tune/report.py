@@ -2,12 +2,15 @@
 in MLflow, and the tables of `cfvit tune`."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from rich import box
+from rich.table import Table
 
+from cfvit.calibration import best_per_budget
+from cfvit_common import tracking
+from jobs.calibrate.report import metric_key, results_table
+
+from .plan import TuneOutcome, fixed_cost_s
 from .settings import TRIAL_METRIC
-
-if TYPE_CHECKING:
-    from .driver import TuneOutcome
 
 
 def child_runs(client, parent_run_id: str) -> dict:
@@ -18,18 +21,12 @@ def child_runs(client, parent_run_id: str) -> dict:
 
 
 def register_winner(client, parent_run_id: str, name: str, local_dir: str, label: str, aliases: list[str]) -> int:
-    from jobs.common.tracking import register_artifacts
-
     artifact = f"winners/{label}"
     client.log_artifacts(parent_run_id, local_dir, artifact)
-    return register_artifacts(client, parent_run_id, artifact, name, aliases, tags={"tuned": "true"})
+    return tracking.register_artifacts(client, parent_run_id, artifact, name, aliases, tags={"tuned": "true"})
 
 
 def log_mlflow(client, uri, parent, trials, results, plot, summary_path) -> None:
-    from cfvit.calibration import best_per_budget
-    from jobs.calibrate.report import metric_key
-    from jobs.common import tracking
-
     for t in trials:
         if not t.mlflow_run_id:
             continue
@@ -63,12 +60,6 @@ def log_mlflow(client, uri, parent, trials, results, plot, summary_path) -> None
 
 
 def print_outcome(o: TuneOutcome, console, metric: str = TRIAL_METRIC) -> None:
-    from rich.table import Table
-
-    from jobs.calibrate.report import results_table
-
-    from rich import box
-
     has_lr = any("lr" in tr.config for tr in o.trials)
     t = Table("trial", "α", "β", *(["lr"] if has_lr else []), "ep", "top-1", "status", "fixed s", "GFLOPs",
               title=f"trials (top-1: {metric}; fixed s: start-up per trial, outside its epochs)",
@@ -93,10 +84,3 @@ def print_outcome(o: TuneOutcome, console, metric: str = TRIAL_METRIC) -> None:
         console.print(f"winner {label}: {where}, aliases {', '.join(e['aliases'])} → {e['path']}", highlight=False)
     console.print(f"Pareto plot: {o.plot}\nsummary: {o.summary_path}"
                   + (f"\nMLflow parent run: {o.parent_run_id}" if o.parent_run_id else ""), highlight=False)
-
-
-def fixed_cost_s(metrics: dict):
-    """A trial's time outside its epochs (Ray Train start, DeepSpeed init, Ray Data start, checkpoints):
-    Tune's clock at the last report minus the epochs the workers timed."""
-    total, epochs = metrics.get("time_total_s"), metrics.get("epochs_seconds_total")
-    return None if total is None or epochs is None else max(0.0, float(total) - float(epochs))

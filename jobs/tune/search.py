@@ -5,10 +5,25 @@ Optuna search, as many at once as the cluster holds — with CPUs left for each 
 from __future__ import annotations
 
 import copy
+import math
 import os
 from typing import Optional
 
+import optuna
+import ray
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from cfvit_common.errors import ConfigError
+from cfvit_common.ray_env import init_ray
 from jobs.train.config import JobConfig
+from jobs.train.driver import run_training
+
+from .plan import Plan, TrialContext
+from .settings import TuneSettings
+from .watchdog import StallWatchdog, TrialLines, run_interruptible
 
 
 def trial_job(base: dict, config: dict, *, run_name: str, storage_path: str, tracking_uri: Optional[str]) -> JobConfig:
@@ -26,17 +41,12 @@ def trial_job(base: dict, config: dict, *, run_name: str, storage_path: str, tra
     return JobConfig.model_validate(job)
 
 
-def _trial(config: dict, base: dict, ctx: dict) -> None:
+def _trial(config: dict, base: dict, ctx: TrialContext) -> None:
     """A Tune function trainable: one shortened training run; Ray Train reports each epoch to Tune."""
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from jobs.train.driver import run_training
-
     trial_id = tune.get_context().get_trial_id()
-    cfg = trial_job(base, config, run_name=f"{ctx['name']}-{trial_id}", storage_path=ctx["storage_path"],
-                    tracking_uri=ctx["tracking_uri"])
-    run_training(cfg, callbacks=[TuneReportCallback()], parent_run_id=ctx["parent_run_id"], register=False)
+    cfg = trial_job(base, config, run_name=f"{ctx.name}-{trial_id}", storage_path=ctx.storage_path,
+                    tracking_uri=ctx.tracking_uri)
+    run_training(cfg, callbacks=[TuneReportCallback()], parent_run_id=ctx.parent_run_id, register=False)
 
 
 TRAINABLE_CPUS = 0.01  # the Tune function trainable itself: it only waits on its TorchTrainer
@@ -75,28 +85,18 @@ class ClusterTooSmall(ValueError):
 
 def local_cpus(cfg: JobConfig) -> int:
     """Logical CPUs for a Ray that `cfvit tune` starts itself: one trial and its data pipeline at least."""
-    import math
-
     return int(math.ceil(trial_cpus(cfg) - 1e-9))
 
 
-def run_search(p, settings, uri: Optional[str], parent: Optional[str], console):
+def run_search(p: Plan, settings: TuneSettings, uri: Optional[str], parent: Optional[str], console):
     """Start (or join) Ray, run the Tuner in a thread (so Ctrl-C/SIGTERM reach us, not Tune), return
     (ResultGrid, interrupted signal name or None). Stalls raise StallError."""
-    import ray
-
-    from jobs.common.ray_env import init_ray
-
-    from .watchdog import StallWatchdog, run_interruptible
-
     short = p.short
     init_ray(short.scaling.ray_address, min_cpus=local_cpus(short))
     resources = ray.cluster_resources()
     try:
         concurrent = fit_concurrency(short, resources, settings.max_concurrent, settings.trials)
     except ClusterTooSmall as e:
-        from jobs.train.config import ConfigError
-
         raise ConfigError(str(e)) from None
     console.print(f"\\[tune] {settings.trials} trials of {short.schedule.epochs} epoch(s), {concurrent} at a time "
                   f"({trial_cpus(short):g} CPUs each, {short.data.cpus:g} of them for Ray Data; cluster "
@@ -109,23 +109,16 @@ def run_search(p, settings, uri: Optional[str], parent: Optional[str], console):
     return grid, interrupted
 
 
-def _tuner(p, settings, uri, parent, concurrent: int, watchdog):
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
-
-    from .watchdog import TrialLines
-
+def _tuner(p: Plan, settings: TuneSettings, uri: Optional[str], parent: Optional[str], concurrent: int,
+           watchdog: StallWatchdog) -> tune.Tuner:
     # Our TrialLines print one line per trial event; Tune's own boxes and tables would not fit 80 columns.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    import optuna
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     epochs, name = p.short.schedule.epochs, p.short.name
     space = {"alpha": tune.uniform(*settings.alpha), "beta": tune.uniform(*settings.beta)}
     if settings.lr:
         space["lr"] = tune.loguniform(*settings.lr)
-    ctx = {"name": name, "storage_path": p.storage, "tracking_uri": uri, "parent_run_id": parent}
+    ctx = TrialContext(name=name, storage_path=p.storage, tracking_uri=uri, parent_run_id=parent)
     trainable = tune.with_resources(tune.with_parameters(_trial, base=p.base, ctx=ctx), {"CPU": TRAINABLE_CPUS})
     return tune.Tuner(
         trainable, param_space=space,

@@ -13,8 +13,11 @@ import time
 from typing import Callable, Optional
 
 from ray.tune import Callback, Stopper
+from rich.console import Console
 
 from jobs.train.stall import StallError, cluster_waits_on
+
+from .plan import fixed_cost_s
 
 __all__ = ["StallError", "StallWatchdog", "TrialLines", "run_interruptible"]
 
@@ -97,8 +100,6 @@ def say_to(stream) -> None:
 
 
 def _say(text: str) -> None:
-    from rich.console import Console
-
     Console(file=_TERMINAL).print(text, highlight=False, markup=False)
 
 
@@ -119,8 +120,6 @@ class TrialLines(Callback):
              + ("n/a" if val is None else f"{100 * val:.1f}%"))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        from .report import fixed_cost_s
-
         fixed = fixed_cost_s(trial.last_result or {})
         _say(f"[tune] trial {trial.trial_id} done" + ("" if fixed is None else f" ({fixed:.0f} s outside its epochs)"))
 

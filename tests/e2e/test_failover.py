@@ -17,7 +17,7 @@ pytestmark = pytest.mark.e2e
 def test_killing_a_node_loses_only_requests_in_flight_and_serve_recovers(fmnist_checkpoint, tmp_path):
     out = tmp_path / "failover.json"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own cluster, not the session's
-    cmd = [sys.executable, "-m", "jobs.cli", "bench", "failover", "--checkpoint", str(fmnist_checkpoint),
+    cmd = [sys.executable, "-m", "cfvit_cli", "bench", "failover", "--checkpoint", str(fmnist_checkpoint),
            "--clients", "8", "--before", "6", "--after", "60", "--json", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -22,7 +22,7 @@ def test_pipeline_quick_runs_end_to_end(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "AWS_ENDPOINT", "MLFLOW_"))}
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path}/mlflow.db"
     env["COLUMNS"] = "200"  # rich tables unwrapped
-    cmd = [sys.executable, "-m", "jobs.cli", "pipeline", "--quick", "--port", str(port), "--images", "64",
+    cmd = [sys.executable, "-m", "cfvit_cli", "pipeline", "--quick", "--port", str(port), "--images", "64",
            "--budgets", "40%,0.0001", "--set", "data.train_limit=1024", "--set", "data.val_limit=256",
            "--set", f"checkpoint.storage_path={tmp_path}/runs"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)

@@ -9,18 +9,11 @@ import typer
 from typer.testing import CliRunner
 
 from jobs import reproduce as rp
-from jobs.cli.reproduce import register
+from cfvit_cli import app as cfvit_app
 
 
 def _app() -> typer.Typer:
-    app, bench = typer.Typer(), typer.Typer()
-
-    @app.callback()
-    def _root():  # a group, so `reproduce` is addressed by name as under `cfvit`
-        pass
-
-    register(app, bench)
-    return app
+    return cfvit_app
 
 
 def test_cli_options():

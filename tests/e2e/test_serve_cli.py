@@ -30,7 +30,7 @@ def test_cfvit_serve_starts_and_shuts_down_cleanly(fmnist_checkpoint, sig):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}  # never join the test cluster
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "jobs.cli", "serve", "--checkpoint", str(fmnist_checkpoint), "--port", str(port),
+        [sys.executable, "-m", "cfvit_cli", "serve", "--checkpoint", str(fmnist_checkpoint), "--port", str(port),
          "--num-cpus", "2", "--max-replicas", "1"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []

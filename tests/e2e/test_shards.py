@@ -11,16 +11,14 @@ import typer
 from PIL import Image
 from typer.testing import CliRunner
 
-from jobs.cli import cluster as cli_cluster
+from jobs.ops.cli import app as ops_app
 from jobs.ops import shards
 
 CLASSES = ["cat", "dog", "fish"]  # sorted → labels 0, 1, 2
 
 
 def _app() -> typer.Typer:
-    app, bench = typer.Typer(), typer.Typer()
-    cli_cluster.register(app, bench)
-    return app
+    return ops_app
 
 
 def make_image_folder(root: Path) -> dict[str, int]:

@@ -18,7 +18,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from jobs.cli import cluster as cli_cluster
+from jobs.ops.cli import app as ops_app
 from jobs.ops import submit
 
 
@@ -34,9 +34,7 @@ def _free_ports(n: int) -> list[int]:
 
 
 def _app() -> typer.Typer:
-    app, bench = typer.Typer(), typer.Typer()
-    cli_cluster.register(app, bench)
-    return app
+    return ops_app
 
 
 def _kill_session(pgid: int) -> None:

@@ -82,7 +82,7 @@ def test_run_finishes_with_metrics_in_mlflow(trained, mlflow_server):
 def test_registered_model_loads_and_predicts(trained, mlflow_server):
     import cfvit
     from cfvit.data import FASHION_MNIST_CLASSES, load_fashion_mnist
-    from jobs.common.tracking import download_model
+    from cfvit_common.tracking import download_model
     from tests.fixtures.quick_train import to_batch
 
     _, out, _ = trained

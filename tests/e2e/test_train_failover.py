@@ -24,7 +24,7 @@ pytestmark = pytest.mark.e2e
 def failover(tmp_path_factory):
     out = tmp_path_factory.mktemp("train-failover") / "figures.json"
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "AWS_ENDPOINT_URL")}
-    cmd = [sys.executable, "-m", "jobs.cli", "bench", "train-failover", "--fault", "node,s3", "--epochs",
+    cmd = [sys.executable, "-m", "cfvit_cli", "bench", "train-failover", "--fault", "node,s3", "--epochs",
            str(EPOCHS), "--fault-epoch", "2", "--pause", "20", "--json", str(out)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

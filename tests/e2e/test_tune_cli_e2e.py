@@ -16,7 +16,7 @@ pytestmark = pytest.mark.e2e
 
 
 def _tune_cmd(tmp: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "jobs.cli", "tune", "--config", "jobs/configs/fmnist_tiny.yaml",
+    return [sys.executable, "-m", "cfvit_cli", "tune", "--config", "jobs/configs/fmnist_tiny.yaml",
             "--budgets", "40%,60%", "--epochs", "2", "--max-steps", "3", "--output", str(tmp / "out"),
             "--set", "data.val_limit=200", "--set", f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db",
             "--set", f"checkpoint.storage_path={tmp}/ray", *extra]

@@ -119,7 +119,7 @@ def test_pareto_plot_written(tuned):
 def test_mlflow_parent_with_two_children_and_registered_winner(tuned, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from jobs.common.tracking import download_model
+    from cfvit_common.tracking import download_model
 
     o, uri, _ = tuned
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)

@@ -219,9 +219,9 @@ def test_calibrate_refuses_data_with_other_classes_and_leaves_the_checkpoint_alo
 def cli():
     from typer.testing import CliRunner
 
-    from jobs.cli import register_all
+    from cfvit_cli import app
 
-    return CliRunner(), register_all()
+    return CliRunner(), app
 
 
 def test_cli_calibrate_prints_table_and_infeasible(cli, fmnist_checkpoint, tmp_path):

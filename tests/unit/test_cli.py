@@ -25,7 +25,7 @@ def test_import_cfvit_leaves_ray_out():
 
 
 def test_cfvit_help_imports_no_torch():
-    code = ("import sys, json\nfrom jobs.cli import main\n"
+    code = ("import sys, json\nfrom cfvit_cli import main\n"
             "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
             "print('\\n' + json.dumps([m for m in sys.modules if m.split('.')[0] in ('torch', 'ray', 'timm', 'mlflow')]))")
     out = _python(code)
@@ -34,7 +34,7 @@ def test_cfvit_help_imports_no_torch():
 
 
 def test_models_names_are_never_cut_at_80_columns():
-    out = _python("from jobs.cli import main; main(['models'])", COLUMNS="80", TERM="dumb")
+    out = _python("from cfvit_cli import main; main(['models'])", COLUMNS="80", TERM="dumb")
     import cfvit
 
     for name in cfvit.list_models():
@@ -47,7 +47,7 @@ def test_models_names_are_never_cut_at_80_columns():
      ("train", "jobs/configs/fmnist_tiny.yaml", ["a.b=1"])),
     (["python -m jobs.tune --config=fmnist_tiny --budgets 40%"], ("tune", "fmnist_tiny", [])),
     (["bash", "-c", "cd x && cfvit pipeline --quick --set=schedule.epochs=1"], ("pipeline", None, ["schedule.epochs=1"])),
-    (["python", "-m", "jobs.cli", "train", "-c", "c.yaml"], ("train", "c.yaml", [])),
+    (["python", "-m", "cfvit_cli", "train", "-c", "c.yaml"], ("train", "c.yaml", [])),
     (["python", "-c", "import greet"], None),
     (["cfvit", "serve", "--checkpoint", "x"], None),
 ])
@@ -80,7 +80,8 @@ def test_bench_tables_fit_80_columns_without_cutting_a_cell():
 
     from rich.console import Console
 
-    from jobs.cli.tables import compact_table, throughput_table
+    from benchmarks.cli import throughput_table
+    from cfvit_common.tables import compact_table
 
     def row(name, exit_fraction):
         return SimpleNamespace(name=name, exit_fraction=exit_fraction, eta=None if exit_fraction is None else 0.126512,

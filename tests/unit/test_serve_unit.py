@@ -186,20 +186,19 @@ def test_ratio_at_equal_p99_interpolates_both_curves():
 def test_cli_registers_serve_and_bench_serve():
     from typer.testing import CliRunner
 
-    from jobs import cli
+    from cfvit_cli import app
 
-    cli.register_all()
     runner = CliRunner()
-    out = runner.invoke(cli.app, ["serve", "--help"])
+    out = runner.invoke(app, ["serve", "--help"])
     assert out.exit_code == 0 and "--checkpoint" in out.output and "--port" in out.output
-    out = runner.invoke(cli.app, ["bench", "serve", "--help"], terminal_width=200)
+    out = runner.invoke(app, ["bench", "serve", "--help"], terminal_width=200)
     assert out.exit_code == 0 and "--concurrency" in out.output and "--burst" in out.output
-    out = runner.invoke(cli.app, ["bench", "failover", "--help"], terminal_width=200)
+    out = runner.invoke(app, ["bench", "failover", "--help"], terminal_width=200)
     assert out.exit_code == 0 and "--clients" in out.output
 
 
 def test_s3_checkpoint_is_downloaded(s3_server, tmp_path, monkeypatch):
-    from jobs.common.storage import resolve_checkpoint
+    from cfvit_common.checkpoints import resolve_checkpoint
 
     monkeypatch.setenv("CFVIT_CACHE", str(tmp_path / "cache"))
     s3 = s3_server.client()

@@ -1,7 +1,7 @@
-"""jobs/common/storage.py: what Ray's remote processes get when the S3 filesystem is pickled to them."""
+"""cfvit_common/storage.py: what Ray's remote processes get when the S3 filesystem is pickled to them."""
 import pickle
 
-from jobs.common import storage
+from cfvit_common import storage
 
 
 def test_s3_filesystem_rides_out_a_stall_in_every_process(monkeypatch):

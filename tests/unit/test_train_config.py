@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-import typer
 from typer.testing import CliRunner
 
 from jobs.train.config import ConfigError, load_config, parse_set
@@ -105,11 +104,8 @@ def test_unreachable_s3_data(s3_server, monkeypatch):
 
 
 def test_cli_reports_config_errors():
-    from jobs.cli import train as cli_train
+    from cfvit_cli import app
 
-    app, bench = typer.Typer(), typer.Typer()
-    cli_train.register(app, bench)
-    app.add_typer(bench, name="bench")
     res = CliRunner().invoke(app, ["train", "--config", "fmnist_tiny", "--set", "data.trian=x"])
     assert res.exit_code == 2
     assert "data.trian: unknown key" in res.output

@@ -1,14 +1,21 @@
-"""`cfvit submit …` (Ray job submission), `cfvit shards …` (ImageFolder → WebDataset shards) and
-`cfvit bench data` (training input throughput).
-Only typer is imported at module level; Ray and the job modules load inside the commands."""
+"""`cfvit submit …` (Ray job submission) and `cfvit shards …` (ImageFolder → WebDataset shards).
+
+Only typer and rich are imported at module level: the job (torch, Ray, MLflow) loads when the command
+runs, so `cfvit --help` answers at once.
+"""
 from __future__ import annotations
 
 import time
 from typing import List, Optional
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
-submit_app = typer.Typer(help="Submit and manage jobs on a Ray cluster (Ray job submission API).", no_args_is_help=True)
+app = typer.Typer()
+submit_app = typer.Typer(help="Submit, follow, stop and list jobs on a Ray cluster (Ray job submission API).",
+                        no_args_is_help=True)
+app.add_typer(submit_app, name="submit")
 
 AddressOpt = typer.Option(
     None, "--address", "-a", envvar="RAY_ADDRESS", help="Ray dashboard address, e.g. http://127.0.0.1:8265."
@@ -37,9 +44,8 @@ def run_cmd(
 
     A training/tuning job whose checkpoints or MLflow store would land in the job's working directory (which
     Ray deletes with its session) is refused, with the `--set`/`--env` that fixes it."""
-    from jobs.ops.outputs import ALLOW_ENV, check_entrypoint
-    from jobs.ops.submit import (SubmitError, build_runtime_env, connect, follow, parse_env, submit,
-                                 wait)
+    from .outputs import ALLOW_ENV, check_entrypoint
+    from .submit import SubmitError, build_runtime_env, connect, follow, parse_env, submit, wait
 
     try:
         env_vars = parse_env(env)
@@ -72,7 +78,7 @@ def run_cmd(
 @submit_app.command("status")
 def status_cmd(job_id: str = typer.Argument(..., help="Submission id."), address: Optional[str] = AddressOpt) -> None:
     """Show a job's status (and its message when it failed)."""
-    from jobs.ops.submit import SubmitError, connect, info
+    from .submit import SubmitError, connect, info
 
     try:
         details = info(connect(address), job_id)
@@ -90,7 +96,7 @@ def logs_cmd(
     follow_: bool = typer.Option(False, "--follow", "-f", help="Stream until the job finishes."),
 ) -> None:
     """Print a job's logs so far, or stream them with --follow."""
-    from jobs.ops.submit import SubmitError, connect, follow, logs
+    from .submit import SubmitError, connect, follow, logs
 
     try:
         client = connect(address)
@@ -107,7 +113,7 @@ def logs_cmd(
 @submit_app.command("stop")
 def stop_cmd(job_id: str = typer.Argument(..., help="Submission id."), address: Optional[str] = AddressOpt) -> None:
     """Ask the cluster to stop a job."""
-    from jobs.ops.submit import SubmitError, connect, stop
+    from .submit import SubmitError, connect, stop
 
     try:
         client = connect(address)
@@ -120,10 +126,7 @@ def stop_cmd(job_id: str = typer.Argument(..., help="Submission id."), address: 
 @submit_app.command("list")
 def list_cmd(address: Optional[str] = AddressOpt) -> None:
     """List the cluster's jobs, newest first."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from jobs.ops.submit import SubmitError, connect, list_jobs
+    from .submit import SubmitError, connect, list_jobs
 
     try:
         jobs = list_jobs(connect(address))
@@ -136,6 +139,7 @@ def list_cmd(address: Optional[str] = AddressOpt) -> None:
     Console().print(table)
 
 
+@app.command("shards", help="Convert an ImageFolder tree (local or s3://) into WebDataset .tar shards.")
 def shards_cmd(
     src: str = typer.Argument(..., help="ImageFolder root: a local path or s3://bucket/prefix."),
     dst: str = typer.Argument(..., help="Output folder for the .tar shards: local path or s3://bucket/prefix."),
@@ -147,7 +151,7 @@ def shards_cmd(
                                            "N px to N (aspect kept, JPEG q90); cheaper decode, lower-res crops."),
 ) -> None:
     """Convert an ImageFolder tree into WebDataset shards with Ray Data."""
-    from jobs.ops.shards import CLASSES_FILE, ShardError, convert
+    from .shards import CLASSES_FILE, ShardError, convert
 
     try:
         report = convert(src, dst, shard_size=shard_size, shuffle=shuffle, seed=seed, overwrite=overwrite,
@@ -159,37 +163,3 @@ def shards_cmd(
         f"wrote {report.num_samples} images of {len(report.classes)} classes "
         f"as {len(report.shards)} shards + {CLASSES_FILE} to {report.dst}"
     )
-
-
-def bench_data_cmd(
-    images: int = typer.Option(256, "--images", "-n", help="Generated ImageNet-sized JPEGs (500x375, ~110 KB)."),
-    endpoint: Optional[str] = typer.Option("moto", "--endpoint", help="S3 endpoint URL to read from; 'moto' "
-                                           "starts moto's S3 server; '' reads a local folder."),
-    max_side: Optional[int] = typer.Option(256, "--max-side", help="Also measure `cfvit shards --max-side N` "
-                                           "shards (0: skip)."),
-    cpus: int = typer.Option(2, "--cpus", help="Logical CPUs of the local Ray the pipeline runs on."),
-    per_core_images: int = typer.Option(128, "--per-core-images", help="Images in the single-process loop."),
-    repeats: int = typer.Option(1, "--repeats", help="Passes of the single-process loop."),
-    json_out: Optional[str] = typer.Option(None, "--json", help="Also write the figures to this file."),
-) -> None:
-    """Training input images/s (per core and through Ray Data from S3) and the cores a GPU needs."""
-    import json
-
-    from benchmarks.data import print_report, run_bench
-
-    if max_side is not None and max_side < 0:
-        raise _fail(f"--max-side must be at least 1 pixel (0 skips it), got {max_side}")
-    try:
-        result = run_bench(images, endpoint or None, max_side or None, cpus, per_core_images, repeats)
-    except ValueError as exc:
-        raise _fail(exc)
-    print_report(result, typer.echo)
-    if json_out:
-        with open(json_out, "w") as f:
-            json.dump(result, f, indent=1)
-
-
-def register(app: typer.Typer, bench: typer.Typer) -> None:
-    app.add_typer(submit_app, name="submit", help="Submit, follow, stop and list jobs on a Ray cluster.")
-    app.command("shards", help="Convert an ImageFolder tree (local or s3://) into WebDataset .tar shards.")(shards_cmd)
-    bench.command("data")(bench_data_cmd)

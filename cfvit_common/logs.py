@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Callable, Iterator, Optional, TextIO
@@ -27,8 +28,6 @@ READER_LINE = re.compile(r"^(epoch\s+\d+/\d+\s|\[resume\]|\[warning\])")
 
 
 def log_path(folder: str | os.PathLike, name: str) -> Path:
-    import time
-
     path = Path(folder).expanduser().resolve() / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
@@ -66,7 +65,7 @@ def forward_worker_lines(on_line: Callable[[str], None], on_progress: Callable[[
     """Hook the driver's stream of worker output (after `ray.init(log_to_driver=True)`): progress records go
     to `on_progress`, reader lines (`READER_LINE`) to `on_line`; the rest stays with Ray's own printer
     (the log file under `routed_logs`). Returns False when this Ray has no such stream to hook."""
-    try:
+    try:  # a private Ray API: a Ray without it leaves the stream alone
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
     except ImportError:
         return False

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 from typing import Optional
+
+import ray
 
 
 def init_ray(address: Optional[str] = None, *, min_cpus: Optional[float] = None, num_cpus: Optional[int] = None,
@@ -13,8 +16,6 @@ def init_ray(address: Optional[str] = None, *, min_cpus: Optional[float] = None,
     must stop it).
 
     `private=True` starts a new local instance even if another one runs on this machine (`cfvit serve`)."""
-    import ray
-
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
@@ -34,8 +35,6 @@ def init_ray(address: Optional[str] = None, *, min_cpus: Optional[float] = None,
 
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 now."""
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

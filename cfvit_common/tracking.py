@@ -7,9 +7,17 @@ The registered version's source is the checkpoint directory logged as plain arti
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import time
 from pathlib import Path
 from typing import Iterator, Optional
+
+import mlflow.artifacts
+from matplotlib.figure import Figure  # the object API: no pyplot state, no display backend
+from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 
 from .storage import cache_dir, fill_once
 
@@ -35,18 +43,14 @@ def _artifact_location(uri: str) -> Optional[str]:
     return None
 
 
-def _client(uri: str):
-    from mlflow.tracking import MlflowClient
-
+def mlflow_client(uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def start_run(uri: str, experiment: str, run_name: str, params: dict, *, parent_run_id: Optional[str] = None,
               tags: Optional[dict] = None) -> str:
     """Create the job's run (nested under `parent_run_id` if given) and log the flattened config."""
-    from mlflow.entities import Param
-
-    client = _client(uri)
+    client = mlflow_client(uri)
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(experiment, _artifact_location(uri))
     tags = dict(tags or {})
@@ -61,22 +65,14 @@ def start_run(uri: str, experiment: str, run_name: str, params: dict, *, parent_
 
 def log_metrics(uri: str, run_id: str, metrics: dict, step: int) -> None:
     """Per-epoch metrics (numbers only) at step = epoch."""
-    import time
-
-    from mlflow.entities import Metric
-
     now = int(time.time() * 1000)
     items = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
-    _client(uri).log_batch(run_id, metrics=items)
+    mlflow_client(uri).log_batch(run_id, metrics=items)
 
 
 def curve_figure(curve, backbone_gflops: Optional[float] = None, title: str = ""):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.6), dpi=100)
+    fig = Figure(figsize=(5, 3.6), dpi=100)
+    ax = fig.subplots()
     ax.plot(curve.gflops, 100 * curve.accuracy, "-", label="CF-ViT (η sweep)")
     if backbone_gflops:
         ax.axvline(backbone_gflops, color="grey", ls="--", lw=1, label="backbone cost")
@@ -90,19 +86,11 @@ def curve_figure(curve, backbone_gflops: Optional[float] = None, title: str = ""
 
 
 def log_curve(uri: str, run_id: str, curve, backbone_gflops=None, title: str = "") -> None:
-    import matplotlib.pyplot as plt
-
-    fig = curve_figure(curve, backbone_gflops, title)
-    try:
-        _client(uri).log_figure(run_id, fig, "plots/accuracy_gflops.png")
-    finally:
-        plt.close(fig)
+    mlflow_client(uri).log_figure(run_id, curve_figure(curve, backbone_gflops, title), "plots/accuracy_gflops.png")
 
 
 def register_artifacts(client, run_id: str, artifact_path: str, name: str, aliases=(), tags=None) -> int:
     """Register the run's `artifact_path` (a cfvit checkpoint directory) as a new version of `name`, with aliases."""
-    from mlflow.exceptions import MlflowException
-
     try:
         client.create_registered_model(name)
     except MlflowException as e:
@@ -117,7 +105,7 @@ def register_artifacts(client, run_id: str, artifact_path: str, name: str, alias
 
 def log_model(uri: str, run_id: str, model_dir, name: Optional[str], alias: Optional[str] = None) -> Optional[int]:
     """Log the cfvit checkpoint directory as artifacts; register it under `name` (returns the version)."""
-    client = _client(uri)
+    client = mlflow_client(uri)
     client.log_artifacts(run_id, str(model_dir), MODEL_ARTIFACT)
     if not name:
         return None
@@ -125,7 +113,7 @@ def log_model(uri: str, run_id: str, model_dir, name: Optional[str], alias: Opti
 
 
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
-    _client(uri).set_terminated(run_id, status)
+    mlflow_client(uri).set_terminated(run_id, status)
 
 
 @contextlib.contextmanager
@@ -154,12 +142,10 @@ def download_model(model_uri: str, dst: Optional[str] = None, tracking: Optional
     if "://" not in model_uri and ":/" not in model_uri:
         local = Path(model_uri)
     else:
-        import mlflow.artifacts
-
         uri = tracking_uri(tracking)
         if model_uri.startswith("models:/"):
             name, version = _parse_models_uri(model_uri)
-            client = _client(uri)
+            client = mlflow_client(uri)
             mv = (client.get_model_version_by_alias(name, version[1:]) if version.startswith("@")
                   else client.get_model_version(name, version))
             source = mv.source
@@ -179,10 +165,6 @@ def download_model(model_uri: str, dst: Optional[str] = None, tracking: Optional
 def _cached_download(source: str, key: str, uri: str) -> Path:
     """Download a model version's artifacts once per node. The key holds the version's run id (a UUID), so
     a different server or a re-created model never hits another's cache entry."""
-    import hashlib
-
-    import mlflow.artifacts
-
     dest = cache_dir("mlflow") / hashlib.sha256(key.encode()).hexdigest()[:16]
 
     def fill(tmp: Path) -> None:

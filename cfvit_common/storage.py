@@ -1,4 +1,4 @@
-"""Where the jobs read and write: one S3 filesystem, one S3 client, one checkpoint resolver, one cache.
+"""Where the jobs and the server read and write: one S3 filesystem, one S3 client, one cache.
 
 Every S3 access in the project goes through here, so one set of AWS variables applies everywhere:
 credentials from the environment or the instance profile, `AWS_REGION`/`AWS_DEFAULT_REGION`, and
@@ -6,7 +6,6 @@ credentials from the environment or the instance profile, `AWS_REGION`/`AWS_DEFA
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
@@ -14,9 +13,12 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 from urllib.parse import urlparse
 
+import boto3
+import pyarrow.fs as pafs
+from botocore.config import Config
+
 # Image files the readers and the shard writer take (any case).
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm")
-MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
 # botocore retries: a paused or flaky S3 endpoint is retried with backoff instead of failing the job.
 S3_RETRIES = {"max_attempts": 10, "mode": "adaptive"}
 # pyarrow (Ray Data's reads, Ray Train's checkpoint uploads): a request may stall this long before it fails.
@@ -36,8 +38,6 @@ def s3_filesystem():
 
     Explicit keys are passed only when the environment has them, so Ray workers on a machine without
     those variables (and without an instance profile) still authenticate as the driver does."""
-    import pyarrow.fs as pafs
-
     kw: Dict[str, Any] = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_RETRIES["max_attempts"]),
                           "request_timeout": S3_REQUEST_TIMEOUT_S, "connect_timeout": S3_CONNECT_TIMEOUT_S}
     endpoint = s3_endpoint()
@@ -56,17 +56,12 @@ def s3_filesystem():
 def s3_client(max_attempts: Optional[int] = None):
     """boto3 S3 client with the same endpoint and botocore's adaptive retries (`max_attempts=1` for the
     up-front checks, which should fail fast instead of riding out an outage)."""
-    import boto3
-    from botocore.config import Config
-
     retries = {**S3_RETRIES, **({"max_attempts": max_attempts} if max_attempts else {})}
     return boto3.client("s3", endpoint_url=s3_endpoint(), config=Config(retries=retries))
 
 
 def resolve(uri: str):
     """URI → (pyarrow filesystem, path inside it), for a local path or `s3://bucket/prefix`."""
-    import pyarrow.fs as pafs
-
     if uri.startswith("s3://"):
         path = uri[len("s3://"):].strip("/")
         if not path:
@@ -109,69 +104,3 @@ def fill_once(dest: Path, fill: Callable[[Path], None], ready: str) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
-
-
-# ---------------------------------------------------------------------------------------------- checkpoints
-def checkpoint_kind(uri: str) -> str:
-    """local | s3 | mlflow."""
-    uri = str(uri)
-    return "mlflow" if uri.startswith(MLFLOW_SCHEMES) else "s3" if uri.startswith("s3://") else "local"
-
-
-def resolve_checkpoint(uri: str, tracking_uri: Optional[str] = None) -> Path:
-    """Local directory holding `config.json` + `model.safetensors` for a local path, an `s3://bucket/prefix`
-    or an MLflow model URI (`models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/ID/cfvit_model`).
-    Remote checkpoints are downloaded once per node into the cache."""
-    uri = str(uri)
-    kind = checkpoint_kind(uri)
-    if kind == "mlflow":
-        from .tracking import download_model
-
-        return Path(download_model(uri, tracking=tracking_uri))
-    if kind == "s3":
-        return _download_s3(uri)
-    path = Path(uri).expanduser()
-    if not (path / "config.json").is_file():
-        what = "does not exist" if not path.exists() else "is not a cfvit checkpoint directory"
-        raise FileNotFoundError(f"checkpoint {uri!r} {what} (config.json missing)")
-    return path
-
-
-def upload_checkpoint(local: Path, uri: str) -> None:
-    """Copy a checkpoint directory's files to `s3://bucket/prefix`."""
-    bucket, _, prefix = uri[len("s3://"):].partition("/")
-    s3 = s3_client()
-    for f in sorted(Path(local).iterdir()):
-        if f.is_file():
-            s3.upload_file(str(f), bucket, f"{prefix.strip('/')}/{f.name}".lstrip("/"))
-
-
-def _download_s3(uri: str) -> Path:
-    bucket, _, prefix = uri[len("s3://"):].partition("/")
-    prefix = prefix.strip("/")
-    s3 = s3_client()
-    objects = []
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/" if prefix else ""):
-        objects += [(obj["Key"], obj.get("ETag", ""), obj.get("Size", 0)) for obj in page.get("Contents", [])]
-    if not objects:
-        raise FileNotFoundError(f"nothing stored under {uri}")
-    # The cache is keyed on the listing (keys, ETags, sizes) as well as the URI, so a checkpoint rewritten
-    # in place (e.g. `cfvit calibrate s3://…` writing a new η table) is fetched again, never served stale.
-    fingerprint = hashlib.sha256("\n".join([uri, *map(repr, sorted(objects))]).encode()).hexdigest()[:16]
-
-    def fill(tmp: Path) -> None:
-        for key, _, _ in objects:
-            rel = key[len(prefix):].lstrip("/") if prefix else key
-            if not rel or rel.endswith("/"):
-                continue
-            target = (tmp / rel).resolve()
-            if not target.is_relative_to(tmp.resolve()):
-                raise ValueError(f"refusing S3 key {key!r}: it would be written outside the checkpoint folder")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            s3.download_file(bucket, key, str(target))
-
-    path = fill_once(cache_dir("checkpoints") / fingerprint, fill, ready="config.json")
-    if not (path / "config.json").is_file():
-        shutil.rmtree(path, ignore_errors=True)
-        raise FileNotFoundError(f"{uri}: no config.json there (not a cfvit checkpoint)")
-    return path

@@ -14,6 +14,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import httpx
+import ray
+from PIL import Image
+from ray import serve
+from rich.table import Table
+
+from cfvit.data import load_fashion_mnist
+from cfvit_common import tracking
+from cfvit_common.logs import forward_worker_lines
+from cfvit_common.progress import TrainingProgress
+from cfvit_common.ray_env import init_ray
+from jobs.calibrate import calibrate
+from jobs.train import EXPORT_DIR, load_config, run_training
+from jobs.train.sources import builtin_split, is_builtin
+from serve.app import build_app
+from serve.settings import AppArgs
+
 DEFAULT_CONFIG = "fmnist_main"  # jobs/configs/fmnist_main.yaml
 # A run of a few minutes on 2 CPU cores: the mechanics, not a model worth serving.
 QUICK_SETS = ["data.train_limit=3000", "data.val_limit=500", "schedule.epochs=2"]
@@ -52,8 +69,6 @@ class PipelineResult:
 
 
 def _png_b64(img_u8) -> str:
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(img_u8).save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode()
@@ -61,8 +76,6 @@ def _png_b64(img_u8) -> str:
 
 def classify_over_http(url: str, images_u8, labels, budget_gflops: float, chunk: int = 32) -> dict:
     """POST the images as base64 PNG batches at one budget; accuracy, exit rate, GFLOPs per image."""
-    import httpx
-
     correct = exits = 0
     gflops = 0.0
     with httpx.Client(timeout=120) as client:
@@ -80,8 +93,6 @@ def classify_over_http(url: str, images_u8, labels, budget_gflops: float, chunk:
 
 
 def _wait_healthy(url: str, timeout_s: float = 120) -> None:
-    import httpx
-
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -98,11 +109,8 @@ def run_pipeline(config: Optional[str] = None, sets: tuple[str, ...] = (), *, qu
                  budgets: str = DEFAULT_BUDGETS, n_images: int = 1000, host: str = "127.0.0.1", port: int = 8000,
                  keep_serving: bool = False, echo=print, console=None, verbose: bool = False) -> PipelineResult:
     """The main job. `console` (rich): where the training's epoch lines and progress bar go (with the
-    worker output routed by `jobs.common.logs`); without it the workers' output streams as Ray prints it."""
-    import ray
+    worker output routed by `cfvit_common.logs`); without it the workers' output streams as Ray prints it."""
 
-    from jobs.common.ray_env import init_ray
-    from jobs.train import load_config
 
     t0 = time.perf_counter()
     cfg = load_config(config or DEFAULT_CONFIG, [*(QUICK_SETS if quick else []), *PROGRESS_SETS, *sets])
@@ -113,8 +121,6 @@ def run_pipeline(config: Optional[str] = None, sets: tuple[str, ...] = (), *, qu
         return _calibrate_and_serve(cfg, outcome, budgets, n_images, host, port, keep_serving, echo, seconds)
     finally:
         # Our own Ray: stop Serve with it. A shared cluster: remove only our application.
-        from ray import serve
-
         if started_ray:
             serve.shutdown()
             ray.shutdown()
@@ -126,10 +132,6 @@ def run_pipeline(config: Optional[str] = None, sets: tuple[str, ...] = (), *, qu
 
 
 def _train(cfg, echo, console, verbose: bool, seconds: dict):
-    from jobs.common.logs import forward_worker_lines
-    from jobs.common.progress import TrainingProgress
-    from jobs.train import run_training
-
     t = time.perf_counter()
     n = _train_images(cfg)
     echo(f"[1/4] training {cfg.model.name}: {n or 'all'} images × {cfg.schedule.epochs} epochs, "
@@ -149,21 +151,14 @@ def _train(cfg, echo, console, verbose: bool, seconds: dict):
 
 def _train_images(cfg) -> Optional[int]:
     """How many images one epoch reads, where that is known without listing files (the built-in set)."""
-    from jobs.train.data import _builtin_split, _is_builtin
-
-    if not _is_builtin(cfg.data.train):
+    if not is_builtin(cfg.data.train):
         return cfg.data.train_limit
-    from cfvit.data import load_fashion_mnist
 
-    total = len(load_fashion_mnist(_builtin_split(cfg.data.train, "train"))[1])
+    total = len(load_fashion_mnist(builtin_split(cfg.data.train, "train"))[1])
     return min(total, cfg.data.train_limit or total)
 
 
 def _calibrate_and_serve(cfg, outcome, budgets, n_images, host, port, keep_serving, echo, seconds) -> PipelineResult:
-    from jobs.calibrate import calibrate
-    from jobs.common import tracking
-    from jobs.train import EXPORT_DIR
-
     t = time.perf_counter()
     uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
     model_uri = None
@@ -193,12 +188,6 @@ def _calibrate_and_serve(cfg, outcome, budgets, n_images, host, port, keep_servi
 
 
 def _serve_and_classify(result: PipelineResult, n_images: int, host: str, port: int, echo) -> None:
-    from ray import serve
-
-    from cfvit.data import load_fashion_mnist
-    from serve.app import build_app
-    from serve.settings import AppArgs
-
     t = time.perf_counter()
     echo(f"[3/4] starting the Serve application on {result.endpoint}")
     serve.start(http_options={"host": host, "port": port})
@@ -249,8 +238,6 @@ def _flops_unit(res: PipelineResult) -> tuple[str, float]:
 
 def summary_table(res: PipelineResult):
     """Per budget: η, what calibration expects (its images) and what HTTP served (held-out images). 64 columns."""
-    from rich.table import Table
-
     unit, k = _flops_unit(res)
     t = Table("budget", "η", "val\ntop-1", f"val\n{unit}", "HTTP\ntop-1", "coarse\nexits", f"HTTP\n{unit}",
               title=f"CF-ViT per FLOPs budget ({unit} per image)", title_justify="left")

@@ -5,14 +5,14 @@ from __future__ import annotations
 import threading
 from typing import Optional
 
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
 
 class TrainingProgress:
     """`line(text)` prints above the bar; `update(record)` moves the bar of the record's epoch. Both are called
-    from Ray's log thread (`jobs.common.logs.forward_worker_lines`)."""
+    from Ray's log thread (`cfvit_common.logs.forward_worker_lines`)."""
 
     def __init__(self, console, steps_per_epoch: Optional[int] = None):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
         self.steps = steps_per_epoch
         self._lock = threading.Lock()
         self._task, self._epoch = None, None

@@ -1,0 +1,99 @@
+"""Datasets as URIs: `fashion-mnist[:split]`, `s3://bucket/prefix` or a local path, each in ImageFolder layout
+(one folder per class) or WebDataset `.tar` shards (image entry + `cls` entry, with `classes.json` beside the
+shards). Here: reading what a URI holds (its layout and class names, from a listing) and checking up front
+that it can be read; the reading itself is `data.py`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+from botocore.exceptions import BotoCoreError, ClientError
+
+from cfvit_common.errors import ConfigError
+from cfvit_common.storage import resolve, s3_client, s3_endpoint
+
+
+def is_builtin(uri: str) -> bool:
+    return uri.split(":", 1)[0] == "fashion-mnist" and not uri.startswith("fashion-mnist/")
+
+
+def builtin_split(uri: str, default: str) -> str:
+    split = uri.split(":", 1)[1] if ":" in uri else default
+    if split not in ("train", "test"):
+        raise ValueError(f"{uri!r}: the fashion-mnist split must be 'train' or 'test'")
+    return split
+
+
+# ------------------------------------------------------------------ up-front checks
+def check_uri(uri: str, key: str, need_objects: bool = True) -> None:
+    """Raise ConfigError naming `key` when `uri` cannot be read."""
+    if is_builtin(uri):
+        # `cfvit` (torch, timm: seconds) only for the built-in set: `cfvit submit` checks configs without it
+        from cfvit.data import load_fashion_mnist
+
+        try:
+            load_fashion_mnist(builtin_split(uri, "train"))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{key}: {e}") from None
+        return
+    if uri.startswith("s3://"):
+        _check_s3(uri, key, need_objects)
+        return
+    if "://" in uri:
+        raise ConfigError(f"{key}: unsupported URI scheme in {uri!r} (use s3://, a local path or fashion-mnist)")
+    if not os.path.exists(os.path.expanduser(uri)):
+        raise ConfigError(f"{key}: local path {uri!r} does not exist")
+
+
+def _check_s3(uri: str, key: str, need_objects: bool) -> None:
+    u = urlparse(uri)
+    bucket, prefix = u.netloc, u.path.lstrip("/")
+    if not bucket:
+        raise ConfigError(f"{key}: {uri!r} names no bucket (expected s3://bucket/prefix)")
+    endpoint = s3_endpoint() or "AWS S3"
+    try:
+        resp = s3_client(max_attempts=2).list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1)
+    except ClientError as e:
+        code = e.response.get("Error", {}).get("Code", "")
+        raise ConfigError(f"{key}: cannot read {uri} at {endpoint}: {code or e}") from None
+    except BotoCoreError as e:
+        raise ConfigError(f"{key}: cannot reach {uri} at {endpoint}: {e}") from None
+    if need_objects and not resp.get("KeyCount"):
+        raise ConfigError(f"{key}: no objects under {uri} at {endpoint}")
+
+
+# ------------------------------------------------------------------ layout
+@dataclass
+class Source:
+    uri: str
+    kind: str  # builtin | imagefolder | webdataset
+    classes: list[str]
+
+
+def describe(uri: str, fmt: str = "auto") -> Source:
+    """Find the layout and class names of a dataset URI (listing only, no image reads)."""
+    if is_builtin(uri):
+        from cfvit.data import FASHION_MNIST_CLASSES  # see check_uri
+
+        return Source(uri, "builtin", list(FASHION_MNIST_CLASSES))
+    fs, root = resolve(uri)
+    entries = fs.get_file_info(pafs.FileSelector(root, recursive=False))
+    shards = [e.path for e in entries if e.type == pafs.FileType.File and e.path.endswith(".tar")]
+    kind = fmt if fmt != "auto" else ("webdataset" if shards else "imagefolder")
+    if kind == "webdataset":
+        if not shards:
+            raise ValueError(f"{uri}: no .tar shards found")
+        try:
+            with fs.open_input_stream(f"{root}/classes.json") as f:
+                classes = json.loads(f.read())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{uri}: classes.json (a JSON list of class names) is missing or bad: {e}") from None
+        return Source(uri, kind, [str(c) for c in classes])
+    classes = sorted(e.base_name for e in entries if e.type == pafs.FileType.Directory)
+    if not classes:
+        raise ValueError(f"{uri}: no class folders (ImageFolder layout) and no .tar shards (WebDataset) found")
+    return Source(uri, kind, classes)
