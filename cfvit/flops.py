@@ -2,8 +2,9 @@
 
 Computed from the model's own modules and token counts: every Linear, the patch-embedding convs,
 the attention products (2·N²·D per block), the class-attention row (N·D per block that feeds the EMA),
-a token-labelling head over every patch token (LV-ViT) and LayerNorms (5 per element with affine, as fvcore). Softmax, GELU, adds and the bilinear resize of
-the coarse view are not counted (fvcore does not count them either).
+a token-labelling head over every patch token (LV-ViT) and LayerNorms (5 per element with affine, as
+fvcore). Softmax, GELU, adds and the bilinear resize of the coarse view are not counted (fvcore does not
+count them either).
 """
 import torch
 import torch.nn as nn
