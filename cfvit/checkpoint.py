@@ -42,6 +42,8 @@ def model_config(model) -> dict:
         "gca_start_block": model.gca_start_block,
         "selection": model.selection,
         "reuse": model.reuse_kind,
+        "aux_head": model.aux_head is not None,
+        "logit_scaling": model.logit_scaling,
         "n_fine_tokens": model.n_fine,
         "stage_gflops": model.stage_gflops(),
         "backbone_gflops": model.backbone_gflops(),

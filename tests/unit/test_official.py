@@ -116,7 +116,8 @@ def test_import_writes_a_checkpoint_that_answers_the_same(tmp_path):
     assert len(prov["budgeted_batch_classification"]["gflops"]) == 100
     assert prov["budgeted_batch_classification"]["top1"][0] == 75.5
     assert prov["published"] == [{"source": "authors' README", "eta": 1.0, "gflops": None, "top1": 84.4}]
-    assert cfg["model_kwargs"]["logit_scaling"] == "official" and cfg["coarse_grid"] == 9
+    assert cfg["model_kwargs"]["logit_scaling"] == cfg["logit_scaling"] == "official" and cfg["aux_head"]
+    assert cfg["coarse_grid"] == 9 and cfg["data_config"]["crop_pct"] == 0.9
     assert "class_names" not in cfg  # 10 classes: not ImageNet
     assert loaded.cfvit_config["provenance"] == prov
 
