@@ -1,8 +1,9 @@
 """cfvit: the CF-ViT coarse-to-fine vision transformer (pure PyTorch + timm; no Ray)."""
-from . import budget, calibration, losses
+from . import budget, calibration, losses, official
 from . import models as _models  # noqa: F401  (registers the models)
 from .checkpoint import CheckpointError, load, load_backbone_weights, save
 from .model import CFViT, CFViTOutput, CoarseState, InferenceOutput
+from .official import from_official
 from .patch import apply_patch
 from .registry import create_model, is_model, list_models, register_model
 
@@ -22,6 +23,5 @@ def from_timm(model_or_name, coarse_grid=None, alpha: float = 0.5, beta: float =
 
 
 __all__ = ["CFViT", "CFViTOutput", "CoarseState", "InferenceOutput", "CheckpointError", "apply_patch", "budget",
-           "calibration",
-           "create_model", "from_timm", "is_model", "list_models", "load", "load_backbone_weights", "losses",
-           "register_model", "save"]
+           "calibration", "create_model", "from_official", "from_timm", "is_model", "list_models", "load",
+           "load_backbone_weights", "losses", "official", "register_model", "save"]

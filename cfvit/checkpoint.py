@@ -6,6 +6,7 @@ through `torch.load(weights_only=True)`.
 import json
 import os
 from pathlib import Path
+from typing import Optional
 
 import torch
 from safetensors import SafetensorError
@@ -41,6 +42,8 @@ def model_config(model) -> dict:
         "gca_start_block": model.gca_start_block,
         "selection": model.selection,
         "reuse": model.reuse_kind,
+        "aux_head": model.aux_head is not None,
+        "logit_scaling": model.logit_scaling,
         "n_fine_tokens": model.n_fine,
         "stage_gflops": model.stage_gflops(),
         "backbone_gflops": model.backbone_gflops(),
@@ -101,6 +104,31 @@ def read_config(path) -> dict:
     return config
 
 
+def state_mismatch(expected: dict, state: dict, limit: Optional[int] = None) -> list[str]:
+    """What keeps `state` from loading strictly into a model whose state dict is `expected`: missing keys,
+    unexpected keys and shape mismatches (at most `limit` names of each), as readable parts; [] if it fits."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    parts = []
+    if missing:
+        parts.append(f"missing {missing[:limit]}")
+    if unexpected:
+        parts.append(f"unexpected {unexpected[:limit]}")
+    if wrong:
+        parts.append("shape mismatch " + ", ".join(
+            f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}" for k in wrong[:limit]))
+    return parts
+
+
+def read_pth(path) -> object:
+    """A `.pth`/`.pt` file through torch.load(weights_only=True): tensors and plain containers only."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickles with code objects are refused here, by design
+        raise CheckpointError(f"cannot read {path} with weights_only=True: {e}") from None
+
+
 def load(path, map_location="cpu"):
     """Rebuild a model saved by `save` and load its weights (strict: every tensor must match)."""
     from .registry import create_model
@@ -115,20 +143,9 @@ def load(path, map_location="cpu"):
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{weights} is corrupt or unreadable: {e}") from None
     model = create_model(config["model_name"], **config.get("model_kwargs", {}))
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {missing[:5]}")
-        if unexpected:
-            parts.append(f"unexpected {unexpected[:5]}")
-        if wrong:
-            parts.append("shape mismatch " + ", ".join(
-                f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}" for k in wrong[:5]))
-        raise CheckpointError(f"{weights} does not match model {config['model_name']}: " + "; ".join(parts))
+    problems = state_mismatch(model.state_dict(), state, limit=5)
+    if problems:
+        raise CheckpointError(f"{weights} does not match model {config['model_name']}: " + "; ".join(problems))
     model.load_state_dict(state)
     model.cfvit_config = config
     return model.to(map_location).eval()
@@ -149,10 +166,7 @@ def load_backbone_weights(model, path) -> dict:
     if path.suffix == ".safetensors":
         state = load_file(str(path))
     else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # pickles with code objects are refused here, by design
-            raise CheckpointError(f"cannot read {path} with weights_only=True: {e}") from None
+        state = read_pth(path)
     for key in ("model", "state_dict", "model_ema"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]

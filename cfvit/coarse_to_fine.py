@@ -113,3 +113,12 @@ def build_fine_tokens(
         fine = fine + gather_tokens(reuse, selected).repeat_interleave(4, dim=1)
     kept = gather_tokens(coarse_embed, unselected_patches(selected, n_coarse))
     return torch.cat([fine, kept], dim=1)
+
+
+def token_label_logits(
+    cls_logits: torch.Tensor, aux_logits: torch.Tensor, weight: float, normalise: bool = False
+) -> torch.Tensor:
+    """LV-ViT's inference logits: cls (B, C) + weight × max over tokens of aux (B, N, C); `normalise` divides
+    the sum by (1 + weight), as the CF-ViT authors' code does for the coarse stage only."""
+    logits = cls_logits + weight * aux_logits.amax(dim=1)
+    return logits / (1.0 + weight) if normalise else logits

@@ -1,9 +1,10 @@
 """Exact per-image cost of each stage, as multiply-accumulates (fvcore convention: 1 MAC = 1 "FLOP").
 
 Computed from the model's own modules and token counts: every Linear, the patch-embedding convs,
-the attention products (2·N²·D per block), the class-attention row (N·D per block that feeds the EMA)
-and LayerNorms (5 per element with affine, as fvcore). Softmax, GELU, adds and the bilinear resize of
-the coarse view are not counted (fvcore does not count them either).
+the attention products (2·N²·D per block), the class-attention row (N·D per block that feeds the EMA),
+a token-labelling head over every patch token (LV-ViT) and LayerNorms (5 per element with affine, as
+fvcore). Softmax, GELU, adds and the bilinear resize of the coarse view are not counted (fvcore does not
+count them either).
 """
 import torch
 import torch.nn as nn
@@ -72,13 +73,15 @@ def stage_macs(model) -> dict[str, int]:
     reuse = 0
     if model.reuse is not None:
         reuse = nc * (_linear_macs_per_token(model.reuse) + _layernorm_macs_per_token(model.reuse))
+    # the token-labelling head reads every patch token (the max over tokens is not counted, as softmax)
+    aux = _linear_macs_per_token(model.aux_head) if model.aux_head is not None else 0
     fine_embed = _patch_embed_macs(vit.patch_embed, model.img_size)
     return {
         "coarse": _patch_embed_macs(vit.patch_embed, model.coarse_img_size)
-        + _trunk_macs(vit, nc + 1, model._scores_from()),
-        "fine": fine_embed + reuse + _trunk_macs(vit, model.n_fine + 1),
-        "fine_split_all": fine_embed + reuse + _trunk_macs(vit, 4 * nc + 1),
-        "backbone": fine_embed + _trunk_macs(vit, 4 * nc + 1),
+        + _trunk_macs(vit, nc + 1, model._scores_from()) + nc * aux,
+        "fine": fine_embed + reuse + _trunk_macs(vit, model.n_fine + 1) + model.n_fine * aux,
+        "fine_split_all": fine_embed + reuse + _trunk_macs(vit, 4 * nc + 1) + 4 * nc * aux,
+        "backbone": fine_embed + _trunk_macs(vit, 4 * nc + 1) + 4 * nc * aux,
     }
 
 

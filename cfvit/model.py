@@ -9,13 +9,17 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import LayerNorm, Mlp, resample_abs_pos_embed
+from timm.layers import Mlp, resample_abs_pos_embed, trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 
 from . import coarse_to_fine as c2f
 from .patch import apply_patch
 
 REUSES = ("mlp", "linear", "none")
+# How the logits of a model with a token-labelling head are scaled per stage: "paper" uses one classifier
+# for both stages (Eqs. 7, 13); "official" divides the coarse logits by (1 + aux_weight), as the authors'
+# LV-ViT code does (imported checkpoints need it to answer as theirs do).
+LOGIT_SCALINGS = ("paper", "official")
 
 
 @dataclass
@@ -62,12 +66,16 @@ class CoarseState:
                               else torch.cat([getattr(s, f.name) for s in states]) for f in fields(CoarseState)})
 
 
-def make_reuse(kind: str, dim: int) -> Optional[nn.Module]:
-    """Feature reuse: LN + MLP(D→4D→D) (paper), LN + Linear (ablation), or none."""
+def make_reuse(kind: str, dim: int, hidden: Optional[int] = None, eps: float = 1e-6) -> Optional[nn.Module]:
+    """Feature reuse: LN + MLP(D→hidden→D) (paper; hidden 4D by default), LN + Linear (ablation), or none.
+
+    As the authors' code, the hidden width and the LayerNorm eps follow the backbone's (3D and 1e-5 for
+    LV-ViT-S, 4D and 1e-6 for DeiT-S).
+    """
     if kind == "mlp":
-        return nn.Sequential(LayerNorm(dim, eps=1e-6), Mlp(dim, 4 * dim, dim, act_layer=nn.GELU))
+        return nn.Sequential(nn.LayerNorm(dim, eps=eps), Mlp(dim, hidden or 4 * dim, dim, act_layer=nn.GELU))
     if kind == "linear":
-        return nn.Sequential(LayerNorm(dim, eps=1e-6), nn.Linear(dim, dim))
+        return nn.Sequential(nn.LayerNorm(dim, eps=eps), nn.Linear(dim, dim))
     if kind == "none":
         return None
     raise ValueError(f"unknown reuse {kind!r}; choose one of {REUSES}")
@@ -85,6 +93,11 @@ class CFViT(nn.Module):
         selection: `gca | last | random | negative` (Table 4 ablation).
         reuse: `mlp | linear | none` (Table 5 ablation).
         split_all: training switch, re-split every patch (the early-epoch schedule).
+        aux_head: add a token-labelling head (LV-ViT): logits = head(class token) + aux_weight × the per-class
+            maximum of aux_head over the patch tokens.
+        aux_weight: weight of the token-labelling term (LV-ViT's 0.25).
+        logit_scaling: `paper` (both stages as above) or `official` (coarse logits also divided by
+            1 + aux_weight, as the authors' LV-ViT code; only models with an aux head are affected).
     """
 
     def __init__(
@@ -97,6 +110,9 @@ class CFViT(nn.Module):
         selection: str = "gca",
         reuse: str = "mlp",
         split_all: bool = False,
+        aux_head: bool = False,
+        aux_weight: float = 0.25,
+        logit_scaling: str = "paper",
     ):
         super().__init__()
         self._check_backbone(vit)
@@ -118,6 +134,8 @@ class CFViT(nn.Module):
             raise ValueError(f"beta must be in [0, 1), got {beta}")
         if selection not in c2f.SELECTIONS:
             raise ValueError(f"unknown selection {selection!r}; choose one of {c2f.SELECTIONS}")
+        if logit_scaling not in LOGIT_SCALINGS:
+            raise ValueError(f"unknown logit_scaling {logit_scaling!r}; choose one of {LOGIT_SCALINGS}")
 
         self.vit = apply_patch(vit)
         # The same patch embedding serves both resolutions.
@@ -142,7 +160,15 @@ class CFViT(nn.Module):
         self.coarse_pos_embed = nn.Parameter(
             resample_abs_pos_embed(vit.pos_embed.detach().clone(), [coarse_grid, coarse_grid], num_prefix_tokens=1)
         )
-        self.reuse = make_reuse(reuse, vit.embed_dim)
+        norm_eps = getattr(vit.norm, "eps", 1e-6)
+        self.reuse = make_reuse(reuse, vit.embed_dim, hidden=vit.blocks[0].mlp.fc1.out_features, eps=norm_eps)
+        self.aux_head: Optional[nn.Linear] = None
+        if aux_head:
+            self.aux_head = nn.Linear(vit.embed_dim, vit.num_classes)
+            trunc_normal_(self.aux_head.weight, std=0.02)
+            nn.init.zeros_(self.aux_head.bias)
+        self.aux_weight = float(aux_weight)
+        self.logit_scaling = logit_scaling
         self.model_name: Optional[str] = None  # set by the registry
         self.model_kwargs: dict = {}
         self.cfvit_config: dict = {}  # metadata from a checkpoint (class names, eta table, ...)
@@ -235,6 +261,14 @@ class CFViT(nn.Module):
         cls = (self.vit.cls_token + pos_cls).expand(patches.shape[0], -1, -1)
         return self.vit.norm_pre(self.vit.pos_drop(torch.cat([cls, patches], dim=1)))
 
+    def stage_logits(self, x: torch.Tensor, stage: str) -> torch.Tensor:
+        """Logits from the final-normed tokens of a stage (`coarse` or `fine`)."""
+        logits = self.vit.forward_head(x)
+        if self.aux_head is None:
+            return logits
+        divide = stage == "coarse" and self.logit_scaling == "official"
+        return c2f.token_label_logits(logits, self.aux_head(x[:, 1:]), self.aux_weight, normalise=divide)
+
     def _scores_from(self) -> Optional[int]:
         if self.selection in ("gca", "negative"):
             return self.gca_start_block
@@ -247,7 +281,7 @@ class CFViT(nn.Module):
         embed = self.vit.patch_embed(self.coarse_view(images)) + self.coarse_pos_embed[:, 1:]
         x = self._with_cls(embed, self.coarse_pos_embed[:, :1])
         x, scores = self._run_blocks(x, self._scores_from() if need_scores else None)
-        logits = self.vit.forward_head(x)
+        logits = self.stage_logits(x, "coarse")
         return CoarseState(logits=logits, tokens=x[:, 1:], embed=embed, scores=scores)
 
     def select(self, state: CoarseState) -> torch.Tensor:
@@ -272,7 +306,7 @@ class CFViT(nn.Module):
             selected = self.select(state)
             patches = c2f.build_fine_tokens(fine, state.embed, reuse, selected, self.coarse_grid)
         x, _ = self._run_blocks(self._with_cls(patches, self.vit.pos_embed[:, :1]), None)
-        return self.vit.forward_head(x), selected
+        return self.stage_logits(x, "fine"), selected
 
     # ------------------------------------------------------------------ entry points
     def forward(self, images: torch.Tensor, split_all: Optional[bool] = None) -> CFViTOutput:

@@ -1,11 +1,17 @@
 """A model registry in timm's style: `@register_model` entrypoints, `create_model(name, **overrides)`."""
+import warnings
 from typing import Callable
 
 _model_entrypoints: dict[str, Callable] = {}
 
 
 def register_model(fn: Callable) -> Callable:
-    _model_entrypoints[fn.__name__] = fn
+    name = fn.__name__
+    if name in _model_entrypoints:
+        # as timm: the later registration wins, but say so (two modules defining one name is usually a mistake)
+        warnings.warn(f"Overwriting {name} in the cfvit registry with {fn.__module__}.{name}: the name is "
+                      f"already registered by {_model_entrypoints[name].__module__}.", stacklevel=2)
+    _model_entrypoints[name] = fn
     return fn
 
 

@@ -1,18 +1,26 @@
-"""CF-ViT on LV-ViT-S (Jiang et al., 2021), written on timm's VisionTransformer since timm lacks it.
+"""CF-ViT on LV-ViT-S (Jiang et al., 2021) as the CF-ViT authors run it, written on timm's VisionTransformer.
 
-LV-ViT-S: a 4-conv stem (7x7/2 + two 3x3 convs, then an 8x8/8 projection: stride 16 overall),
-384 dim, 16 blocks, 6 heads, MLP ratio 3. LV-ViT scales each residual branch by 1/skip_lam (2.0);
-here that is timm's LayerScale initialised at 0.5, which holds the same function at init. The
-token-labelling auxiliary head is not included. Weights load in this module's (timm-style) key layout;
-the authors' TokenLabeling checkpoints name the stem and residual scales differently and would need a
-key map, which is not provided (`load_backbone_weights` refuses a file that does not fit).
+LV-ViT-S: a 4-conv stem (7x7/2 + two 3x3 convs with BatchNorm, then an 8x8/8 projection: stride 16
+overall; their `p_emb='4_2'`), 384 dim, 16 blocks, 6 heads, MLP ratio 3, no qkv bias, LayerNorm eps 1e-5
+(PyTorch's default, which LV-ViT keeps), and every residual branch divided by a constant `skip_lam` = 2
+(not a learned scale). The token-labelling head (`aux_head`, a Linear over the patch tokens) belongs to the
+model: its logits are the class logits + 0.25 × the per-class maximum of the head over the tokens
+(`CFViT(aux_head=True)`). `cfvit.from_official` maps the authors' checkpoints onto this layout.
 """
+from functools import partial
+
+import torch
 import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import VisionTransformer
 
 from ..registry import register_model
 from ._build import build_cfvit
+
+# LV-ViT's evaluation data config (the CF-ViT authors evaluate cf_lvvit_small with crop 0.9, bicubic).
+LVVIT_DATA_CFG = {"mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD, "interpolation": "bicubic",
+                  "crop_pct": 0.9, "crop_mode": "center"}
 
 
 class ConvStemEmbed(PatchEmbed):
@@ -37,13 +45,38 @@ class ConvStemEmbed(PatchEmbed):
         return self.norm(x)
 
 
-def _lvvit(**kwargs):
-    return VisionTransformer(embed_layer=ConvStemEmbed, **kwargs)
+class ResidualScale(nn.Module):
+    """LV-ViT's residual scaling: the branch divided by a constant `skip_lam` (no parameter).
+
+    Sits where timm's Block has its LayerScale (`ls1`, `ls2`), so timm's forward and CF-ViT's patched one use it.
+    """
+
+    def __init__(self, skip_lam: float):
+        super().__init__()
+        if skip_lam <= 0:
+            raise ValueError(f"skip_lam must be > 0, got {skip_lam}")
+        self.skip_lam = float(skip_lam)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x / self.skip_lam  # a division, as LV-ViT writes it (x * 0.5 would round differently for other λ)
+
+    def extra_repr(self) -> str:
+        return f"skip_lam={self.skip_lam}"
+
+
+def _lvvit(skip_lam: float = 2.0, **kwargs):
+    kwargs.setdefault("norm_layer", partial(nn.LayerNorm, eps=1e-5))
+    vit = VisionTransformer(embed_layer=ConvStemEmbed, **kwargs)
+    for blk in vit.blocks:
+        blk.ls1, blk.ls2 = ResidualScale(skip_lam), ResidualScale(skip_lam)
+    vit.pretrained_cfg = {**LVVIT_DATA_CFG, "input_size": (vit.patch_embed.in_chans, *vit.patch_embed.img_size)}
+    return vit
 
 
 @register_model
 def cfvit_lvvit_small(**kwargs):
-    """CF-ViT on LV-ViT-S (224 px, 7x7 coarse grid; `coarse_grid=9` for CF-ViT*)."""
-    defaults = dict(patch_size=16, embed_dim=384, depth=16, num_heads=6, mlp_ratio=3.0, qkv_bias=False,
-                    init_values=0.5)
-    return build_cfvit(_lvvit, defaults, 16, 7, kwargs)
+    """CF-ViT on LV-ViT-S with its token-labelling head (224 px, 7x7 coarse grid; `coarse_grid=9` for CF-ViT*)."""
+    model_args = dict(patch_size=16, embed_dim=384, depth=16, num_heads=6, mlp_ratio=3.0, qkv_bias=False,
+                      skip_lam=2.0)
+    kwargs.setdefault("aux_head", True)
+    return build_cfvit(_lvvit, model_args, kwargs, coarse_grid=7)

@@ -43,6 +43,25 @@ def test_stage_flops_match_flop_counter(deit_s):
     assert backbone_macs / 2 / 1e9 == pytest.approx(deit_s.backbone_gflops(), rel=0.02)
 
 
+def test_lvvit_s_counts_its_conv_stem_and_token_labelling_head():
+    torch.manual_seed(0)
+    m = cfvit.create_model("cfvit_lvvit_small").eval()
+    g = m.stage_gflops()
+    # the paper (Table 2): LV-ViT-S 6.6 GFLOPs, CF-ViT on it 6.1 with every image through both stages
+    assert g["coarse"] + g["fine"] == pytest.approx(6.1, abs=0.1)
+    assert m.backbone_gflops() == pytest.approx(6.6, abs=0.1)
+    aux_fine = m.n_fine * 384 * 1000 / 1e9  # the head over every fine-stage patch token
+    assert aux_fine == pytest.approx(0.048, abs=0.001)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        coarse_macs, state = measure_macs(m.coarse_stage, x)
+        fine_macs, _ = measure_macs(m.fine_stage, x, state)
+    assert coarse_macs / 1e9 == pytest.approx(g["coarse"], rel=0.02)  # one image
+    assert fine_macs / 1e9 == pytest.approx(g["fine"], rel=0.02)
+    m.aux_head = None  # without the head the count drops by exactly its share
+    assert g["fine"] - m.stage_gflops()["fine"] == pytest.approx(aux_fine, rel=1e-9)
+
+
 def test_fused_cpu_attention_is_counted(deit_s):
     """Without the custom formula FlopCounterMode skips the CPU flash-attention op (DeiT-S: ~4.25 G)."""
     from torch.utils.flop_counter import FlopCounterMode

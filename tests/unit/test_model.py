@@ -276,6 +276,48 @@ def test_lvvit_small_runs_both_stages():
     assert out.logits.shape == (2, 4) and out.selected.shape == (2, 25)
 
 
+def test_lvvit_is_built_as_its_authors_run_it():
+    torch.manual_seed(0)
+    m = cfvit.create_model("cfvit_lvvit_small", num_classes=5, depth=4, embed_dim=48).eval()
+    blk = m.vit.blocks[0]
+    assert blk.ls1.skip_lam == blk.ls2.skip_lam == 2.0  # a constant: no residual-scale weights to learn or load
+    assert not any(".ls1." in k or ".ls2." in k for k in m.state_dict())
+    assert blk.norm1.eps == m.vit.norm.eps == m.reuse[0].eps == 1e-5
+    assert m.reuse[1].fc1.out_features == blk.mlp.fc1.out_features == 144  # the reuse MLP as wide as the blocks'
+    assert m.aux_head.weight.shape == (5, 48) and blk.attn.qkv.bias is None
+    x = torch.randn(3, 3, 224, 224)
+    normed = []
+    m.vit.norm.register_forward_hook(lambda mod, inp, out: normed.append(out))
+    with torch.no_grad():
+        paper = m.coarse_stage(x)
+        fine_paper, _ = m.fine_stage(x, paper)
+        # class logits + 0.25 × the per-class maximum of the token-labelling head over the patch tokens
+        for tokens, logits in zip(normed, (paper.logits, fine_paper)):
+            expected = m.vit.head(tokens[:, 0]) + 0.25 * m.aux_head(tokens[:, 1:]).amax(dim=1)
+            torch.testing.assert_close(logits, expected)
+        m.logit_scaling = "official"
+        official = m.coarse_stage(x)
+        fine_official, _ = m.fine_stage(x, official)
+    torch.testing.assert_close(official.logits, paper.logits / 1.25)  # the authors' coarse LV-ViT logits
+    torch.testing.assert_close(fine_official, fine_paper)  # their fine logits are not divided
+    with pytest.raises(ValueError, match="logit_scaling"):
+        cfvit.create_model("cfvit_lvvit_small", depth=4, logit_scaling="halved")
+
+
+def test_registering_a_name_twice_warns():
+    from cfvit.registry import _model_entrypoints
+
+    def cfvit_test_duplicate(**kwargs):
+        return None
+
+    try:
+        cfvit.register_model(cfvit_test_duplicate)
+        with pytest.warns(UserWarning, match="Overwriting cfvit_test_duplicate"):
+            cfvit.register_model(cfvit_test_duplicate)
+    finally:
+        _model_entrypoints.pop("cfvit_test_duplicate", None)
+
+
 def test_streaming_pooled_fine_stage_matches_per_batch_inference():
     from cfvit.streaming import infer_stream
 
