@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 
 import cfvit
-from cfvit.losses import cfvit_loss
+from cfvit.losses import step_loss
 from jobs.train.deepspeed import deepspeed_config
 
 
@@ -37,12 +37,12 @@ def _time_steps(step, steps: int, device, warmup: int = 3) -> float:
 
 def _make_step(module, kind: str, x, y, opt_or_engine, bf16: bool, engine=False):
     def forward_loss():
+        # the training job's step (cfvit.losses.step_loss); bf16 by autocast here, by the engine under DeepSpeed
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16 and not engine):
             xin = x.to(torch.bfloat16) if (engine and bf16) else x
-            if kind == "backbone":
+            if kind == "backbone":  # `module` is the plain ViT itself here
                 return F.cross_entropy(module(xin).float(), y)
-            out = module(xin, split_all=kind == "cfvit_split_all")
-            return cfvit_loss(out.coarse_logits.float(), out.fine_logits.float(), y)[0]
+            return step_loss(module, xin, y, split_all=kind == "cfvit_split_all").loss
 
     if engine:
         def step():

@@ -1,4 +1,8 @@
-"""CF-ViT training loss (Eq. 14): CE(fine, y) + KL(coarse ‖ fine.detach())."""
+"""CF-ViT training loss (Eq. 14): CE(fine, y) + KL(coarse ‖ fine.detach()), and the one training step's
+forward + loss that every trainer shares."""
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -39,3 +43,31 @@ def cfvit_loss(
         raise ValueError(f"coarse_loss must be 'kl' or 'ce', got {coarse_loss!r}")
     loss = ce + aux
     return loss, {"ce": float(ce.detach()), coarse_loss: float(aux.detach())}
+
+
+@dataclass
+class StepLoss:
+    """The loss of one training step, its parts, and the logits it came from."""
+
+    loss: torch.Tensor
+    parts: dict[str, float]
+    logits: torch.Tensor  # the fine logits (CF-ViT) or the backbone's
+    coarse_logits: Optional[torch.Tensor] = None
+
+
+def step_loss(model, images: torch.Tensor, target: torch.Tensor, *, split_all: Optional[bool] = None,
+              coarse_loss: str = "kl", smoothing: float = 0.0, backbone_only: bool = False) -> StepLoss:
+    """Forward and loss of one training step — the one every trainer here uses (the Ray Train worker, the
+    paper reproduction, the step benchmark). `model` is a CFViT or anything that calls one (a DeepSpeed
+    engine); `backbone_only` trains its plain ViT (`model.vit`) with the classification loss alone.
+
+    Logits are cast to float32 before the loss: under bf16 (autocast, or a bf16 DeepSpeed engine) the
+    softmax, cross-entropy and KL are still computed in fp32."""
+    if backbone_only:
+        logits = model.vit(images).float()
+        ce = classification_loss(logits, target, smoothing)
+        return StepLoss(ce, {"ce": float(ce.detach())}, logits)
+    out = model(images, split_all=split_all)
+    coarse, fine = out.coarse_logits.float(), out.fine_logits.float()
+    loss, parts = cfvit_loss(coarse, fine, target, coarse_loss=coarse_loss, smoothing=smoothing)
+    return StepLoss(loss, parts, fine, coarse)

@@ -25,7 +25,7 @@ from timm.scheduler import create_scheduler_v2
 
 import cfvit
 from cfvit.data import load_fashion_mnist
-from cfvit.losses import cfvit_loss, classification_loss
+from cfvit.losses import step_loss
 from cfvit.transforms import build_transform
 from jobs.train import batch_transforms
 
@@ -233,15 +233,13 @@ def train_arm(name: str, cfg: ReproConfig, train_set, *, backbone_only: bool = F
         model.train()
         for i, (x, y) in enumerate(loader):
             x, y = x.to(cfg.device, non_blocking=True), y.to(cfg.device, non_blocking=True)
+            # bf16 autocast on a GPU (plain PyTorch, no DeepSpeed here); no label smoothing: the recipe is the
+            # paper's minus its ImageNet regularisers, the same for both arms
             with autocast(cfg.device):
-                if backbone_only:
-                    logits = model.vit(x)
-                    loss = classification_loss(logits, y)
-                else:
-                    out = model(x, split_all=split_all)
-                    loss, _ = cfvit_loss(out.coarse_logits, out.fine_logits, y, coarse_loss=coarse_loss)
-                    logits = out.fine_logits
-                    tot["coarse_correct"] += int((out.coarse_logits.argmax(-1) == y).sum())
+                step = step_loss(model, x, y, split_all=split_all, coarse_loss=coarse_loss, backbone_only=backbone_only)
+            loss, logits = step.loss, step.logits
+            if step.coarse_logits is not None:
+                tot["coarse_correct"] += int((step.coarse_logits.argmax(-1) == y).sum())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params.parameters(), cfg.clip_grad)

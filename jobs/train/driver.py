@@ -22,9 +22,9 @@ from cfvit_common.storage import run_storage
 from jobs.ops.outputs import check_running_job
 
 from .config import ConfigError, JobConfig
-from .data import build_datasets, describe, train_augment
+from .data import Source, build_datasets, describe, train_augment
 from .device_augment import check
-from .worker import EXPORT_DIR, train_loop_per_worker
+from .worker import EXPORT_DIR, WorkerSetup, train_loop_per_worker
 
 ENV_PREFIXES = ("AWS_", "MLFLOW_", "FASHION_MNIST_ROOT")
 
@@ -38,7 +38,24 @@ class TrainingOutcome:
     model_version: Optional[int]
 
 
-def prepare(cfg: JobConfig) -> dict:
+@dataclass
+class Prepared:
+    """What the driver works out once, before anything starts: the data's layout and the model's facts."""
+
+    train_src: Source
+    val_src: Source
+    classes: list[str]
+    data_config: dict
+    stage_gflops: dict[str, float]
+    backbone_gflops: float
+
+    def worker_setup(self, mlflow_run_id: Optional[str], tracking_uri: Optional[str]) -> WorkerSetup:
+        return WorkerSetup(classes=self.classes, data_config=self.data_config, stage_gflops=self.stage_gflops,
+                           backbone_gflops=self.backbone_gflops, mlflow_run_id=mlflow_run_id,
+                           tracking_uri=tracking_uri)
+
+
+def prepare(cfg: JobConfig) -> Prepared:
     """Everything the workers need that the driver can work out once: classes, model facts."""
     try:
         train_src = describe(cfg.data.train, cfg.data.format)
@@ -57,9 +74,8 @@ def prepare(cfg: JobConfig) -> dict:
             check(model.data_config, train_augment(cfg))
         except ValueError as e:
             raise ConfigError(f"data.decode=device: {e}") from None
-    return {"train_src": train_src, "val_src": val_src, "classes": train_src.classes,
-            "data_config": model.data_config, "stage_gflops": model.stage_gflops(),
-            "backbone_gflops": model.backbone_gflops()}
+    return Prepared(train_src=train_src, val_src=val_src, classes=train_src.classes, data_config=model.data_config,
+                    stage_gflops=model.stage_gflops(), backbone_gflops=model.backbone_gflops())
 
 
 def init_ray(cfg: JobConfig, min_cpus: Optional[float] = None) -> None:
@@ -90,17 +106,16 @@ def run_training(cfg: JobConfig, *, callbacks: Optional[list] = None, parent_run
                            mlflow_run_id=run_id, model_version=version)
 
 
-def build_trainer(cfg: JobConfig, prep: dict, run_id: Optional[str], uri: str, callbacks: Optional[list] = None):
+def build_trainer(cfg: JobConfig, prep: Prepared, run_id: Optional[str], uri: str,
+                  callbacks: Optional[list] = None) -> TorchTrainer:
     """The `TorchTrainer`: workers, storage, failure handling and the Ray Data inputs of one job."""
     ray.data.DataContext.get_current().enable_progress_bars = False  # the epoch lines are the progress
-    meta = {k: prep[k] for k in ("classes", "data_config", "stage_gflops", "backbone_gflops")}
-    meta.update(mlflow_run_id=run_id, tracking_uri=uri)
     env = {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES)}
     if run_id:
         env["MLFLOW_TRACKING_URI"] = uri
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": cfg.model_dump(mode="json"), "meta": meta},
+        train_loop_config={"job": cfg, "setup": prep.worker_setup(run_id, uri)},
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker={"CPU": cfg.scaling.cpus_per_worker,
@@ -111,5 +126,5 @@ def build_trainer(cfg: JobConfig, prep: dict, run_id: Optional[str], uri: str, c
             failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
             callbacks=callbacks, worker_runtime_env={"env_vars": env}),
-        datasets=build_datasets(cfg, prep["data_config"], prep["train_src"], prep["val_src"]),
+        datasets=build_datasets(cfg, prep.data_config, prep.train_src, prep.val_src),
     )

@@ -1,7 +1,7 @@
 """What every Ray Train worker runs: set up the DeepSpeed engine, then per epoch train, validate, report.
 
 `train_loop_per_worker(config)` reports per-epoch metrics with `ray.train.report`, so it works under Ray
-Tune as well. Ray is imported inside the functions: this module loads without it (unit tests).
+Tune as well. The driver hands each worker a `WorkerSetup`; an epoch's figures add up in `EpochSums`.
 """
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import deepspeed
 import numpy as np
@@ -28,7 +28,7 @@ from timm.scheduler import create_scheduler_v2
 
 import cfvit
 from cfvit.budget import agreement_profile, eta_curve, eta_table, point_at
-from cfvit.losses import cfvit_loss
+from cfvit.losses import step_loss
 from cfvit_common import tracking
 from cfvit_common.logs import PROGRESS_TAG
 
@@ -43,10 +43,47 @@ EXPORT_DIR = "model"  # cfvit.save export inside a Ray checkpoint (for serving)
 STATE_FILE = "train_state.json"
 
 
+@dataclass(frozen=True)
+class WorkerSetup:
+    """What the driver works out once and every training worker receives (with the job's config)."""
+
+    classes: list[str]
+    data_config: dict
+    stage_gflops: dict[str, float]
+    backbone_gflops: float
+    mlflow_run_id: Optional[str] = None
+    tracking_uri: Optional[str] = None
+
+
+@dataclass
+class EpochSums:
+    """What one worker adds up over an epoch; `all_reduced()` sums it over every rank."""
+
+    loss: float = 0.0  # loss × images
+    ce: float = 0.0  # fine cross-entropy × images
+    aux: float = 0.0  # the coarse loss (KL or CE) × images
+    images: float = 0.0  # mixup-weighted: a micro-batch of only corrupt images counts 0
+    skipped: float = 0.0  # corrupt or unlabelled images dropped
+    wait_s: float = 0.0  # seconds waiting for the next batch from Ray Data
+
+    def add_step(self, step, images: float, skipped: int, aux_key: str) -> None:
+        self.loss += float(step.loss.detach()) * images
+        self.ce += step.parts["ce"] * images
+        self.aux += step.parts[aux_key] * images
+        self.images += images
+        self.skipped += skipped
+
+    def all_reduced(self) -> "EpochSums":
+        t = torch.tensor(astuple(self), dtype=torch.float64)
+        if dist.is_initialized():
+            dist.all_reduce(t)
+        return EpochSums(*t.tolist())
+
+
 @dataclass
 class Worker:
     cfg: JobConfig
-    meta: dict
+    setup: WorkerSetup
     rank: int
     engine: Any
     optimizer: Any
@@ -59,8 +96,7 @@ class Worker:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    cfg = JobConfig.model_validate(config["job"])
-    w = setup(cfg, config["meta"])
+    cfg, w = config["job"], setup(config["job"], config["setup"])
     for epoch in range(w.start_epoch, cfg.schedule.epochs):
         _kill_drill(cfg, epoch, w.rank)
         t0 = time.perf_counter()
@@ -73,12 +109,12 @@ def train_loop_per_worker(config: dict) -> None:
         metrics["eta_seconds"] = (cfg.schedule.epochs - epoch - 1) * (sum(w.history[-3:]) / len(w.history[-3:]))
         if w.rank == 0:
             _say(epoch_line(cfg, metrics))
-            if w.meta.get("mlflow_run_id"):
-                _log_epoch(w.meta, metrics, curve, epoch, f"{cfg.name} epoch {epoch + 1}")
+            if w.setup.mlflow_run_id:
+                _log_epoch(w.setup, metrics, curve, epoch, f"{cfg.name} epoch {epoch + 1}")
         checkpoint(w, epoch, metrics, curve)
 
 
-def setup(cfg: JobConfig, meta: dict) -> Worker:
+def setup(cfg: JobConfig, facts: WorkerSetup) -> Worker:
     """Model, optimizer, timm scheduler, DeepSpeed engine, mixup; resume from Ray's last checkpoint."""
     # DeepSpeed's ZeRO calls a torch.distributed API that warns on every step: keep the epoch lines readable.
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
@@ -91,7 +127,7 @@ def setup(cfg: JobConfig, meta: dict) -> Worker:
     _say(f"[worker] rank {rank} on node {ray.get_runtime_context().get_node_id()}")
     torch.manual_seed(cfg.seed + rank)
     on_gpu = cfg.scaling.use_gpu and torch.cuda.is_available()
-    n_classes = len(meta["classes"])
+    n_classes = len(facts.classes)
     model = cfvit.create_model(cfg.model.name, **cfg.model.create_kwargs(n_classes))
     o, s = cfg.optim, cfg.schedule
     optimizer = create_optimizer_v2(model, opt=o.opt, lr=o.lr, weight_decay=o.weight_decay,
@@ -106,7 +142,7 @@ def setup(cfg: JobConfig, meta: dict) -> Worker:
     a = cfg.augment
     mixup = Mixup(mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, prob=a.mixup_prob, switch_prob=a.mixup_switch_prob,
                   label_smoothing=a.label_smoothing, num_classes=n_classes) if (a.mixup or a.cutmix) else None
-    w = Worker(cfg, meta, rank, engine, optimizer, scheduler, dtype, mixup)
+    w = Worker(cfg, facts, rank, engine, optimizer, scheduler, dtype, mixup)
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
@@ -130,7 +166,7 @@ def train_epoch(w: Worker, epoch: int) -> dict:
     engine.module.split_all = split_all
     w.scheduler.step(epoch)
     engine.train()
-    sums = np.zeros(6)  # loss*n, ce*n, aux*n, images, skipped, seconds waiting for data
+    sums = EpochSums()
     buffer = cfg.data.shuffle_buffer or None
     # Files are shuffled per epoch by the reader; the buffer also mixes images within files/blocks.
     # Seeded per epoch and rank: reproducible, different each epoch.
@@ -145,38 +181,37 @@ def train_epoch(w: Worker, epoch: int) -> dict:
             t_wait = time.perf_counter()
             batch = next(it, None)
             watchdog.tick()
-            sums[5] += time.perf_counter() - t_wait
+            sums.wait_s += time.perf_counter() - t_wait
             if batch is None:
                 break
-            sums += _train_step(w, batch)
+            _train_step(w, batch, sums)
             step += 1
             last_report = _progress(w, epoch, step, sums, t0, last_report)
     train_s = time.perf_counter() - t0
 
-    loss_sum, ce_sum, aux_sum, images, skipped, wait_s = _sum(list(sums))
-    world = _world()
+    total = sums.all_reduced()
+    n = max(total.images, 1)
     return {
-        "epoch": epoch, "train_loss": loss_sum / max(images, 1), "train_ce": ce_sum / max(images, 1),
-        f"train_{cfg.model.coarse_loss}": aux_sum / max(images, 1), "train_images": images,
-        "images_per_s": images / train_s if train_s else 0.0, "lr": w.optimizer.param_groups[0]["lr"],
-        "split_all": int(split_all), "train_skipped_images": skipped, "skipped_images": skipped,
-        "data_wait_share": (wait_s / world) / train_s if train_s else 0.0,
+        "epoch": epoch, "train_loss": total.loss / n, "train_ce": total.ce / n,
+        f"train_{cfg.model.coarse_loss}": total.aux / n, "train_images": total.images,
+        "images_per_s": total.images / train_s if train_s else 0.0, "lr": w.optimizer.param_groups[0]["lr"],
+        "split_all": int(split_all), "train_skipped_images": total.skipped, "skipped_images": total.skipped,
+        "data_wait_share": (total.wait_s / _world()) / train_s if train_s else 0.0,
         "start_epoch": w.start_epoch,  # where this worker group (re)started: shows resumes
     }
 
 
-def _train_step(w: Worker, batch: dict) -> list[float]:
-    """Forward, loss, backward, optimizer step on one micro-batch → [loss·n, ce·n, aux·n, n, skipped, 0]."""
+def _train_step(w: Worker, batch: dict, sums: EpochSums) -> None:
+    """Forward, loss, backward, optimizer step on one micro-batch (added to `sums`). No autocast: DeepSpeed
+    holds the weights in the training precision and the inputs are cast to it. Label smoothing only without
+    mixup/cutmix, whose soft targets carry it already."""
     cfg, engine = w.cfg, w.engine
     x, y, weight, skipped = _valid_part(batch, w.mixup)
-    out = engine(x.to(engine.device, w.dtype))
-    loss, parts = cfvit_loss(out.coarse_logits.float(), out.fine_logits.float(), y.to(engine.device),
-                             coarse_loss=cfg.model.coarse_loss,
-                             smoothing=0.0 if w.mixup is not None else cfg.augment.label_smoothing)
-    engine.backward(loss * weight)
+    step = step_loss(engine, x.to(engine.device, w.dtype), y.to(engine.device), coarse_loss=cfg.model.coarse_loss,
+                     smoothing=0.0 if w.mixup is not None else cfg.augment.label_smoothing)
+    engine.backward(step.loss * weight)
     engine.step()
-    n = len(x) * weight
-    return [float(loss.detach()) * n, parts["ce"] * n, parts[cfg.model.coarse_loss] * n, n, skipped, 0]
+    sums.add_step(step, len(x) * weight, skipped, cfg.model.coarse_loss)
 
 
 def _valid_part(batch: dict, mixup):
@@ -204,14 +239,14 @@ def _batches(w: Worker, role: str, epoch: int = 0, **kw):
         return shard.iter_torch_batches(**kw)
 
     aug = train_augment(w.cfg) if role == "train" else None
-    return device_augment.batches(shard.iter_batches(batch_format="numpy", **kw), w.meta["data_config"], aug,
+    return device_augment.batches(shard.iter_batches(batch_format="numpy", **kw), w.setup.data_config, aug,
                                   w.engine.device, seed=(w.cfg.seed, epoch, w.rank))
 
 
 
 def validate(w: Worker, metrics: dict):
     """Coarse / fine top-1 and the exact accuracy–GFLOPs curve over η (rank 0 gathers every shard)."""
-    engine, meta = w.engine, w.meta
+    engine, facts = w.engine, w.setup
     engine.eval()
     cp, fp, ys, skipped = [], [], [], 0
     with torch.no_grad():
@@ -229,8 +264,8 @@ def validate(w: Worker, metrics: dict):
     if w.rank != 0 or not any(p[2] for p in parts):
         return None
     cat = lambda i: np.concatenate([a for p in parts for a in p[i]])  # noqa: E731
-    (cprob, fprob), labels = _as_probs(cat(0), cat(1), len(meta["classes"])), cat(2)
-    g = meta["stage_gflops"]
+    (cprob, fprob), labels = _as_probs(cat(0), cat(1), len(facts.classes)), cat(2)
+    g = facts.stage_gflops
     curve = eta_curve(cprob, fprob, labels, coarse_gflops=g["coarse"], fine_gflops=g["fine"])
     at_half = point_at(cprob, fprob, labels, 0.5, coarse_gflops=g["coarse"], fine_gflops=g["fine"])
     metrics.update({"val_images": len(labels), "val_coarse_top1": float((cprob.argmax(1) == labels).mean()),
@@ -253,7 +288,7 @@ def checkpoint(w: Worker, epoch: int, metrics: dict, curve) -> None:
         w.engine.save_checkpoint(d, tag=DS_TAG)  # every rank writes its ZeRO shard; Ray merges the dirs
         if w.rank == 0:
             (Path(d) / STATE_FILE).write_text(json.dumps({"epoch": epoch, "epoch_seconds": w.history}))
-            _export(w.engine.module, Path(d) / EXPORT_DIR, w.meta, cfg, curve, epoch)
+            _export(w.engine.module, Path(d) / EXPORT_DIR, w.setup, cfg, curve, epoch)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))  # uploads, with retries
     took = time.perf_counter() - t0
     if took >= cfg.checkpoint.slow_write_s:  # say so: the epoch line would not (storage slow or away?)
@@ -279,15 +314,15 @@ def _say(line: str) -> None:
     sys.stdout.flush()
 
 
-def _progress(w: Worker, epoch: int, step: int, sums, t0: float, last: float) -> float:
+def _progress(w: Worker, epoch: int, step: int, sums: EpochSums, t0: float, last: float) -> float:
     """Rank 0, every `log.progress_every_s`: a progress record of the running epoch (`cfvit pipeline` draws
     it as a bar). Local figures of rank 0; the epoch line has the all-reduced ones."""
     every, now = w.cfg.log.progress_every_s, time.perf_counter()
     if w.rank != 0 or not every or now - last < every:
         return last
 
-    rec = {"epoch": epoch + 1, "epochs": w.cfg.schedule.epochs, "step": step, "loss": sums[0] / max(sums[3], 1),
-           "images_per_s": sums[3] * _world() / max(now - t0, 1e-9), "split_all": bool(w.engine.module.split_all)}
+    rec = {"epoch": epoch + 1, "epochs": w.cfg.schedule.epochs, "step": step, "loss": sums.loss / max(sums.images, 1),
+           "images_per_s": sums.images * _world() / max(now - t0, 1e-9), "split_all": bool(w.engine.module.split_all)}
     _say(PROGRESS_TAG + json.dumps(rec))
     return now
 
@@ -302,13 +337,6 @@ def _gather(obj):
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-def _sum(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
 
 
 def _kill_drill(cfg: JobConfig, epoch: int, rank: int) -> None:
@@ -335,28 +363,28 @@ def _as_probs(coarse_conf_pred, fine_pred, num_classes: int):
     return cp, fp
 
 
-def _log_epoch(meta, metrics, curve, epoch, title) -> None:
+def _log_epoch(facts: WorkerSetup, metrics, curve, epoch, title) -> None:
     try:
-        tracking.log_metrics(meta["tracking_uri"], meta["mlflow_run_id"], metrics, step=epoch)
+        tracking.log_metrics(facts.tracking_uri, facts.mlflow_run_id, metrics, step=epoch)
         if curve is not None:
-            tracking.log_curve(meta["tracking_uri"], meta["mlflow_run_id"], curve, meta["backbone_gflops"], title)
+            tracking.log_curve(facts.tracking_uri, facts.mlflow_run_id, curve, facts.backbone_gflops, title)
     except Exception as e:  # a tracking outage must not cost the training run
         print(f"[warning] MLflow logging failed at epoch {epoch + 1}: {e}", flush=True)
 
 
-def _export(module, path: Path, meta: dict, cfg: JobConfig, curve, epoch: int) -> None:
+def _export(module, path: Path, facts: WorkerSetup, cfg: JobConfig, curve, epoch: int) -> None:
 
 
 
     # export fp32 weights whatever the training precision
     model = module if next(module.parameters()).dtype == torch.float32 else copy.deepcopy(module).float()
-    g = meta["stage_gflops"]
+    g = facts.stage_gflops
     budgets = cfg.schedule.budgets or [g["coarse"] + f * g["fine"] for f in (0.25, 0.5, 0.75, 1.0)]
     table = eta_table(curve, budgets) if curve is not None else []
     was = model.split_all
     model.split_all = False  # exported for inference: informative selection
     # `data.val`: what `cfvit calibrate` re-calibrates on when no --data is given
-    cfvit.save(model, path, class_names=meta["classes"], eta_table=table, trained_epochs=epoch + 1,
+    cfvit.save(model, path, class_names=facts.classes, eta_table=table, trained_epochs=epoch + 1,
                job=cfg.name, data={"val": cfg.data.val},
                agreement_profile=agreement_profile(curve) if curve is not None else [])
     model.split_all = was

@@ -45,7 +45,7 @@ def make_plan(cfg: JobConfig, settings: TuneSettings) -> Plan:
     except ValidationError as e:
         raise ConfigError(f"the shortened trial config is invalid: {e}") from None
     prep = prepare(short)
-    backbone = float(prep["backbone_gflops"])
+    backbone = float(prep.backbone_gflops)
     try:
         budgets = parse_budgets(settings.budgets, backbone)
     except BudgetSpecError as e:
