@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
 import httpx
@@ -105,25 +106,45 @@ def table_accuracy(table: Optional[List[Dict[str, float]]], eta: Optional[float]
     return float(min(pts, key=lambda p: abs(p["eta"] - eta))["accuracy"])
 
 
-def run_burst(checkpoint: str, rate: float, burst_factor: float = 3.0, steady_s: float = 15.0, burst_s: float = 20.0,
-              after_s: float = 20.0, slo_ms: float = 100.0, min_eta: Optional[float] = None,
-              max_accuracy_drop: Optional[float] = None, eta: float = 0.5, stages: str = "split", replicas: int = 1,
-              batch_size: int = 16, port: int = 8123, seed: int = 0) -> Dict[str, Any]:
+@dataclass
+class BurstSettings:
+    """One `cfvit bench serve --burst` run: the traffic step, SLO mode's settings and the deployment."""
+
+    checkpoint: str
+    rate: float  # steady requests/s
+    burst_factor: float = 3.0  # load during the burst ÷ steady load
+    steady_s: float = 15.0
+    burst_s: float = 20.0
+    after_s: float = 20.0
+    slo_ms: float = 100.0  # SLO mode's p99 target
+    min_eta: Optional[float] = None
+    max_accuracy_drop: Optional[float] = None
+    eta: float = 0.5
+    stages: str = "split"
+    replicas: int = 1
+    batch_size: int = 16
+    port: int = 8123
+    seed: int = 0
+
+
+def run_burst(s: BurstSettings) -> Dict[str, Any]:
     """Deploy the checkpoint twice (SLO mode off, then on), send the same arrival schedule to each."""
+    checkpoint, rate, burst_factor, eta, stages, port = s.checkpoint, s.rate, s.burst_factor, s.eta, s.stages, s.port
+    steady_s, burst_s, after_s, slo_ms, seed = s.steady_s, s.burst_s, s.after_s, s.slo_ms, s.seed
     phases = [(steady_s, rate), (burst_s, burst_factor * rate), (after_s, rate)]
     times = arrivals(phases, seed)
     files, labels = labelled_images(2000)
     bounds = {"steady": (0, steady_s), "burst": (steady_s, steady_s + burst_s),
               "after": (steady_s + burst_s, steady_s + burst_s + after_s)}
-    slo = {"latency_slo_ms": slo_ms, "min_eta": min_eta, "max_accuracy_drop": max_accuracy_drop,
+    slo = {"latency_slo_ms": slo_ms, "min_eta": s.min_eta, "max_accuracy_drop": s.max_accuracy_drop,
            "slo_window_s": 2.0, "slo_check_s": 0.5, "slo_min_samples": 10}
     result: Dict[str, Any] = {"checkpoint": checkpoint, "rate": rate, "burst_factor": burst_factor, "phases": bounds,
-                              "slo_ms": slo_ms, "eta": eta, "stages": stages, "replicas": replicas, "runs": {}}
+                              "slo_ms": slo_ms, "eta": eta, "stages": stages, "replicas": s.replicas, "runs": {}}
     started = start_ray(None)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         for mode, extra in (("slo-off", {}), ("slo-on", slo)):
-            args = {**system_args(stages, checkpoint, eta, replicas, batch_size), **extra, "shadow_fraction": 0.0}
+            args = {**system_args(stages, checkpoint, eta, s.replicas, s.batch_size), **extra, "shadow_fraction": 0.0}
             info = _deploy(args, f"burst-{mode}", port)
             url = f"http://127.0.0.1:{port}/v1/classify"
             asyncio.run(open_loop(url, files, labels, arrivals([(3.0, rate)], seed + 1)))  # warm-up, not counted

@@ -179,31 +179,35 @@ def bench_serve(
 ):
     """Throughput, p50/p99 latency and per-hop timings of CF-ViT deployments vs the plain backbone,
     same hardware, next to the offline ratio of the same checkpoint (or, with --burst, a traffic step)."""
-    from .serve import DEFAULT_SYSTEMS, print_report, run_bench
+    from .serve import DEFAULT_SYSTEMS, ServeBenchSettings, print_report, run_bench
 
     if burst:
-        _bench_burst(checkpoint, rate, burst_factor, phases, slo_ms, min_eta, max_accuracy_drop, eta,
-                     (system or ["split"])[0], replicas, batch_size, port, plot, json_out)
+        from .burst import BurstSettings
+
+        try:
+            steady, burst_s, after = (float(p) for p in phases.split(","))
+        except ValueError:
+            raise typer.BadParameter(f"--phases wants three numbers of seconds, got {phases!r}") from None
+        settings = BurstSettings(checkpoint=checkpoint, rate=rate, burst_factor=burst_factor, steady_s=steady,
+                                 burst_s=burst_s, after_s=after, slo_ms=slo_ms, min_eta=min_eta,
+                                 max_accuracy_drop=max_accuracy_drop, eta=eta, stages=(system or ["split"])[0],
+                                 replicas=replicas, batch_size=batch_size, port=port)
+        _bench_burst(settings, plot, json_out)
         return
 
     levels: List[int] = [int(c) for c in concurrency.split(",") if c.strip()]
-    result = run_bench(checkpoint, levels=levels, duration_s=duration, warmup_s=warmup, eta=eta,
-                       exit_rate=exit_rate, n_images=images, replicas=replicas, port=port,
-                       systems=system or DEFAULT_SYSTEMS, batch_size=batch_size, per_request=per_request)
+    result = run_bench(ServeBenchSettings(checkpoint, levels=levels, duration_s=duration, warmup_s=warmup, eta=eta,
+                                          exit_rate=exit_rate, n_images=images, replicas=replicas, port=port,
+                                          systems=system or DEFAULT_SYSTEMS, batch_size=batch_size,
+                                          per_request=per_request))
     print_report(result)
     _write_json(json_out, result)
 
 
-def _bench_burst(checkpoint, rate, factor, phases, slo_ms, min_eta, max_drop, eta, stages, replicas, batch_size,
-                 port, plot, json_out) -> None:
+def _bench_burst(settings, plot: Optional[str], json_out: Optional[str]) -> None:
     from .burst import plot_burst, print_burst, run_burst
 
-    try:
-        steady, burst_s, after = (float(p) for p in phases.split(","))
-    except ValueError:
-        raise typer.BadParameter(f"--phases wants three numbers of seconds, got {phases!r}") from None
-    result = run_burst(checkpoint, rate, factor, steady, burst_s, after, slo_ms, min_eta, max_drop, eta, stages,
-                       replicas, batch_size, port)
+    result = run_burst(settings)
     print_burst(result)
     if plot:
         plot_burst(result, plot)

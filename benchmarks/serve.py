@@ -11,6 +11,7 @@ import io
 import json
 import os
 import time
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
 import httpx
@@ -212,10 +213,29 @@ def _model_cfg(checkpoint: str) -> Dict[str, Any]:
     return json.loads((resolve_checkpoint(checkpoint) / "config.json").read_text())
 
 
-def run_bench(checkpoint: str, levels: List[int], duration_s: float = 10.0, warmup_s: float = 2.0,
-              eta: float = 0.5, exit_rate: Optional[float] = None, n_images: int = 256, replicas: int = 1,
-              port: int = 8123, systems: Sequence[str] = DEFAULT_SYSTEMS, batch_size: int = 16,
-              offline_batches: int = 6, per_request: int = 1) -> Dict[str, Any]:
+@dataclass
+class ServeBenchSettings:
+    """One `cfvit bench serve` run: the systems deployed one after the other and the load sent to each."""
+
+    checkpoint: str
+    levels: List[int] = field(default_factory=lambda: [1, 4, 16, 32])  # closed-loop client counts
+    duration_s: float = 10.0
+    warmup_s: float = 2.0
+    eta: float = 0.5
+    exit_rate: Optional[float] = None  # pick η so this share of the bench images exits (offline)
+    n_images: int = 256
+    replicas: int = 1
+    port: int = 8123
+    systems: Sequence[str] = DEFAULT_SYSTEMS
+    batch_size: int = 16
+    offline_batches: int = 6
+    per_request: int = 1
+
+
+def run_bench(s: ServeBenchSettings) -> Dict[str, Any]:
+    checkpoint, levels, duration_s, warmup_s, exit_rate = s.checkpoint, s.levels, s.duration_s, s.warmup_s, s.exit_rate
+    replicas, port, systems, batch_size, per_request = s.replicas, s.port, s.systems, s.batch_size, s.per_request
+    n_images, offline_batches, eta = s.n_images, s.offline_batches, s.eta
     cfg = _model_cfg(checkpoint)
     files = bench_images({"name": cfg.get("name") or cfg.get("model_name"),
                           "input_size": cfg["data_config"]["input_size"]}, n_images)

@@ -1,4 +1,6 @@
 """cfvit: the CF-ViT coarse-to-fine vision transformer (pure PyTorch + timm; no Ray)."""
+import timm
+
 from . import budget, calibration, losses, official
 from . import models as _models  # noqa: F401  (registers the models)
 from .checkpoint import CheckpointError, load, load_backbone_weights, save
@@ -14,8 +16,6 @@ def from_timm(model_or_name, coarse_grid=None, alpha: float = 0.5, beta: float =
               selection: str = "gca", reuse: str = "mlp", **timm_kwargs) -> CFViT:
     """Wrap a timm VisionTransformer (an instance, or a timm model name built without weights) as CF-ViT."""
     if isinstance(model_or_name, str):
-        import timm
-
         timm_kwargs.setdefault("pretrained", False)
         model_or_name = timm.create_model(model_or_name, **timm_kwargs)
     return CFViT(model_or_name, coarse_grid=coarse_grid, alpha=alpha, beta=beta, gca_start_block=gca_start_block,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
+import torch
 
 from .budget import Budget, BudgetError, BudgetSpecError, eta_curve, eta_for_budget, eta_table
 
@@ -143,8 +144,6 @@ def record_probs(model, batches: Iterable[tuple[np.ndarray, np.ndarray]], settin
     """One pass over the data; for each (α, β) the coarse and fine softmax probabilities of every image.
 
     Softmax is taken in float32 of the float logits, exactly as `model.infer` compares against η."""
-    import torch
-
     saved = (model.alpha, model.beta)
     acc = [([], [], []) for _ in settings]
     try:

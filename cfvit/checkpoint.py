@@ -11,6 +11,10 @@ from typing import Optional
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from timm.layers import resample_abs_pos_embed
+from timm.models.vision_transformer import checkpoint_filter_fn
+
+from .registry import create_model
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -131,8 +135,6 @@ def read_pth(path) -> object:
 
 def load(path, map_location="cpu"):
     """Rebuild a model saved by `save` and load its weights (strict: every tensor must match)."""
-    from .registry import create_model
-
     path = Path(path)
     config = read_config(path)
     weights = path / WEIGHTS
@@ -157,9 +159,6 @@ def load_backbone_weights(model, path) -> dict:
     The coarse position table is re-derived from the loaded fine one. A classifier with another number of
     classes is left at its fresh initialisation. Returns {"missing": [...], "unexpected": [...]}.
     """
-    from timm.layers import resample_abs_pos_embed
-    from timm.models.vision_transformer import checkpoint_filter_fn
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"backbone checkpoint {path} not found")

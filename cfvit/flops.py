@@ -8,7 +8,6 @@ count them either).
 """
 import torch
 import torch.nn as nn
-
 import torch.utils.flop_counter as flop_counter
 
 

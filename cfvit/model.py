@@ -13,6 +13,7 @@ from timm.layers import Mlp, resample_abs_pos_embed, trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 
 from . import coarse_to_fine as c2f
+from .flops import expected_gflops, stage_macs
 from .patch import apply_patch
 
 REUSES = ("mlp", "linear", "none")
@@ -344,21 +345,15 @@ class CFViT(nn.Module):
     # ------------------------------------------------------------------ cost
     def stage_gflops(self) -> dict[str, float]:
         """Per-image multiply-accumulates (G, fvcore convention) of the coarse and the fine stage."""
-        from .flops import stage_macs
-
         macs = stage_macs(self)
         return {"coarse": macs["coarse"] / 1e9, "fine": macs["fine"] / 1e9}
 
     def expected_gflops(self, exit_fraction: float) -> float:
         """Average GFLOPs per image when `exit_fraction` of the images exit at the coarse stage."""
-        from .flops import expected_gflops
-
         return expected_gflops(self.stage_gflops(), exit_fraction)
 
     def backbone_gflops(self) -> float:
         """The plain backbone on every fine patch (the baseline CF-ViT is compared against)."""
-        from .flops import stage_macs
-
         return stage_macs(self)["backbone"] / 1e9
 
 

@@ -3,6 +3,7 @@ import io
 
 from PIL import Image, UnidentifiedImageError
 from timm.data import create_transform
+from torchvision import transforms as T
 
 # Refuse decompression bombs well below PIL's default warning size.
 MAX_IMAGE_PIXELS = 64_000_000
@@ -54,8 +55,6 @@ def build_transform(data_config: dict, is_training: bool = False, **aug):
     Training augmentation options (auto_augment, re_prob, scale, hflip, ...) pass through to
     `timm.data.create_transform`. The eval transform is the one serving uses.
     """
-    from torchvision import transforms as T
-
     in_chans, size = data_config["input_size"][0], data_config["input_size"][1:]
     kwargs = dict(input_size=(in_chans, *size), mean=data_config["mean"], std=data_config["std"],
                   interpolation=data_config.get("interpolation", "bilinear"))

@@ -2,6 +2,8 @@
 import math
 
 import numpy as np
+from matplotlib.figure import Figure  # the object API: no pyplot state, no display backend
+from matplotlib.patches import Rectangle
 
 
 def _to_hwc(img, mean=None, std=None) -> np.ndarray:
@@ -24,16 +26,11 @@ def draw_regions(images, selected, coarse_grid: int, titles=None, mean=None, std
     images: (B, C, H, W) tensors (normalised with mean/std, if given) or HxW[xC] arrays.
     selected: (B, k) coarse indices (rows of -1, as `infer` gives for early exits, are drawn plain).
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
-
     n = len(images)
     ncols = max(1, min(ncols, n))
     nrows = math.ceil(n / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(1.8 * ncols, 1.9 * nrows), squeeze=False)
+    fig = Figure(figsize=(1.8 * ncols, 1.9 * nrows))
+    axes = fig.subplots(nrows, ncols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for i in range(n):

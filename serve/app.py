@@ -39,7 +39,7 @@ from .messages import StageAnswer
 from .model_host import checkpoint_version, load_model
 from .samples import sample_images
 from .schemas import BatchPrediction, ClassifyJSON, ErrorBody, Health, ModelInfo, Prediction, Samples, TopClass
-from .settings import ETA_MAX, ETA_MIN, AppArgs
+from .settings import ETA_MAX, ETA_MIN, AppArgs, StageOptions
 from .slo import governor_for
 from .timing import server_timing
 
@@ -169,9 +169,9 @@ class CFViTIngress:
     images of a request in one call to `model` (CoarseStage, FusedStage or BackboneStage, as `stages`
     says) and, for split, the hard images' object-store references in one call to `fine`."""
 
-    def __init__(self, model: DeploymentHandle, fine: Optional[DeploymentHandle], args: Dict[str, Any]):
+    def __init__(self, model: DeploymentHandle, fine: Optional[DeploymentHandle], args: AppArgs):
         torch.set_num_threads(1)
-        self.args = AppArgs(**args)
+        self.args = args
         self.model, self.fine = model, fine
         # The ingress only pre-processes: it reads the model's description and drops the weights.
         model, local = load_model(self.args.checkpoint)
@@ -391,7 +391,7 @@ class CFViTIngress:
                           regions=answer.selected)
 
 
-def _stage_options(deployment, opts, name: str):
+def _stage_options(deployment, opts: StageOptions, name: str):
     return deployment.options(
         name=name,
         ray_actor_options={"num_cpus": opts.num_cpus, "num_gpus": opts.num_gpus,
@@ -403,22 +403,23 @@ def _stage_options(deployment, opts, name: str):
     )
 
 
-def build_app(args: Dict[str, Any]) -> Application:
-    """Serve application builder: `args` as in `serve.settings.AppArgs`."""
-    cfg = AppArgs(**(args.model_dump() if isinstance(args, AppArgs) else args))
+def build_app(args: AppArgs) -> Application:
+    """The Serve application builder, typed as Ray's application builders are: `serve run serve.app:build_app
+    k=v …` and a config file's `args:` reach it validated as `AppArgs` (unknown keys refused by name). Called
+    directly, a plain dict of the same arguments is validated the same way."""
+    cfg = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
     fine = None
     if cfg.stages == "backbone":
-        model = _stage_options(BackboneStage, cfg.coarse, "BackboneStage").bind(cfg.checkpoint, cfg.coarse.model_dump())
+        model = _stage_options(BackboneStage, cfg.coarse, "BackboneStage").bind(cfg.checkpoint, cfg.coarse)
     elif cfg.stages == "fused":
-        model = _stage_options(FusedStage, cfg.fused, "FusedStage").bind(cfg.checkpoint, cfg.fused.model_dump())
+        model = _stage_options(FusedStage, cfg.fused, "FusedStage").bind(cfg.checkpoint, cfg.fused)
     else:
-        model = _stage_options(CoarseStage, cfg.coarse, "CoarseStage").bind(cfg.checkpoint, cfg.coarse.model_dump(),
-                                                                           cfg.handoff)
-        fine = _stage_options(FineStage, cfg.fine, "FineStage").bind(cfg.checkpoint, cfg.fine.model_dump())
+        model = _stage_options(CoarseStage, cfg.coarse, "CoarseStage").bind(cfg.checkpoint, cfg.coarse, cfg.handoff)
+        fine = _stage_options(FineStage, cfg.fine, "FineStage").bind(cfg.checkpoint, cfg.fine)
     ingress = CFViTIngress.options(
         ray_actor_options={"num_cpus": cfg.ingress_num_cpus,
                            **({"resources": cfg.ingress_resources} if cfg.ingress_resources else {})},
         **({"autoscaling_config": cfg.ingress_autoscaling_config} if cfg.ingress_autoscaling_config
            else {"num_replicas": 1}),
     )
-    return ingress.bind(model, fine, cfg.model_dump())
+    return ingress.bind(model, fine, cfg)

@@ -34,7 +34,7 @@ def serve_cmd(
                   address=address, num_cpus=num_cpus, echo=typer.echo)
 
 
-def _app_args(checkpoint: str, eta: float, stages: str, max_replicas: int, max_images: int) -> dict:
+def _app_args(checkpoint: str, eta: float, stages: str, max_replicas: int, max_images: int) -> AppArgs:
     args = AppArgs(checkpoint=checkpoint, eta=eta, stages=stages, max_images=max_images)
     args.coarse.autoscaling_config["max_replicas"] = max(1, max_replicas)
     args.fused.autoscaling_config["max_replicas"] = max(1, max_replicas)
@@ -42,4 +42,4 @@ def _app_args(checkpoint: str, eta: float, stages: str, max_replicas: int, max_i
     for cfg in (args.coarse.autoscaling_config, args.fine.autoscaling_config, args.fused.autoscaling_config):
         cfg["min_replicas"] = min(cfg["min_replicas"], cfg["max_replicas"])
         cfg["initial_replicas"] = min(cfg["initial_replicas"], cfg["max_replicas"])
-    return args.model_dump()
+    return args

@@ -76,8 +76,8 @@ def _ms(seconds: float) -> float:
 class _Stage:
     """Model, placement and the batched stage functions; the deployments below choose which they run."""
 
-    def __init__(self, checkpoint: str, options: Dict[str, Any], stage: str):
-        self.opts = opts = StageOptions(**options)
+    def __init__(self, checkpoint: str, options: StageOptions, stage: str):
+        self.opts = opts = options
         self.model, _ = load_model(checkpoint, threads_for(opts.num_cpus, opts.torch_threads))
         self.device, self.dtype = placement(opts.num_gpus, opts.precision)
         self.model.to(self.device)
@@ -176,7 +176,7 @@ def _arrived(name: str, sent_at: float) -> Dict[str, float]:
 
 @serve.deployment(name="CoarseStage", max_ongoing_requests=256)
 class CoarseStage(_Stage):
-    def __init__(self, checkpoint: str, options: Dict[str, Any], handoff: str = "direct"):
+    def __init__(self, checkpoint: str, options: StageOptions, handoff: str = "direct"):
         super().__init__(checkpoint, options, "coarse")
         self._coarse = GreedyBatcher(self._coarse_batch, self.opts.max_batch_size, self.opts.batch_wait_timeout_s)
         self.handoff = handoff
@@ -199,7 +199,7 @@ class CoarseStage(_Stage):
 
 @serve.deployment(name="FineStage", max_ongoing_requests=256)
 class FineStage(_Stage):
-    def __init__(self, checkpoint: str, options: Dict[str, Any]):
+    def __init__(self, checkpoint: str, options: StageOptions):
         super().__init__(checkpoint, options, "fine")
         self._fine = GreedyBatcher(self._fine_batch, self.opts.max_batch_size, self.opts.batch_wait_timeout_s)
 
@@ -226,7 +226,7 @@ class FusedStage(_Stage):
     of consecutive coarse batches pooled into fine batches of `fine_batch_size` (or fewer after
     `fine_wait_timeout_s`). Nothing but pixels in and answers out crosses the process boundary."""
 
-    def __init__(self, checkpoint: str, options: Dict[str, Any]):
+    def __init__(self, checkpoint: str, options: StageOptions):
         super().__init__(checkpoint, options, "fused")
         opts = self.opts
         self._coarse = GreedyBatcher(self._coarse_batch, opts.max_batch_size, opts.batch_wait_timeout_s)
@@ -258,7 +258,7 @@ class FusedStage(_Stage):
 class BackboneStage(_Stage):
     """The plain timm ViT of the same checkpoint on all fine tokens: the single-stage baseline."""
 
-    def __init__(self, checkpoint: str, options: Dict[str, Any]):
+    def __init__(self, checkpoint: str, options: StageOptions):
         super().__init__(checkpoint, options, "backbone")
         self._backbone = GreedyBatcher(self._backbone_batch, self.opts.max_batch_size,
                                        self.opts.batch_wait_timeout_s)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import signal
 import sys
 import time
-from typing import Any, Dict, Optional
+from typing import Optional
 
 import ray
 from ray import serve
@@ -12,6 +12,7 @@ from ray import serve
 from cfvit_common.ray_env import init_ray
 
 from .app import build_app
+from .settings import AppArgs
 
 
 class _Stop(Exception):
@@ -29,7 +30,7 @@ def start_ray(address: Optional[str], num_cpus: Optional[int] = None) -> bool:
     return init_ray(address, num_cpus=num_cpus, log_to_driver=False, private=True)
 
 
-def serve_forever(app_args: Dict[str, Any], host: str, port: int, address: Optional[str] = None,
+def serve_forever(app_args: AppArgs, host: str, port: int, address: Optional[str] = None,
                   num_cpus: Optional[int] = None, name: str = "cfvit", echo=print) -> None:
 
 

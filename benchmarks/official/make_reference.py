@@ -49,8 +49,9 @@ def normalise(images: torch.Tensor) -> torch.Tensor:
 def import_theirs(repo: Path):
     sys.path.insert(0, str(repo))  # their vendored timm, utils, deit and lvvit packages
     torch.Tensor.cuda = lambda self, *args, **kwargs: self  # their code calls .cuda() on fresh tensors
+    # their packages, importable only once their checkout is on the path (given on the command line)
     import deit.models_deit as deit_models
-    import lvvit.models.lvvit as lvvit_models
+    import lvvit.models.lvvit as lvvit_models  # noqa: E402 (see above)
 
     return deit_models, lvvit_models
 

@@ -195,7 +195,7 @@ def _serve_and_classify(result: PipelineResult, n_images: int, host: str, port: 
     for stage in (args.coarse, args.fine):  # two cores: one replica each is what fits
         stage.autoscaling_config.update(min_replicas=1, initial_replicas=1, max_replicas=1)
     args.ingress_autoscaling_config = None
-    serve.run(build_app(args.model_dump()), name="cfvit", route_prefix="/")
+    serve.run(build_app(args), name="cfvit", route_prefix="/")
     _wait_healthy(result.endpoint)
     seconds = result.seconds
     seconds["serve start"] = time.perf_counter() - t

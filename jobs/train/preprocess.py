@@ -42,7 +42,7 @@ def preprocess(batch: dict, data_config_json: str, is_training: bool, aug_json: 
     # PIL and timm only here, for files: a task worker on the built-in set never pays their import (seconds)
     from PIL import Image
 
-    from cfvit.transforms import ImageDecodeError, decode_image
+    from cfvit.transforms import ImageDecodeError, decode_image  # (timm: see above)
 
     tf = _transform(data_config_json, is_training, aug_json)
     shape = tuple(data_config["input_size"])

@@ -32,7 +32,7 @@ def test_build_app_composes_three_named_deployments(tmp_path):
     assert ingress.name == "CFViTIngress"
     names = {a._bound_deployment.name for a in ingress.init_args[:2]}
     assert names == {"CoarseStage", "FineStage"}
-    assert ingress.init_args[2]["eta"] == 0.3
+    assert ingress.init_args[2].eta == 0.3  # validated into AppArgs, as `serve run` does for a typed builder
     coarse = ingress.init_args[0]._bound_deployment
     assert coarse._deployment_config.autoscaling_config.max_replicas == 4
     single = build_app({"checkpoint": str(tmp_path), "stages": "backbone"})._bound_deployment
@@ -40,7 +40,7 @@ def test_build_app_composes_three_named_deployments(tmp_path):
     fused = build_app({"checkpoint": str(tmp_path), "stages": "fused", "fused": {"fine_batch_size": 8}})._bound_deployment
     stage = fused.init_args[0]._bound_deployment
     assert stage.name == "FusedStage" and fused.init_args[1] is None
-    assert stage.init_args[1]["fine_batch_size"] == 8 and stage.init_args[1]["max_batch_size"] == 32
+    assert stage.init_args[1].fine_batch_size == 8 and stage.init_args[1].max_batch_size == 32
     assert stage._deployment_config.autoscaling_config.max_replicas == 4
     spread = build_app({"checkpoint": str(tmp_path), "ingress_resources": {"head": 0.01},
                         "coarse": {"resources": {"worker": 1}, "max_replicas_per_node": 1}})._bound_deployment
@@ -306,3 +306,17 @@ def test_unexpected_failures_are_json_errors_503_when_a_stage_is_unavailable():
     assert _json.loads(busy.body) == {"error": "model stage unavailable, retry later", "detail": "BackPressureError"}
     bug = asyncio.run(_unexpected(None, RuntimeError("secret internals")))
     assert bug.status_code == 500 and _json.loads(bug.body) == {"error": "internal error", "detail": "RuntimeError"}
+
+
+def test_build_app_is_a_typed_application_builder(tmp_path):
+    """`serve run serve.app:build_app k=v` / a config's `args:` go through Ray's typed-builder path: the dict
+    arrives validated as AppArgs, and an unknown key is refused by name before anything deploys."""
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    from serve.app import build_app
+
+    app = call_user_app_builder_with_args_if_necessary(build_app, {"checkpoint": str(tmp_path), "eta": "0.25"})
+    args = app._bound_deployment.init_args[2]
+    assert isinstance(args, AppArgs) and args.eta == 0.25
+    with pytest.raises(ValueError, match="shadow_fractoin"):
+        call_user_app_builder_with_args_if_necessary(build_app, {"checkpoint": "x", "shadow_fractoin": 0.1})
