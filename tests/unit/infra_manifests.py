@@ -1,5 +1,5 @@
 """Reading infra/: the Kubernetes manifests, their pod templates and the Ray clusters they describe.
-Shared by the tests of infra/ (test_infra.py, test_infra_security.py, test_checkov.py)."""
+Shared by the tests of infra/ (test_infra.py, test_infra_security.py, test_checkov.py, test_mlflow_users.py)."""
 from __future__ import annotations
 
 import copy

@@ -226,7 +226,8 @@ def test_mlflow_server_postgres_and_s3():
             svc["spec"]["selector"].items() <= w["spec"]["template"]["metadata"]["labels"].items() for w in workloads
         ), name
     assert services["mlflow"]["spec"]["ports"][0]["port"] == 5000
-    assert MLFLOW_URI.startswith(f"http://{services['mlflow']['metadata']['name']}.{namespace_of(INFRA / 'mlflow')}.svc")
+    mlflow_host = f"{services['mlflow']['metadata']['name']}.{namespace_of(INFRA / 'mlflow')}.svc"
+    assert MLFLOW_URI.startswith(f"http://{mlflow_host}")
     ((_, raycluster),) = by_kind("RayCluster")
     env = {e["name"]: e for e in raycluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["MLFLOW_TRACKING_URI"]["value"] == MLFLOW_URI
