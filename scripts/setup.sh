@@ -23,4 +23,8 @@ fi
 # torch and torchvision first, pinned: they come from the local disk here (CUDA build on x86-64).
 .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
 .venv/bin/python -m pip install -q -c requirements/constraints.txt -e ".[dev]"
+# checkov (the test suite's infrastructure checks) in a virtualenv of its own: its pins conflict with the
+# project's (requirements/checkov.txt).
+[ -x .venv-checkov/bin/python ] || "$PY" -m venv .venv-checkov
+.venv-checkov/bin/python -m pip install -q -r requirements/checkov.txt
 .venv/bin/python -c "import cfvit, ray, deepspeed, mlflow; print('setup: ok — torch', __import__('torch').__version__, '· ray', ray.__version__, '· deepspeed', deepspeed.__version__, '· mlflow', mlflow.__version__)"

@@ -1,40 +1,32 @@
 """infra/: every manifest parses and carries what its kind needs; the Serve config passes Ray Serve's own
 schema and names the deployments serve.app builds; the cluster-launcher YAML passes Ray's launcher
-schema; the Dockerfiles build from CUDA / install the project; infra/README.md documents each file."""
+schema; the Dockerfiles build from CUDA / install the project; infra/README.md documents each file.
+The security properties (auth, pod security, network policies, identities): test_infra_security.py."""
 from __future__ import annotations
 
 import copy
 import re
 import shlex
-from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
-INFRA = ROOT / "infra"
-LAUNCHER = INFRA / "aws" / "cluster.yaml"
-MANIFESTS = sorted(p for p in INFRA.rglob("*.y*ml") if p != LAUNCHER)
-NAMESPACE = "cfvit"
+from tests.unit.infra_manifests import (
+    INFRA,
+    LAUNCHER,
+    MANIFESTS,
+    ROOT,
+    all_k8s,
+    by_kind,
+    containers,
+    docs,
+    namespace_of,
+    pod_templates,
+    project_image,
+)
+
 GPU = "nvidia.com/gpu"
-
-
-def _docs(path: Path) -> list[dict]:
-    docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
-    assert docs, f"{path} holds no YAML document"
-    return docs
-
-
-def _all_k8s() -> list[tuple[Path, dict]]:
-    return [(p, d) for p in MANIFESTS for d in _docs(p)]
-
-
-def _by_kind(kind: str) -> list[tuple[Path, dict]]:
-    return [(p, d) for p, d in _all_k8s() if d["kind"] == kind]
-
-
-def _project_image() -> str:
-    return yaml.safe_load(LAUNCHER.read_text())["docker"]["image"]
+MLFLOW_URI = "http://mlflow.cfvit-mlflow.svc.cluster.local:5000"
 
 
 def test_infra_tree_has_every_piece():
@@ -42,30 +34,27 @@ def test_infra_tree_has_every_piece():
     for needed in ("kuberay/raycluster.yaml", "kuberay/rayjob-train.yaml", "kuberay/rayjob-tune.yaml",
                    "kuberay/rayservice.yaml", "aws/cluster.yaml", "docker/Dockerfile", "README.md"):
         assert needed in rel
-    kinds = {d["kind"] for _, d in _all_k8s()}
-    assert {"RayCluster", "RayJob", "RayService", "Deployment", "Service", "StatefulSet"} <= kinds
+    kinds = {d["kind"] for _, d in all_k8s()}
+    assert {"RayCluster", "RayJob", "RayService", "Deployment", "Service", "StatefulSet", "Job", "Namespace",
+            "NetworkPolicy", "ServiceAccount", "Role", "RoleBinding"} <= kinds
 
 
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.relative_to(INFRA).as_posix())
 def test_manifest_has_k8s_basics(path):
-    for doc in _docs(path):
+    for doc in docs(path):
         assert isinstance(doc.get("apiVersion"), str) and doc["apiVersion"], path
         assert isinstance(doc.get("kind"), str) and doc["kind"], path
         meta = doc.get("metadata") or {}
         assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", meta.get("name", "")), (path, meta)
-        if doc["kind"] != "Namespace":
-            assert meta.get("namespace") == NAMESPACE, (path, doc["kind"], meta)
+        if doc["kind"] == "Namespace":
+            assert meta["name"] == namespace_of(path), path
+        else:
+            assert meta.get("namespace") == namespace_of(path), (path, doc["kind"], meta)
         if doc["kind"].startswith("Ray"):
             assert doc["apiVersion"] == "ray.io/v1"
 
 
 # --------------------------------------------------------------------------- Ray cluster specs
-
-
-def _containers(pod_template: dict) -> list[dict]:
-    containers = pod_template["spec"]["containers"]
-    assert containers, "pod template without containers"
-    return containers
 
 
 def _check_resources(container: dict) -> dict:
@@ -78,12 +67,13 @@ def _check_resources(container: dict) -> dict:
 def check_ray_cluster_spec(spec: dict, ray_version: str) -> dict:
     """Shared by RayCluster.spec, RayJob.spec.rayClusterSpec, RayService.spec.rayClusterConfig."""
     assert spec["rayVersion"] == ray_version, "rayVersion must match the Ray in the image/venv"
+    assert spec["authOptions"] == {"mode": "token"}, "Ray token authentication must be on (KubeRay >= 1.5.1)"
     head = spec["headGroupSpec"]
     # KubeRay passes rayStartParams as `--key=value` strings; non-strings are rejected by the CRD.
     assert all(isinstance(v, str) for v in head["rayStartParams"].values()), head["rayStartParams"]
     assert head["rayStartParams"].get("dashboard-host") == "0.0.0.0"
-    (head_c,) = _containers(head["template"])
-    assert head_c["image"] == _project_image()
+    (head_c,) = containers(head["template"])
+    assert head_c["image"] == project_image()
     _check_resources(head_c)
     assert 8265 in {p["containerPort"] for p in head_c["ports"]}
 
@@ -92,8 +82,8 @@ def check_ray_cluster_spec(spec: dict, ray_version: str) -> dict:
         name = group["groupName"]
         assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"], name
         assert all(isinstance(v, str) for v in group["rayStartParams"].values()), name
-        (c,) = _containers(group["template"])
-        assert c["image"] == _project_image(), name
+        (c,) = containers(group["template"])
+        assert c["image"] == project_image(), name
         groups[name] = (group, c, _check_resources(c))
 
     gpu_groups = {n: g for n, g in groups.items() if GPU in g[2]["limits"]}
@@ -112,7 +102,7 @@ def check_ray_cluster_spec(spec: dict, ray_version: str) -> dict:
 def test_raycluster():
     import ray
 
-    ((_, doc),) = [(p, d) for p, d in _by_kind("RayCluster")]
+    ((_, doc),) = [(p, d) for p, d in by_kind("RayCluster")]
     groups = check_ray_cluster_spec(doc["spec"], ray.__version__)
     assert groups["cpu"], "no CPU worker group for Ray Data decoding"
     assert doc["spec"]["enableInTreeAutoscaling"] is True
@@ -128,15 +118,14 @@ def test_raycluster():
 def test_rayjobs(name, entrypoint):
     import ray
 
-    (doc,) = _docs(INFRA / "kuberay" / name)
-    assert doc["kind"] == "RayJob"
+    (doc,) = [d for d in docs(INFRA / "kuberay" / name) if d["kind"] == "RayJob"]
     spec = doc["spec"]
     assert spec["entrypoint"] == entrypoint
     argv = shlex.split(entrypoint)
     assert (ROOT / argv[argv.index("--config") + 1]).is_file(), "the job's config file is not in the repo"
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
     assert runtime_env["working_dir"] == "/opt/cfvit"  # WORKDIR of infra/docker/Dockerfile
-    assert runtime_env["env_vars"]["MLFLOW_TRACKING_URI"].startswith("http://mlflow.")
+    assert runtime_env["env_vars"]["MLFLOW_TRACKING_URI"] == MLFLOW_URI
     assert spec["shutdownAfterJobFinishes"] is True
     check_ray_cluster_spec(spec["rayClusterSpec"], ray.__version__)
     module = ROOT / argv[argv.index("-m") + 1].replace(".", "/")
@@ -145,7 +134,7 @@ def test_rayjobs(name, entrypoint):
 
 
 def _serve_config() -> tuple[dict, dict]:
-    ((_, doc),) = _by_kind("RayService")
+    ((_, doc),) = by_kind("RayService")
     return doc, yaml.safe_load(doc["spec"]["serveConfigV2"])
 
 
@@ -193,64 +182,64 @@ def test_rayservice_matches_the_serve_application():
 # --------------------------------------------------------------------------- MLflow on Kubernetes
 
 
+def _secret_refs(container: dict) -> set:
+    return {(e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
+            for e in container.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})}
+
+
 def test_mlflow_server_postgres_and_s3():
-    deployments = {d["metadata"]["name"]: d for _, d in _by_kind("Deployment")}
-    (mlflow_c,) = _containers(deployments["mlflow"]["spec"]["template"])
+    deployments = {d["metadata"]["name"]: d for _, d in by_kind("Deployment")}
+    (mlflow_c,) = containers(deployments["mlflow"]["spec"]["template"])
     _check_resources(mlflow_c)
     args = mlflow_c["args"]
     assert args[0] == "server"
     backend = next(a.split("=", 1)[1] for a in args if a.startswith("--backend-store-uri="))
-    assert backend.startswith("postgresql://") and "$(DB_PASSWORD)" in backend
+    # No credential in the arguments: libpq takes PGUSER / PGPASSWORD from the environment, from the Secret.
+    assert re.fullmatch(r"postgresql://[a-z0-9.-]+:5432/mlflow", backend), backend
     assert any(a.startswith("--artifacts-destination=s3://") for a in args)
     env = {e["name"]: e for e in mlflow_c["env"]}
     for var in re.findall(r"\$\((\w+)\)", " ".join(args)):  # every $(VAR) Kubernetes must expand
         assert var in env, var
+    assert env["PGUSER"]["valueFrom"]["secretKeyRef"] == {"name": "mlflow-postgres", "key": "username"}
+    assert env["PGPASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "mlflow-postgres", "key": "password"}
 
-    (sts,) = [d for _, d in _by_kind("StatefulSet")]
-    (pg,) = _containers(sts["spec"]["template"])
+    (sts,) = [d for _, d in by_kind("StatefulSet")]
+    (pg,) = containers(sts["spec"]["template"])
     _check_resources(pg)
     assert pg["image"].startswith("postgres:")
-    secret_refs = {
-        (e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
-        for c in (pg, mlflow_c) for e in c["env"] if "valueFrom" in e
-    }
-    assert secret_refs == {("mlflow-postgres", "username"), ("mlflow-postgres", "password")}
-    assert f"@{sts['spec']['serviceName']}.{NAMESPACE}.svc" in backend
+    # PostgreSQL reads the same Secret as files (POSTGRES_*_FILE), not from its environment.
+    assert not _secret_refs(pg)
+    pg_env = {e["name"]: e.get("value") for e in pg["env"]}
+    mounts = {m["mountPath"]: m["name"] for m in pg["volumeMounts"]}
+    volumes = {v["name"]: v for v in sts["spec"]["template"]["spec"]["volumes"]}
+    for var, key in (("POSTGRES_USER_FILE", "username"), ("POSTGRES_PASSWORD_FILE", "password")):
+        folder, _, name = pg_env[var].rpartition("/")
+        assert name == key and volumes[mounts[folder]]["secret"]["secretName"] == "mlflow-postgres", var
+    host = f"//{sts['spec']['serviceName']}.{namespace_of(INFRA / 'mlflow')}.svc"
+    assert host in backend
 
     # Services select the pods they front, and the URI the Ray pods use names the mlflow Service.
-    services = {d["metadata"]["name"]: d for _, d in _by_kind("Service")}
+    services = {d["metadata"]["name"]: d for _, d in by_kind("Service")}
     workloads = list(deployments.values()) + [sts]
     for name, svc in services.items():
         assert any(
             svc["spec"]["selector"].items() <= w["spec"]["template"]["metadata"]["labels"].items() for w in workloads
         ), name
     assert services["mlflow"]["spec"]["ports"][0]["port"] == 5000
-    ((_, raycluster),) = _by_kind("RayCluster")
-    env = {e["name"]: e["value"] for e in raycluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]}
-    assert env["MLFLOW_TRACKING_URI"] == f"http://mlflow.{NAMESPACE}.svc.cluster.local:5000"
+    mlflow_host = f"{services['mlflow']['metadata']['name']}.{namespace_of(INFRA / 'mlflow')}.svc"
+    assert MLFLOW_URI.startswith(f"http://{mlflow_host}")
+    ((_, raycluster),) = by_kind("RayCluster")
+    env = {e["name"]: e for e in raycluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["MLFLOW_TRACKING_URI"]["value"] == MLFLOW_URI
 
 
 def test_service_accounts_exist():
-    accounts = {d["metadata"]["name"] for _, d in _by_kind("ServiceAccount")}
+    accounts = {(d["metadata"]["namespace"], d["metadata"]["name"]) for _, d in by_kind("ServiceAccount")}
     used = set()
-    for _, doc in _all_k8s():
-        for pod in _pod_specs(doc):
-            if "serviceAccountName" in pod:
-                used.add(pod["serviceAccountName"])
+    for path, doc in all_k8s():
+        for _, template in pod_templates(doc):
+            used.add((namespace_of(path), template["spec"].get("serviceAccountName", "default")))
     assert used and used <= accounts, (used, accounts)
-
-
-def _pod_specs(doc: dict):
-    spec = doc.get("spec", {})
-    if "template" in spec:
-        yield spec["template"]["spec"]
-    for key in ("rayClusterSpec", "rayClusterConfig"):
-        if key in spec:
-            spec = spec[key]
-    if "headGroupSpec" in spec:
-        yield spec["headGroupSpec"]["template"]["spec"]
-        for group in spec["workerGroupSpecs"]:
-            yield group["template"]["spec"]
 
 
 # --------------------------------------------------------------------------- cluster launcher, images
@@ -274,28 +263,54 @@ def test_aws_cluster_launcher_passes_ray_schema():
         validate_config(prepare_config(broken))
 
 
-def _from_image(dockerfile: Path) -> str:
-    text = dockerfile.read_text()
-    args = dict(re.findall(r"^ARG (\w+)=(\S+)", text, flags=re.M))
-    (image,) = re.findall(r"^FROM (\S+)", text, flags=re.M)
-    return re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], image)
+def _from_image(dockerfile) -> str:
+    (image,) = re.findall(r"^FROM (\S+)", dockerfile.read_text(), flags=re.M)
+    return image
+
+
+def _constraint(package: str) -> str:
+    text = (ROOT / "requirements" / "constraints.txt").read_text()
+    (version,) = re.findall(rf"^{re.escape(package)}==(\S+)$", text, flags=re.M | re.I)
+    return version
+
+
+def _final_user(dockerfile) -> str:
+    return re.findall(r"^USER (\S+)$", dockerfile.read_text(), flags=re.M)[-1]
 
 
 def test_project_dockerfile():
     dockerfile = INFRA / "docker" / "Dockerfile"
-    assert _from_image(dockerfile).startswith("nvidia/cuda:")
+    # An explicit base image tag (no build-arg indirection, no `latest`): what the image is built from is
+    # what the file says.
+    assert re.fullmatch(r"nvidia/cuda:\d+\.\d+\.\d+-cudnn-devel-ubuntu\d+\.\d+", _from_image(dockerfile))
     text = dockerfile.read_text()
     assert re.search(r"^COPY .*\. /opt/cfvit$", text, flags=re.M)
     assert re.search(r"^WORKDIR /opt/cfvit$", text, flags=re.M)
-    assert 'pip install ".[ray]"' in text
-    # The build context must not ship the virtualenv or git history.
+    # The project at the tested versions (Ray's auth defaults differ between releases), torch as setup.sh.
+    assert 'pip install -c requirements/constraints.txt ".[ray]"' in text
+    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    for pin in re.findall(r'"(torch(?:vision)?==[^"]+)"', setup):
+        assert f'"{pin}"' in text, pin
+    # It runs as the non-root uid the manifests' runAsUser names.
+    assert _final_user(dockerfile) == "1000"
+    # The build context must not ship the virtualenvs, git history or credentials.
     ignored = (INFRA / "docker" / "Dockerfile.dockerignore").read_text().split()
-    assert ".venv" in ignored and ".git" in ignored
+    assert {".venv", ".venv-checkov", ".git", ".env", "**/*.pem", ".aws", ".ray"} <= set(ignored)
 
 
-def test_mlflow_dockerfile_has_backend_drivers():
-    text = (INFRA / "mlflow" / "Dockerfile").read_text()
-    assert "psycopg2" in text and "boto3" in text and "mlflow==" in text
+def test_mlflow_dockerfile():
+    dockerfile = INFRA / "mlflow" / "Dockerfile"
+    text = dockerfile.read_text()
+    assert "psycopg2" in text and "boto3" in text
+    assert re.search(r"^ARG MLFLOW_VERSION=(\S+)$", text, flags=re.M).group(1) == _constraint("mlflow")
+    assert '"mlflow[auth]==${MLFLOW_VERSION}"' in text and "-c /opt/mlflow/constraints.txt" in text
+    assert re.fullmatch(r"python:\d+\.\d+\.\d+-slim-\w+", _from_image(dockerfile))
+    assert _final_user(dockerfile) == "10001"
+    # The users Job runs the script where the image puts it; the default command serves with auth on.
+    (job,) = [d for _, d in by_kind("Job")]
+    (container,) = containers(job["spec"]["template"])
+    assert f"COPY infra/mlflow/mlflow_users.py {container['command'][-1]}" in text
+    assert '"--app-name", "basic-auth"' in text
 
 
 def test_readme_documents_each_file_with_its_command():
@@ -311,9 +326,9 @@ def test_readme_documents_each_file_with_its_command():
 
 def test_disruption_budgets_select_the_clusters_own_groups():
     """pdb.yaml: the head never, each worker group one pod at a time; selectors name real groups."""
-    cluster = _docs(INFRA / "kuberay" / "raycluster.yaml")[0]
+    cluster = docs(INFRA / "kuberay" / "raycluster.yaml")[0]
     groups = {g["groupName"] for g in cluster["spec"]["workerGroupSpecs"]}
-    budgets = _docs(INFRA / "kuberay" / "pdb.yaml")
+    budgets = docs(INFRA / "kuberay" / "pdb.yaml")
     assert {b["kind"] for b in budgets} == {"PodDisruptionBudget"}
     selected = {}
     for b in budgets:
