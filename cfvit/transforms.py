@@ -1,6 +1,7 @@
 """Pre-processing shared by training, validation and serving (timm transforms), and safe image decoding."""
 import io
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 from timm.data import create_transform
 from torchvision import transforms as T
@@ -33,9 +34,26 @@ def decode_image(data: bytes) -> Image.Image:
     return img
 
 
+# Greyscale with more than 8 bits per pixel: 16-bit PNG/TIFF ("I;16…"), or 32-bit integers ("I", how some
+# Pillow versions open 16-bit PNGs).
+WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_8bit(img: Image.Image) -> Image.Image:
+    """A wide greyscale image scaled to 8-bit "L" (value / 257: 65535 → 255, the 16-bit range assumed for
+    "I" too); any other image unchanged. Pillow's own `convert("L")` clips such values at 255 instead, which
+    turns a 16-bit photo nearly white."""
+    if img.mode not in WIDE_GREY_MODES:
+        return img
+    a = np.asarray(img, dtype=np.float64)
+    return Image.fromarray(np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8), mode="L")
+
+
 def to_model_mode(img: Image.Image, in_chans: int) -> Image.Image:
-    """Grayscale or colour, any mode → what the model was trained on ('L' for 1 channel, else 'RGB')."""
+    """Grayscale or colour, any mode (16-bit greyscale scaled, not clipped) → what the model was trained on
+    ('L' for 1 channel, else 'RGB')."""
     mode = "L" if in_chans == 1 else "RGB"
+    img = to_8bit(img)
     return img if img.mode == mode else img.convert(mode)
 
 

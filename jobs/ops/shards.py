@@ -46,6 +46,7 @@ from pyarrow import fs
 from ray.data import FileShuffleConfig, SaveMode
 from ray.data.datasource import FilenameProvider
 
+from cfvit.transforms import to_8bit
 from cfvit_common.storage import IMAGE_EXTENSIONS as _EXTS
 from cfvit_common.storage import resolve as _resolve
 from cfvit_common.storage import s3_client
@@ -190,7 +191,8 @@ def downscale(data: bytes, path: str, max_side: int) -> Optional[Tuple[str, byte
             scale = max_side / max(w, h)
             size = (max(1, round(w * scale)), max(1, round(h * scale)))
             img.draft("RGB", size)  # JPEG: decode at the nearest DCT scale ≥ size (much cheaper)
-            rgb = img.convert("L" if img.mode in ("L", "I;16", "1") else "RGB")
+            img = to_8bit(img)  # 16-bit greyscale scaled to 8 bits (Pillow's convert would clip it)
+            rgb = img.convert("L" if img.mode in ("L", "1") else "RGB")
             small = rgb.resize(size, Image.LANCZOS, reducing_gap=3.0)
     except Exception as exc:  # PIL raises several types for corrupt data
         raise ShardError(f"cannot decode image {path} ({type(exc).__name__})") from None

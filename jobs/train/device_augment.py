@@ -23,7 +23,7 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
 from cfvit import transforms as cf_transforms  # MAX_IMAGE_PIXELS read at each call: a setting
-from cfvit.transforms import ImageDecodeError
+from cfvit.transforms import ImageDecodeError, to_8bit
 from cfvit.transforms import decode_image as pil_decode
 
 from .batch_transforms import RATIO  # timm's RandomResizedCrop aspect range (one copy)
@@ -81,7 +81,7 @@ def _decode_other(b, data: torch.Tensor, device: torch.device):
     if img is None or img.dtype != torch.uint8:
 
         try:
-            img = torch.from_numpy(np.array(pil_decode(bytes(b)).convert("RGB"))).permute(2, 0, 1)
+            img = torch.from_numpy(np.array(to_8bit(pil_decode(bytes(b))).convert("RGB"))).permute(2, 0, 1)
         except (ImageDecodeError, OSError, ValueError):
             return None
     return img.to(device)
