@@ -1,41 +1,31 @@
-"""The drift monitor over real HTTP (serve/drift.py), on apps beside the module's test app: shadowing
-changes no reply and counts agreement exactly as the library's own coarse and fine answers say; a stream
-of images the coarse stage answers confidently but differently from the fine stage raises the agreement
-alert; inverted images (their exit rate far from the calibrated one) raise the exit-rate alert."""
-import contextlib
+"""The drift monitor's alerts over real HTTP (serve/drift.py), on apps beside the session's test app: a
+stream of images the coarse stage answers confidently but differently from the fine stage raises the
+agreement alert; inverted images (their exit rate far from the calibrated one) raise the exit-rate alert;
+both read on Ray's Prometheus endpoint too. That shadowing changes no reply and counts agreement exactly as
+the library says, with drift on, off and without a calibrated profile, is checked in every cell of the
+serving matrix (test_serve_matrix.py)."""
 import time
 
 import httpx
 import pytest
 import torch
 
-from tests.fixtures.serve_app import TEST_ARGS, served  # noqa: F401  (fixture)
+from tests.fixtures.metrics import wait_for_metric
+from tests.fixtures.serve_app import FIXED, apps_running
 from tests.fixtures.services import png_bytes as png
 
-pytestmark = pytest.mark.e2e
+# Each alert test's app: small rolling windows, so a few dozen images decide.
+ALERT_APPS = {"drift-agree": dict(shadow_fraction=1.0, drift_window=16, drift_min_samples=8, drift_exit_window=10_000),
+              "drift-exit": dict(drift_exit_window=40, drift_min_samples=8)}
 
-FUSED = {"num_cpus": 0, "torch_threads": 1, "max_batch_size": 16, "fine_batch_size": 8, "autoscaling_config": None}
 
-
-@contextlib.contextmanager
-def app(base: str, name: str, checkpoint, **extra):
-    from ray import serve
-
-    from serve.app import build_app
-
-    serve.run(build_app({**TEST_ARGS, "checkpoint": str(checkpoint), "drift_seed": 0, **extra}), name=name,
-              route_prefix=f"/{name}")
-    url = f"{base}/{name}"
-    try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/healthz", timeout=5).status_code == 200:
-                    break
-            time.sleep(0.5)
-        yield url
-    finally:
-        serve.delete(name)
+@pytest.fixture(scope="module")
+def alert_apps(serve_instance, fmnist_checkpoint):
+    """Both tests' apps, deployed side by side (cheaper than one after the other)."""
+    apps = {name: {**FIXED, "checkpoint": str(fmnist_checkpoint), "drift_seed": 0, **extra}
+            for name, extra in ALERT_APPS.items()}
+    with apps_running(serve_instance, apps) as urls:
+        yield urls
 
 
 def send(url: str, images, eta: float) -> list:
@@ -87,24 +77,7 @@ def reference(model, images, eta):
     return exits.numpy(), agree.numpy(), answer.numpy()
 
 
-@pytest.mark.parametrize("stages", ["split", "fused"])
-def test_shadowing_changes_no_reply_and_counts_agreement_exactly(served, fmnist_checkpoint, model, eta, stages):
-    from cfvit.data import load_fashion_mnist
-
-    x = load_fashion_mnist("test")[0][2000:2060]
-    exits, agree, answer = reference(model, x, eta)
-    assert exits.sum() >= 5, "the session model should exit some images at this η"
-    with app(served, f"drift-{stages}", fmnist_checkpoint, stages=stages, fused=FUSED, shadow_fraction=1.0) as url:
-        replies = send(url, x, eta)
-        d = drift_after(url, int(exits.sum()))
-    assert [r["label"] for r in replies] == answer.tolist()  # every reply as without shadowing
-    assert [r["stage"] == "coarse" for r in replies] == exits.tolist()
-    assert (d["shadowed"], d["failed"], d["skipped"]) == (int(exits.sum()), 0, 0)
-    assert d["agreed"] == int(agree[exits].sum())
-    assert d["calibrated"] and d["exit_rate"]["samples"] == len(x)
-
-
-def test_images_the_coarse_stage_gets_wrong_raise_the_agreement_alert(served, fmnist_checkpoint, model, eta):
+def test_images_the_coarse_stage_gets_wrong_raise_the_agreement_alert(alert_apps, model, eta, ray_metrics):
     """A stream of images the coarse stage answers confidently but differently from the fine stage
     (a shift chosen from the test set with the library's own answers) falls below the calibrated agreement."""
     from cfvit.data import load_fashion_mnist
@@ -113,27 +86,31 @@ def test_images_the_coarse_stage_gets_wrong_raise_the_agreement_alert(served, fm
     exits, agree, _ = reference(model, pool, eta)
     shifted = pool[exits & ~agree][:16]
     assert len(shifted) == 16
-    extra = dict(shadow_fraction=1.0, drift_window=16, drift_min_samples=8, drift_exit_window=10_000)
-    with app(served, "drift-agree", fmnist_checkpoint, **extra) as url:
-        send(url, shifted, eta)
-        d = drift_after(url, len(shifted))
+    url = alert_apps["drift-agree"]
+    send(url, shifted, eta)
+    d = drift_after(url, len(shifted))
     a = d["agreement"]
     assert d["shadowed"] == 16 and d["agreed"] == 0
     assert a["alert"] and d["alert"] and a["observed"] == 0.0 and a["expected"] > a["margin"]
+    for name, want in (("cfvit_drift_alert", 1.0), ("cfvit_drift_shadowed", 16.0), ("cfvit_drift_agreement", 0.0),
+                       ("cfvit_drift_expected_agreement", a["expected"])):
+        wait_for_metric(ray_metrics, name, lambda v, w=want: v == pytest.approx(w), application="drift-agree")
 
 
-def test_inverted_images_raise_the_exit_rate_alert(served, fmnist_checkpoint, model, eta):
+def test_inverted_images_raise_the_exit_rate_alert(alert_apps, model, eta, ray_metrics):
     from cfvit.data import load_fashion_mnist
 
     x = load_fashion_mnist("test")[0][2000:2040]
     exits_inv, _, _ = reference(model, 255 - x, eta)
-    extra = dict(drift_exit_window=40, drift_min_samples=8)
-    with app(served, "drift-exit", fmnist_checkpoint, **extra) as url:
-        send(url, 255 - x, eta)
-        d = httpx.get(url + "/v1/model").json()["drift"]
+    url = alert_apps["drift-exit"]
+    send(url, 255 - x, eta)
+    d = httpx.get(url + "/v1/model").json()["drift"]
     e = d["exit_rate"]
     assert e["samples"] == 40 and e["observed"] == pytest.approx(exits_inv.mean())
     # this weak model is either unsure of inverted images or confidently wrong about them, depending on η:
     # either way its exit rate leaves the calibrated one
     assert abs(e["observed"] - e["expected"]) > e["margin"] and e["alert"] and d["alert"]
     assert not d["agreement"]["alert"]
+    for name, want in (("cfvit_drift_alert", 1.0), ("cfvit_drift_exit_rate", e["observed"]),
+                       ("cfvit_drift_expected_exit_rate", e["expected"])):
+        wait_for_metric(ray_metrics, name, lambda v, w=want: v == pytest.approx(w), application="drift-exit")
