@@ -26,6 +26,11 @@ def coarse_distillation(coarse_logits: torch.Tensor, fine_logits: torch.Tensor) 
     )
 
 
+# The coarse loss's name among a step's loss parts (and `train_<name>` among the epoch metrics): the paper's
+# CE+CE ablation must not overwrite the fine stage's "ce" with the coarse one.
+COARSE_PART = {"kl": "kl", "ce": "coarse_ce"}
+
+
 def cfvit_loss(
     coarse_logits: torch.Tensor,
     fine_logits: torch.Tensor,
@@ -33,7 +38,8 @@ def cfvit_loss(
     coarse_loss: str = "kl",
     smoothing: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Total loss and its parts. `coarse_loss="ce"` is the paper's CE+CE ablation (Eq. 15)."""
+    """Total loss and its parts ({"ce": the fine stage's, COARSE_PART[coarse_loss]: the coarse stage's}).
+    `coarse_loss="ce"` is the paper's CE+CE ablation (Eq. 15)."""
     ce = classification_loss(fine_logits, target, smoothing)
     if coarse_loss == "kl":
         aux = coarse_distillation(coarse_logits, fine_logits)
@@ -42,7 +48,7 @@ def cfvit_loss(
     else:
         raise ValueError(f"coarse_loss must be 'kl' or 'ce', got {coarse_loss!r}")
     loss = ce + aux
-    return loss, {"ce": float(ce.detach()), coarse_loss: float(aux.detach())}
+    return loss, {"ce": float(ce.detach()), COARSE_PART[coarse_loss]: float(aux.detach())}
 
 
 @dataclass

@@ -28,7 +28,7 @@ from timm.scheduler import create_scheduler_v2
 
 import cfvit
 from cfvit.budget import agreement_profile, eta_curve, eta_table, point_at
-from cfvit.losses import step_loss
+from cfvit.losses import COARSE_PART, step_loss
 from cfvit_common import tracking
 from cfvit_common.logs import PROGRESS_TAG
 
@@ -193,7 +193,7 @@ def train_epoch(w: Worker, epoch: int) -> dict:
     n = max(total.images, 1)
     return {
         "epoch": epoch, "train_loss": total.loss / n, "train_ce": total.ce / n,
-        f"train_{cfg.model.coarse_loss}": total.aux / n, "train_images": total.images,
+        f"train_{COARSE_PART[cfg.model.coarse_loss]}": total.aux / n, "train_images": total.images,
         "images_per_s": total.images / train_s if train_s else 0.0, "lr": w.optimizer.param_groups[0]["lr"],
         "split_all": int(split_all), "train_skipped_images": total.skipped, "skipped_images": total.skipped,
         "data_wait_share": (total.wait_s / _world()) / train_s if train_s else 0.0,
@@ -211,7 +211,7 @@ def _train_step(w: Worker, batch: dict, sums: EpochSums) -> None:
                      smoothing=0.0 if w.mixup is not None else cfg.augment.label_smoothing)
     engine.backward(step.loss * weight)
     engine.step()
-    sums.add_step(step, len(x) * weight, skipped, cfg.model.coarse_loss)
+    sums.add_step(step, len(x) * weight, skipped, COARSE_PART[cfg.model.coarse_loss])
 
 
 def _valid_part(batch: dict, mixup):
