@@ -1,8 +1,8 @@
 """Shared pytest set-up: fixtures live in small plugin modules under tests/fixtures/.
 
-The `e2e` mark goes by what a test starts, not by its folder: Ray, a server (S3, MLflow, Serve, a Ray head)
-or a subprocess. A test that uses a fixture starting one of them is marked here; a test that starts one
-itself carries `pytest.mark.e2e`. A test without the mark that leaves Ray running in this process or
+The `e2e` mark goes by what a test starts, not by its folder: Ray, a server (S3, MLflow, Serve, a Ray head),
+a subprocess, or a whole command run end to end in this process (`cfvit reproduce --quick`). A test that
+uses a fixture starting one of them is marked here; a test that starts one itself carries `pytest.mark.e2e`. A test without the mark that leaves Ray running in this process or
 processes behind fails (`-m "not e2e"` must stay a quick, self-contained run).
 """
 import os
@@ -20,11 +20,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Downloaded checkpoints go to a per-session cache, not the user's ~/.cache/cfvit.
 os.environ.setdefault("CFVIT_CACHE", tempfile.mkdtemp(prefix="cfvit-test-cache-"))
 
-pytest_plugins = ["tests.fixtures.services", "tests.fixtures.models", "tests.fixtures.serve_app"]
+pytest_plugins = ["tests.fixtures.services", "tests.fixtures.models", "tests.fixtures.serve_app",
+                  "tests.fixtures.cli_model"]
 
 # Session fixtures that start real components (tests/fixtures/): using one, directly or through another
 # fixture, makes a test e2e.
-COMPONENT_FIXTURES = {"ray_session", "s3_server", "mlflow_server", "serve_instance", "served"}
+COMPONENT_FIXTURES = {"ray_session", "s3_server", "mlflow_server", "serve_instance", "served", "cli_trained"}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -2,8 +2,6 @@
 on CPU-only nodes (shown on a 2-node local Ray cluster), and `cfvit bench data` prints an 80-column table."""
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -12,6 +10,7 @@ import pytest
 
 from jobs.train.config import ConfigError, JobConfig, load_config
 from jobs.train.data import remote_args
+from tests.fixtures.procs import run
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -80,10 +79,7 @@ CLUSTER_SCRIPT = textwrap.dedent('''
 def test_preprocessing_runs_on_the_cpu_node(tmp_path):
     """Head (2 CPUs, where the consumer runs) + a node with the custom `cpu_node` resource: with
     `data.preprocess_resources: {CPU: 1, cpu_node: 1}` every preprocess task ran on the CPU node."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, "-c", CLUSTER_SCRIPT, str(tmp_path)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=240)
+    proc = run([sys.executable, "-c", CLUSTER_SCRIPT, str(tmp_path)], timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     import json
 

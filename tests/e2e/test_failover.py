@@ -3,23 +3,19 @@ own 3-node `ray.cluster_utils.Cluster`), 8 clients, the node of one coarse and o
 mid-load. Only requests in flight on that node may fail, with the app's JSON 503; nothing fails once
 Serve has restarted the replicas on the replacement node."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.fixtures.procs import cfvit, run
+
 pytestmark = pytest.mark.e2e
 
 
 def test_killing_a_node_loses_only_requests_in_flight_and_serve_recovers(fmnist_checkpoint, tmp_path):
     out = tmp_path / "failover.json"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own cluster, not the session's
-    cmd = [sys.executable, "-m", "cfvit_cli", "bench", "failover", "--checkpoint", str(fmnist_checkpoint),
-           "--clients", "8", "--before", "6", "--after", "60", "--json", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    # its own cluster, not the session's
+    proc = run(cfvit("bench", "failover", "--checkpoint", str(fmnist_checkpoint), "--clients", "8", "--before", "6",
+                     "--after", "60", "--json", str(out)), timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r = json.loads(out.read_text())
     placed = r["placement_before"]

@@ -81,6 +81,7 @@ def test_eta_points_and_match_on_synthetic_logits():
     assert rp.match_backbone(curve, backbone_top1=1.01, backbone_gflops=8.0) is None
 
 
+# The quick runs are the whole `cfvit reproduce` command, end to end (minutes of training): e2e.
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("reproduce")
@@ -91,6 +92,7 @@ def quick_run(tmp_path_factory):
     return tmp / "docs", uri
 
 
+@pytest.mark.e2e
 def test_quick_run_writes_results(quick_run):
     out, _ = quick_run
     r = json.loads((out / "results.json").read_text())
@@ -145,6 +147,7 @@ def test_quick_run_writes_results(quick_run):
     assert set(r["near_backbone"]) == {"0.5", "1"}
 
 
+@pytest.mark.e2e
 def test_quick_run_writes_markdown_and_figures(quick_run):
     out, _ = quick_run
     r = json.loads((out / "results.json").read_text())
@@ -159,6 +162,7 @@ def test_quick_run_writes_markdown_and_figures(quick_run):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
 
 
+@pytest.mark.e2e
 def test_quick_run_is_in_mlflow(quick_run):
     from mlflow.tracking import MlflowClient
 
@@ -176,6 +180,7 @@ def test_quick_run_is_in_mlflow(quick_run):
     assert all(c.info.status == "FINISHED" and "train_loss" in c.data.metrics for c in children)
 
 
+@pytest.mark.e2e
 def test_render_from_json_reproduces_the_markdown(quick_run, tmp_path):
     out, _ = quick_run
     copy = tmp_path / "results.json"
@@ -184,6 +189,7 @@ def test_render_from_json_reproduces_the_markdown(quick_run, tmp_path):
     assert (tmp_path / "RESULTS.md").is_file()
 
 
+@pytest.mark.e2e
 def test_full_quick_run_retrains_the_reuse_and_loss_ablations(tmp_path):
     """`--full` mechanics on a sliver of data: three more arms, Table 5 + loss in the results, markdown and MLflow."""
     from mlflow.tracking import MlflowClient

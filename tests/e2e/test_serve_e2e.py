@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.fixtures.answers import assert_answers, library_answers
 from tests.fixtures.metrics import wait_for_metric
 from tests.fixtures.procs import run
 from tests.fixtures.serve_app import APP_NAME, FIXED, apps_running
@@ -136,19 +137,7 @@ def test_each_request_keeps_its_own_eta_inside_a_batch(served, fmnist_test):
 
 
 def library_answer(model, data: bytes, eta: float) -> tuple:
-    """(stage, label, confidence) the library gives for one encoded image at η."""
-    from cfvit.transforms import build_transform, decode_image
-
-    x = build_transform(model.data_config)(decode_image(data))[None]
-    with torch.no_grad():
-        out = model.infer(x, eta)
-    return "fine" if out.exit_stage[0] else "coarse", int(out.logits[0].argmax()), float(out.logits[0].softmax(-1).max())
-
-
-def assert_answers(pred: dict, ref: tuple) -> None:
-    stage, label, confidence = ref
-    assert (pred["stage"], pred["label"]) == (stage, label), (pred, ref)
-    assert pred["confidence"] == pytest.approx(confidence, abs=1e-4), (pred, ref)
+    return library_answers(model, [data], eta)[0]
 
 
 def encoded(img: Image.Image, fmt: str) -> bytes:

@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
-from jobs.train.config import load_config
+import cfvit
+from cfvit.data import load_fashion_mnist
+from cfvit.transforms import build_transform, decode_image
+from cfvit_common.tracking import download_model
 from jobs.train import run_training
-from tests.fixtures.services import upload_fashion_mnist
+from jobs.train.config import load_config
+from tests.fixtures.services import png_bytes, upload_fashion_mnist
 
 pytestmark = pytest.mark.e2e
 
@@ -130,11 +135,29 @@ def test_corrupt_object_is_skipped_and_counted(trained, mlflow_server):
     assert out.metrics["train_images"] == N_TRAIN  # every good image, every epoch
 
 
-def test_rerun_resumes_at_the_next_epoch(trained, mlflow_server):
+def test_rerun_resumes_at_the_next_epoch_decoding_on_the_device(trained, mlflow_server):
+    """The rerun trains one more epoch with `data.decode: device`: Ray Data only reads the objects' bytes from
+    S3 and each worker decodes and augments its batch (on its CPU here), the corrupt object still skipped."""
     cfg, first, tmp = trained
-    more = job_config(mlflow_server, tmp, **{"schedule.epochs": EPOCHS + 1, "debug.kill_at_epoch": "null"})
+    more = job_config(mlflow_server, tmp, **{"schedule.epochs": EPOCHS + 1, "debug.kill_at_epoch": "null",
+                                             "data.decode": "device"})
     out = run_training(more)
     assert out.metrics["epoch"] == EPOCHS and out.metrics["start_epoch"] == EPOCHS
-    steps = [m.step for m in _client(mlflow_server).get_metric_history(out.mlflow_run_id, "train_loss")]
+    client = _client(mlflow_server)
+    steps = [m.step for m in client.get_metric_history(out.mlflow_run_id, "train_loss")]
     assert steps == [EPOCHS]  # only the new epoch was trained
     assert out.model_version == first.model_version + 1
+    run = client.get_run(out.mlflow_run_id)
+    assert run.data.params["data.decode"] == "device"
+    assert out.metrics["train_images"] == N_TRAIN and out.metrics["train_skipped_images"] == 1
+    assert run.data.metrics["val_images"] == N_VAL
+    # validation decoded on the device scores the exported model as the library does on the CPU (the device
+    # resize is within a grey level of PIL's: allow an image or two to flip)
+    model = cfvit.load(download_model(f"models:/cfvit-e2e/{out.model_version}", tracking=mlflow_server)).eval()
+    x, y = load_fashion_mnist("test")
+    tf = build_transform(model.data_config)
+    with torch.no_grad():
+        res = model.infer(torch.stack([tf(decode_image(png_bytes(a))) for a in x[:N_VAL]]), 2.0)
+    for stage, logits in (("coarse", res.coarse_logits), ("fine", res.logits)):
+        top1 = float((logits.argmax(-1).numpy() == y[:N_VAL]).mean())
+        assert abs(run.data.metrics[f"val_{stage}_top1"] - top1) <= 2 / N_VAL, (stage, run.data.metrics, top1)

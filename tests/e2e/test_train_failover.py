@@ -8,14 +8,11 @@ and an MLflow server), the jobs submitted with `cfvit submit`, each worker on it
   epoch 3's reads); the job waits it out without a restart, and the checkpoint written across the pause is
   complete and loads."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.fixtures.procs import PYTEST_TIMEOUT_S, cfvit, run
+
 EPOCHS = 3
 pytestmark = pytest.mark.e2e
 
@@ -23,17 +20,11 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def failover(tmp_path_factory):
     out = tmp_path_factory.mktemp("train-failover") / "figures.json"
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "AWS_ENDPOINT_URL")}
-    cmd = [sys.executable, "-m", "cfvit_cli", "bench", "train-failover", "--fault", "node,s3", "--epochs",
-           str(EPOCHS), "--fault-epoch", "2", "--pause", "20", "--json", str(out)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=1100)  # two jobs of at most 480 s each, and the stack
-    except subprocess.TimeoutExpired:
-        proc.terminate()  # SIGTERM: the bench stops its S3 and MLflow servers and its Ray nodes
-        stdout, stderr = proc.communicate(timeout=120)
-        pytest.fail(f"train-failover ran over 1100 s:\n{stdout[-3000:]}{stderr[-3000:]}")
-    assert proc.returncode == 0, stdout[-4000:] + stderr[-3000:]
+    # two jobs of at most 360 s each and the stack, under pytest's 900 s; on the limit (or pytest's timeout)
+    # the bench gets SIGTERM, stops its S3 and MLflow servers and Ray nodes, and what is left is killed
+    proc = run(cfvit("bench", "train-failover", "--fault", "node,s3", "--epochs", str(EPOCHS), "--fault-epoch", "2",
+                     "--pause", "20", "--timeout", "360", "--json", str(out)), timeout=PYTEST_TIMEOUT_S - 60)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
     return json.loads(out.read_text())
 
 

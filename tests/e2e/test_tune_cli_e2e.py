@@ -2,16 +2,14 @@
 CLI's own local Ray, on this machine's cores. Before, the trial took every logical CPU and Ray Data's
 decode tasks never got one: the first epoch never came and the terminal filled with Ray Train warnings."""
 import json
-import os
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.fixtures.procs import command_env, run, running
+
 pytestmark = pytest.mark.e2e
 
 
@@ -23,9 +21,7 @@ def _tune_cmd(tmp: Path, *extra: str) -> list[str]:
 
 
 def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # the CLI starts its own Ray
-    env.update(COLUMNS="80", PYTHONUNBUFFERED="1")
-    return env
+    return command_env(COLUMNS="80")  # the CLI starts its own Ray
 
 
 def _run_status(tmp: Path, run_id: str) -> str:
@@ -36,8 +32,7 @@ def _run_status(tmp: Path, run_id: str) -> str:
 
 def test_two_short_trials_run_to_the_summary_table(tmp_path):
     # grace period 2: ASHA may not stop a trial before its last epoch, so both run to the end
-    out = subprocess.run(_tune_cmd(tmp_path, "--trials", "2", "--grace-period", "2"), cwd=ROOT, env=_env(),
-                         capture_output=True, text=True, timeout=900)
+    out = run(_tune_cmd(tmp_path, "--trials", "2", "--grace-period", "2"), timeout=600, env=_env())
     text = out.stdout + out.stderr
     assert out.returncode == 0, text[-4000:]
     assert "best (α, β, η) per budget" in text and "Pareto plot:" in text
@@ -51,22 +46,11 @@ def test_two_short_trials_run_to_the_summary_table(tmp_path):
 
 
 def test_ctrl_c_keeps_what_finished_and_exits_without_a_traceback(tmp_path):
-    proc = subprocess.Popen(_tune_cmd(tmp_path, "--trials", "3"), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    lines, deadline = [], time.monotonic() + 900
-    try:
-        for line in proc.stdout:  # the first trial's first epoch is in: interrupt as a user would
-            lines.append(line)
-            if "[tune] trial" in line and "epoch 1/2" in line:
-                proc.send_signal(signal.SIGINT)
-                break
-            assert time.monotonic() < deadline, "no epoch within 15 min"
-        lines += proc.stdout.readlines()
-        rc = proc.wait(timeout=300)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    text = "".join(lines)
+    with running(_tune_cmd(tmp_path, "--trials", "3"), env=_env()) as proc:
+        proc.wait_for(r"\[tune\] trial.*epoch 1/2", timeout=480)  # the first trial's first epoch is in
+        proc.proc.send_signal(signal.SIGINT)  # interrupt as a user would
+        rc = proc.wait(timeout=240)
+        text = proc.output
     assert rc == 130, text[-4000:]
     assert "SIGINT: stopping the trials" in text and "Traceback" not in text
     summary = json.loads((tmp_path / "out" / "tune_summary.json").read_text())

@@ -10,8 +10,15 @@ import pytest
 
 import cfvit
 from jobs.train.config import ConfigError, load_config
-from jobs.tune import (ClusterTooSmall, TuneSettings, fit_concurrency, pareto_front, run_tune, settings_from_cli,
-                       trial_cpus)
+from jobs.tune import (
+    ClusterTooSmall,
+    TuneSettings,
+    fit_concurrency,
+    pareto_front,
+    run_tune,
+    settings_from_cli,
+    trial_cpus,
+)
 
 TINY = {"depth": 2, "embed_dim": 48, "num_heads": 2}
 
@@ -128,9 +135,13 @@ def test_mlflow_parent_with_two_children_and_registered_winner(tuned, tmp_path):
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{o.parent_run_id}'")
     assert len(children) == 2
     assert {c.info.run_id for c in children} == {t.mlflow_run_id for t in o.trials}
+    final = {"completed": "FINISHED", "stopped early": "KILLED"}  # by what happened to the trial
+    by_run = {t.mlflow_run_id: t for t in o.trials}
     for c in children:
-        assert c.info.status in ("FINISHED", "KILLED")
-        assert float(c.data.params["model.alpha"]) in {t.config["alpha"] for t in o.trials}
+        trial = by_run[c.info.run_id]
+        assert c.info.status == final[trial.status], (trial.status, c.info.status)
+        assert c.data.tags["cfvit.tune.status"] == trial.status
+        assert float(c.data.params["model.alpha"]) == trial.config["alpha"]
         assert "val_fine_top1" in c.data.metrics
     assert any(k.startswith("best_") and k.endswith("_eta") for k in parent.data.metrics)
     arts = [a.path for a in client.list_artifacts(o.parent_run_id, "plots")]

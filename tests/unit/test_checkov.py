@@ -8,12 +8,12 @@ import json
 import os
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.fixtures.procs import run
 from tests.unit.infra_manifests import CHECKOV_SKIPS, INFRA, ROOT, all_k8s, namespace_of
 
 FRAMEWORKS = ("kubernetes", "dockerfile")
@@ -38,7 +38,7 @@ def reports() -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BC_", "PRISMA_", "CKV_"))}
     cmd = [_checkov_executable(), "--directory", str(INFRA), "--framework", *FRAMEWORKS, "--skip-download",
            "--output", "json"]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    done = run(cmd, timeout=600, cwd=ROOT, env=env)
     assert done.returncode in (0, 1), f"checkov failed to run ({done.returncode}): {done.stderr[-2000:]}"
     parsed = json.loads(done.stdout)
     return {r["check_type"]: r for r in (parsed if isinstance(parsed, list) else [parsed])}
@@ -60,6 +60,7 @@ def test_skip_list_entries_say_what_and_why():
         assert len(entry["reason"].split()) >= 20, f"{entry['check']}: say why"
 
 
+@pytest.mark.e2e  # runs checkov in a subprocess
 def test_checkov_scanned_every_manifest_and_dockerfile(reports):
     assert set(reports) == set(FRAMEWORKS)
     for framework, report in reports.items():
@@ -74,6 +75,7 @@ def test_checkov_scanned_every_manifest_and_dockerfile(reports):
     assert len(dockerfiles) == 2 and dockerfiles <= checked, dockerfiles - checked
 
 
+@pytest.mark.e2e
 def test_no_failed_check_outside_the_skip_list(reports):
     accepted = {(e["check"], r) for e in _skips() for r in e["resources"]}
     unexpected = _failed(reports) - accepted
@@ -81,6 +83,7 @@ def test_no_failed_check_outside_the_skip_list(reports):
         f"{check} on {resource}" for check, resource in sorted(unexpected))
 
 
+@pytest.mark.e2e
 def test_every_skip_list_entry_still_matches_a_finding(reports):
     failed = _failed(reports)
     stale = {(e["check"], r) for e in _skips() for r in e["resources"]} - failed

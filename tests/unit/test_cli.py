@@ -1,22 +1,22 @@
 """The `cfvit` command as a user first meets it: fast help, readable tables, and the library kept free of Ray."""
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 
 from jobs.ops.outputs import check_entrypoint, is_local_tracking, job_config_of, output_problems
 from jobs.train.config import load_config
+from tests.fixtures.procs import run
 
 
 def _python(code: str, **env) -> str:
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, **env})
+    out = run([sys.executable, "-c", code], timeout=300, env={**os.environ, **env})
     assert out.returncode == 0, out.stderr
     return out.stdout
 
 
+@pytest.mark.e2e  # a subprocess
 def test_import_cfvit_leaves_ray_out():
     loaded = json.loads(_python("import sys, json, cfvit, cfvit.calibration, cfvit.budget, cfvit.streaming; "
                                 "print(json.dumps(sorted(sys.modules)))"))
@@ -24,6 +24,7 @@ def test_import_cfvit_leaves_ray_out():
     assert "jobs" not in loaded and "serve" not in loaded
 
 
+@pytest.mark.e2e
 def test_cfvit_help_imports_no_torch():
     code = ("import sys, json\nfrom cfvit_cli import main\n"
             "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
@@ -33,6 +34,7 @@ def test_cfvit_help_imports_no_torch():
     assert json.loads(out.strip().splitlines()[-1]) == []
 
 
+@pytest.mark.e2e
 def test_models_names_are_never_cut_at_80_columns():
     out = _python("from cfvit_cli import main; main(['models'])", COLUMNS="80", TERM="dumb")
     import cfvit

@@ -1,10 +1,12 @@
 """Resuming reads DeepSpeed checkpoints with weights_only=True: a real ZeRO-2 round trip, and a planted
 pickle refused. In a subprocess, since it initialises torch.distributed (gloo, one rank)."""
-import subprocess
 import sys
 import textwrap
 
 import pytest
+
+from tests.fixtures.procs import run
+from tests.fixtures.services import free_port
 
 SCRIPT = textwrap.dedent('''
     import os, sys, torch
@@ -58,10 +60,7 @@ SCRIPT = textwrap.dedent('''
 
 @pytest.mark.e2e
 def test_deepspeed_resume_is_weights_only(tmp_path):
-    from tests.fixtures.services import free_port
-
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path), str(free_port())], capture_output=True,
-                          text=True, timeout=900)
+    proc = run([sys.executable, "-c", SCRIPT, str(tmp_path), str(free_port())], timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(("round trip", "refused"))]
     assert lines == ["round trip 0", "round trip 1", "round trip 2", "refused UnpicklingError"], proc.stdout[-2000:]

@@ -165,8 +165,8 @@ def test_rayservice_serve_config_passes_serve_schema():
 def test_rayservice_matches_the_serve_application():
     """The args pass serve's AppArgs and every deployment named in the config is one build_app makes
     (Serve rejects the whole config on an unknown deployment name)."""
-    pytest.importorskip("serve.app")
     from ray.serve._private.build_app import build_app as build_graph
+
     from serve.app import build_app
     from serve.settings import AppArgs
 

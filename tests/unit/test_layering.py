@@ -151,14 +151,16 @@ def test_imports_inside_functions_say_why():
     assert not bad, "imports inside functions without a reason:\n" + "\n".join(sorted(set(bad)))
 
 
+@pytest.mark.e2e  # a subprocess
 def test_cfvit_help_loads_no_heavy_library():
     """The root command and every package's command module import without torch, Ray, timm or MLflow."""
     import json
-    import subprocess
     import sys
+
+    from tests.fixtures.procs import run
 
     code = ("import sys, json, cfvit_cli\n"
             "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'ray', 'timm', 'mlflow'})))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    out = run([sys.executable, "-c", code], timeout=120)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []

@@ -30,6 +30,9 @@ def _status(url: str, headers: dict | None = None) -> int:
         return err.code
 
 
+pytestmark = pytest.mark.e2e  # starts an MLflow server
+
+
 @pytest.fixture(scope="module")
 def auth_server(tmp_path_factory):
     """`mlflow server --app-name basic-auth` on loopback with sqlite stores, its admin from the environment."""

@@ -1,4 +1,5 @@
 """Stalls end with a message that says what the job waited on, instead of a silent hang."""
+import threading
 import time
 
 import pytest
@@ -15,12 +16,22 @@ def test_a_loop_waiting_on_data_past_the_timeout_is_stopped_with_the_reason(caps
     assert w is not None
 
 
-def test_a_loop_that_keeps_receiving_batches_is_left_alone():
+def _watchers() -> int:
+    return sum(t.name == "data-watchdog" for t in threading.enumerate())
+
+
+def test_a_loop_that_keeps_receiving_batches_is_left_alone(capsys):
     with DataWatchdog(0.5) as w:
-        for _ in range(150):
+        assert _watchers() == 1  # it is watching
+        for _ in range(150):  # 1.5 s, three timeouts, with a batch every 10 ms: never stopped
             time.sleep(0.01)
             w.tick()
-    with DataWatchdog(0) as w:  # 0: off
+    deadline = time.monotonic() + 5
+    while _watchers() and time.monotonic() < deadline:  # the watcher ends with the block
+        time.sleep(0.05)
+    assert _watchers() == 0 and "[stall]" not in capsys.readouterr().out
+    with DataWatchdog(0):  # 0: off, no watcher however long the wait
+        assert _watchers() == 0
         time.sleep(0.2)
 
 
