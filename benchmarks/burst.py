@@ -23,6 +23,7 @@ from ray import serve
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks.failures import BODY_CHARS, ErrorLog, describe
 from benchmarks.serve import _deploy, png_files, system_args
 from cfvit.data import load_fashion_mnist
 from serve.runner import start_ray
@@ -63,8 +64,10 @@ async def open_loop(url: str, files: List[bytes], labels: np.ndarray, times: np.
                     body = r.json()
                     rec.update(stage=body["stage"], eta=body["eta"], gflops=body["gflops"],
                                correct=int(body["label"] == int(labels[i % len(labels)])))
+                else:
+                    rec["error"] = r.text[:BODY_CHARS]
             except httpx.HTTPError as e:
-                rec["error"] = type(e).__name__
+                rec["error"] = f"{type(e).__name__}: {e}"
             rec["latency_ms"] = (time.perf_counter() - (start + at)) * 1000
             records.append(rec)
 
@@ -151,13 +154,27 @@ def run_burst(s: BurstSettings) -> Dict[str, Any]:
             records = asyncio.run(open_loop(url, files, labels, times))
             result["eta_table"] = info.get("eta_table")
             result["runs"][mode] = {"per_second": per_second(records), "phases": phase_stats(records, bounds),
-                                    "slo": _get(port, "slo")}
+                                    "slo": _get(port, "slo"), **failures(records)}
             serve.delete(f"burst-{mode}")
     finally:
         if ray.is_initialized() and started:
             serve.shutdown()
             ray.shutdown()
     return result
+
+
+def failures(records: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """How many requests failed, of how many, and the first distinct statuses and error bodies."""
+    log = ErrorLog()
+    for r in records:
+        if r["status"] != 200:
+            log.add(r["status"], r.get("error", ""))
+    return {"sent": len(records), "failed": log.total, "error_samples": log.samples()}
+
+
+def answered_nothing(result: Dict[str, Any]) -> List[str]:
+    """The runs (slo-off, slo-on) in which every request failed."""
+    return [mode for mode, run in result["runs"].items() if run["sent"] and run["failed"] == run["sent"]]
 
 
 def _get(port: int, key: str):
@@ -191,8 +208,8 @@ def plot_burst(result: Dict[str, Any], path: str) -> None:
     plt.close(fig)
 
 
-def print_burst(result: Dict[str, Any]) -> None:
-    console = Console(width=80)
+def print_burst(result: Dict[str, Any], console: Optional[Console] = None) -> None:
+    console = console or Console(width=80)
     r, f = result["rate"], result["burst_factor"]
     console.print(f"{result['stages']} · {r:g} req/s, {f:g}× burst · p99 target {result['slo_ms']:g} ms")
     tab = Table("mode", "phase", "req", "err", "p99 ms", "η", "GFLOPs", "top-1", "table")
@@ -203,6 +220,9 @@ def print_burst(result: Dict[str, Any]) -> None:
                         _f(s["eta"], "{:.3f}"), _f(s["gflops"], "{:.4f}"), _f(s["accuracy"], "{:.1%}"),
                         _f(pred, "{:.1%}"))
     console.print(tab)
+    for mode, run in result["runs"].items():
+        for line in describe(mode, run.get("error_samples", []), run.get("failed", 0), run.get("sent")):
+            console.print(line, markup=False, highlight=False)
 
 
 def _f(v, fmt: str) -> str:

@@ -179,7 +179,7 @@ def bench_serve(
 ):
     """Throughput, p50/p99 latency and per-hop timings of CF-ViT deployments vs the plain backbone,
     same hardware, next to the offline ratio of the same checkpoint (or, with --burst, a traffic step)."""
-    from .serve import DEFAULT_SYSTEMS, ServeBenchSettings, print_report, run_bench
+    from .serve import DEFAULT_SYSTEMS, ServeBenchSettings, answered_nothing, label, print_report, run_bench
 
     if burst:
         from .burst import BurstSettings
@@ -200,18 +200,26 @@ def bench_serve(
                                           exit_rate=exit_rate, n_images=images, replicas=replicas, port=port,
                                           systems=system or DEFAULT_SYSTEMS, batch_size=batch_size,
                                           per_request=per_request))
+    _write_json(json_out, result)  # first: the figures survive a printing problem
     print_report(result)
-    _write_json(json_out, result)
+    failed = answered_nothing(result)
+    if failed:
+        typer.echo(f"error: {', '.join(label(f) for f in failed)} failed every request (see above)", err=True)
+        raise typer.Exit(1)
 
 
 def _bench_burst(settings, plot: Optional[str], json_out: Optional[str]) -> None:
-    from .burst import plot_burst, print_burst, run_burst
+    from .burst import answered_nothing, plot_burst, print_burst, run_burst
 
     result = run_burst(settings)
+    _write_json(json_out, result)
     print_burst(result)
     if plot:
         plot_burst(result, plot)
-    _write_json(json_out, result)
+    failed = answered_nothing(result)
+    if failed:
+        typer.echo(f"error: the {' and '.join(failed)} run(s) failed every request (see above)", err=True)
+        raise typer.Exit(1)
 
 
 @app.command("failover")

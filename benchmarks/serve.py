@@ -35,6 +35,7 @@ from serve.inputs import PixelTransform, normalise
 from serve.runner import start_ray
 from serve.timing import parse_server_timing
 
+from .failures import MAX_DISTINCT, ErrorLog, describe
 from .throughput import eta_for_exit_fraction
 
 # Each system: a topology (`stages`) then optional `key=value` overrides of the app arguments (YAML
@@ -97,7 +98,7 @@ def _request_body(files: List[bytes], i: int, per_request: int) -> Dict[str, Any
 
 async def _closed_loop(url: str, files: List[bytes], clients: int, warmup_s: float, duration_s: float,
                        per_request: int = 1) -> Dict[str, Any]:
-    lat, stages, timings, errors = [], [], [], 0
+    lat, stages, timings, errors, failed = [], [], [], 0, ErrorLog()
     t_start = time.perf_counter() + warmup_s
     t_end = t_start + duration_s
     async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=clients)) as client:
@@ -113,8 +114,11 @@ async def _closed_loop(url: str, files: List[bytes], clients: int, warmup_s: flo
                     r = await client.post(url, **_request_body(files, i * per_request, per_request))
                     ok = r.status_code == 200
                     body = r.json() if ok else None
-                except httpx.HTTPError:
+                    if not ok:
+                        failed.add(r.status_code, r.text)
+                except httpx.HTTPError as e:
                     ok, body, r = False, None, None
+                    failed.add(0, f"{type(e).__name__}: {e}")
                 t1 = time.perf_counter()
                 if t0 >= t_start and t1 <= t_end:  # only requests wholly inside the window count
                     if ok:
@@ -126,7 +130,9 @@ async def _closed_loop(url: str, files: List[bytes], clients: int, warmup_s: flo
                 i += clients
 
         await asyncio.gather(*(worker(k) for k in range(clients)))
-    return _summary(lat, stages, timings, clients, errors, duration_s, per_request)
+    # failures of the warm-up too: a system that fails there fails in the window as well
+    return {**_summary(lat, stages, timings, clients, errors, duration_s, per_request),
+            "failed_total": failed.total, "error_samples": failed.samples()}
 
 
 def ratio_at_equal_p99(cf: List[Dict[str, Any]], base: List[Dict[str, Any]]) -> List[Dict[str, float]]:
@@ -293,8 +299,15 @@ def _rank(key: str):
     return (10 + 10 * (stage == "fine") + (parts.index(part) if part in parts else 9), key)
 
 
+def answered_nothing(result: Dict[str, Any]) -> List[str]:
+    """The systems that failed every request they were sent (no answer at any level)."""
+    return [spec for spec, rows in result["systems"].items()
+            if not any(r["requests"] for r in rows) and any(r["errors"] or r.get("failed_total") for r in rows)]
+
+
 def served_ratios(result: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """Per CF-ViT system and level: served ÷ backbone (same clients; and at equal p99), vs offline."""
+    """Per CF-ViT system and level: served ÷ backbone (same clients; and at equal p99), vs offline. No ratio
+    at a level where either system answered nothing."""
     systems = result["systems"]
     base = next((rows for spec, rows in systems.items() if strip_label(spec).split()[0] == "backbone"), None)
     off = result["offline"]
@@ -304,7 +317,9 @@ def served_ratios(result: Dict[str, Any]) -> List[Dict[str, Any]]:
             continue
         p99 = [r["ratio"] for r in ratio_at_equal_p99(rows, base)]
         for r, b in zip(rows, base):
-            ratio = r["throughput"] / b["throughput"] if b["throughput"] else float("nan")
+            if not (r["requests"] and b["requests"]):
+                continue
+            ratio = r["throughput"] / b["throughput"]
             out.append({"system": label(spec), "clients": r["concurrency"], "ratio": ratio,
                         "p99_lo": min(p99) if p99 else float("nan"), "p99_hi": max(p99) if p99 else float("nan"),
                         "offline": off["ratio"], "of_offline": ratio / off["ratio"]})
@@ -338,11 +353,27 @@ def print_report(result: Dict[str, Any]) -> None:
                        f"{r['of_offline']:.2f}")
     console.print(ratios)
     for spec, rows in systems.items():
-        if strip_label(spec).split()[0] == "backbone":
-            best = max(r["throughput"] for r in rows)
+        best = max(r["throughput"] for r in rows)
+        if strip_label(spec).split()[0] == "backbone" and best > 0:
             console.print(f"served backbone ({label(spec)}) ÷ offline backbone: {best:.1f} / "
                           f"{off['backbone_ips']:.1f} = {best / off['backbone_ips']:.2f} (best level)")
     _print_breakdown(console, systems)
+    print_failures(result, console)
+
+
+def print_failures(result: Dict[str, Any], console: Console) -> None:
+    """Per system with failed requests: how many, and the first distinct statuses and error bodies."""
+    for spec, rows in result["systems"].items():
+        samples: Dict[tuple, Dict[str, Any]] = {}
+        for r in rows:
+            for e in r.get("error_samples", []):
+                samples.setdefault((e["status"], e["body"]), {**e, "count": 0})["count"] += e["count"]
+        failed = sum(r.get("failed_total", r["errors"]) for r in rows)
+        for line in describe(label(spec), list(samples.values())[:MAX_DISTINCT], failed):
+            console.print(line, markup=False, highlight=False)
+    for spec in answered_nothing(result):
+        console.print(f"{label(spec)} answered no request: none of its figures above means anything",
+                      markup=False, style="bold red")
 
 
 def _print_breakdown(console, systems: Dict[str, List[Dict[str, Any]]]) -> None:
