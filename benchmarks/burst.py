@@ -222,7 +222,7 @@ def print_burst(result: Dict[str, Any], console: Optional[Console] = None) -> No
     console.print(tab)
     for mode, run in result["runs"].items():
         for line in describe(mode, run.get("error_samples", []), run.get("failed", 0), run.get("sent")):
-            console.print(line, markup=False, highlight=False)
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def _f(v, fmt: str) -> str:

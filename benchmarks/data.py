@@ -25,6 +25,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import ray
@@ -117,7 +118,8 @@ class PipelineResult:
     images: int
     total_s: float
     first_batch_s: float
-    steady_img_s: float  # after the first batch: the rate a consumer sees once the pipeline streams
+    # after the first batch: the rate a consumer sees once the pipeline streams (None: one batch, no rate)
+    steady_img_s: Optional[float]
 
     @property
     def img_s(self) -> float:
@@ -137,7 +139,7 @@ def pipeline(uri: str, batch_size: int = 32, map_batch: int = 32) -> PipelineRes
             first, n_first = time.perf_counter() - t0, len(batch["label"])
         n += int(batch["valid"].sum())
     total = time.perf_counter() - t0
-    steady = (n - n_first) / (total - first) if total > first else 0.0
+    steady = (n - n_first) / (total - first) if total > first and n > n_first else None
     return PipelineResult(n, total, first, steady)
 
 
@@ -250,6 +252,9 @@ def print_report(r: dict, echo=print) -> None:
     echo(f"Ray Data pipeline, {n} CPUs, {r['store']}"[:80])
     echo(f"{'  source → batches of 32':<38}{'img/s':>8}{'1st s':>8}{'img/s/CPU':>12}{'cores/GPU':>11}")
     for name, p in r["pipeline"].items():
+        if p["steady_img_s"] is None:  # everything came in the first batch: nothing to take a rate from
+            echo(f"  {name:<36}{'-':>8}{p['first_batch_s']:>8.1f}{'-':>12}{'-':>11}")
+            continue
         per_cpu = p["steady_img_s"] / n
         cores = f"{rate / per_cpu:.1f}" if per_cpu else "-"
         echo(f"  {name:<36}{p['steady_img_s']:>8.1f}{p['first_batch_s']:>8.1f}{per_cpu:>12.1f}{cores:>11}")

@@ -370,7 +370,7 @@ def print_failures(result: Dict[str, Any], console: Console) -> None:
                 samples.setdefault((e["status"], e["body"]), {**e, "count": 0})["count"] += e["count"]
         failed = sum(r.get("failed_total", r["errors"]) for r in rows)
         for line in describe(label(spec), list(samples.values())[:MAX_DISTINCT], failed):
-            console.print(line, markup=False, highlight=False)
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
     for spec in answered_nothing(result):
         console.print(f"{label(spec)} answered no request: none of its figures above means anything",
                       markup=False, style="bold red")

@@ -101,8 +101,11 @@ def test_bench_data_report_fits_80_columns():
             "per_core": {"original": cores, "max-side 256": cores}, "num_cpus": 2, "store": "S3 at http://x",
             "gpu_step_rate": GPU_STEP_RATE, "max_side": 256, "load_avg": [1.0, 2.0], "cpu_count": 2,
             "pipeline": {"webdataset max-side 256": {"images": 2, "total_s": 1.0, "first_batch_s": 0.5,
-                                                     "steady_img_s": 80.0}}}
+                                                     "steady_img_s": 80.0},
+                         # every image in the first batch: no rate, never a 0.0 img/s
+                         "imagefolder": {"images": 2, "total_s": 0.3, "first_batch_s": 0.3, "steady_img_s": None}}}
     print_report(fake, lines.append)
     assert max(len(line) for line in lines) <= 80, max(lines, key=len)
     assert any("cores/GPU" in line for line in lines)
     assert any(line.strip().startswith("webdataset max-side 256") and line.split()[-1] == "82.5" for line in lines)
+    assert any(line.split()[:2] == ["imagefolder", "-"] and line.split()[-2:] == ["-", "-"] for line in lines)

@@ -20,10 +20,10 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def failover(tmp_path_factory):
     out = tmp_path_factory.mktemp("train-failover") / "figures.json"
-    # two jobs of at most 360 s each and the stack, under pytest's 900 s; on the limit (or pytest's timeout)
+    # two jobs of at most 400 s each and the stack, under pytest's 900 s; on the limit (or pytest's timeout)
     # the bench gets SIGTERM, stops its S3 and MLflow servers and Ray nodes, and what is left is killed
     proc = run(cfvit("bench", "train-failover", "--fault", "node,s3", "--epochs", str(EPOCHS), "--fault-epoch", "2",
-                     "--pause", "20", "--timeout", "360", "--json", str(out)), timeout=PYTEST_TIMEOUT_S - 60)
+                     "--pause", "20", "--timeout", "400", "--json", str(out)), timeout=PYTEST_TIMEOUT_S - 60)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
     return json.loads(out.read_text())
 
