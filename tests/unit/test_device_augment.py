@@ -9,7 +9,7 @@ import torch
 
 from benchmarks.data import DEIT_DATA_CONFIG, synth_jpeg
 from cfvit.data import load_fashion_mnist
-from cfvit.transforms import build_transform, decode_image
+from cfvit.transforms import build_transform, decode_image, to_model_mode
 from jobs.train import device_augment as da
 from tests.fixtures.services import png_bytes
 
@@ -248,5 +248,6 @@ def test_formats_torchvision_cannot_read_are_decoded_as_the_cpu_path_does():
     assert valid.all()
     for img in imgs[:2]:
         assert img.dtype == torch.uint8 and torch.equal(img, torch.from_numpy(rgb).permute(2, 0, 1))
-    want = np.asarray(decode_image(blobs[2]).convert("RGB"))  # what the CPU path makes of it
+    want = np.asarray(to_model_mode(decode_image(blobs[2]), 3))  # what the CPU path makes of it: 200/257 → 1
+    assert (want == 1).all()
     assert imgs[2].dtype == torch.uint8 and torch.equal(imgs[2], torch.from_numpy(want.copy()).permute(2, 0, 1))
