@@ -202,6 +202,7 @@ class CFViTIngress:
             max_images=self.args.max_images,
             max_body_bytes=self.args.max_body_bytes,
             stages=self.args.stages,
+            provenance=cfg.get("provenance"),
         )
         self.samples = Samples(samples=sample_images(self.class_names))
         self.slo = governor_for(self.args, self.eta_table)
