@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .deployments import BackboneStage, CoarseStage, FineStage, FusedStage
 from .drift import monitor_for
+from .guard import GuardMiddleware, install, open_endpoint_warning, page_headers, proxy_host
 from .inputs import (
     RAW_TYPES,
     APIError,
@@ -58,16 +59,18 @@ api = FastAPI(
     ),
     version="1",
 )
+api.add_middleware(GuardMiddleware)  # keys, rate limit, deadline, security headers (serve/guard.py)
 
 _ERRORS = {s: {"model": ErrorBody} for s in (400, 413, 415, 422, 500, 503)}
 _BODY_DOC = {
     "requestBody": {
         "required": True,
-        "description": "a raw PNG/JPEG body (Content-Type image/*), multipart form data with one or more "
+        "description": "a raw PNG/JPEG/WebP body (Content-Type image/*), multipart form data with one or more "
                        "`file` fields, or JSON {images: [base64…], eta?, budget_gflops?}",
         "content": {
             "image/png": {"schema": {"type": "string", "format": "binary"}},
             "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+            "image/webp": {"schema": {"type": "string", "format": "binary"}},
             "multipart/form-data": {"schema": {"type": "object", "properties": {
                 "file": {"type": "string", "format": "binary"}}, "required": ["file"]}},
             "application/json": {"schema": ClassifyJSON.model_json_schema()},
@@ -172,6 +175,10 @@ class CFViTIngress:
     def __init__(self, model: DeploymentHandle, fine: Optional[DeploymentHandle], args: AppArgs):
         torch.set_num_threads(1)
         self.args = args
+        install(args)
+        warning = open_endpoint_warning(proxy_host(), args)
+        if warning:
+            logger.warning(warning)
         self.model, self.fine = model, fine
         # The ingress only pre-processes: it reads the model's description and drops the weights.
         model, local = load_model(self.args.checkpoint)
@@ -213,7 +220,8 @@ class CFViTIngress:
     # ------------------------------------------------------------------ routes
     @api.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page(self):
-        return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
+        html = (STATIC / "index.html").read_text(encoding="utf-8")
+        return HTMLResponse(html, headers=page_headers(html))
 
     @api.get("/healthz", response_model=Health)
     async def healthz(self) -> Health:
@@ -268,7 +276,7 @@ class CFViTIngress:
         if not (kind.startswith(RAW_TYPES) or kind in ("multipart/form-data", "application/json")):
             raise APIError(415, "unsupported content type",
                            {"content_type": kind or None,
-                            "accepted": ["image/png", "image/jpeg", "multipart/form-data", "application/json"]})
+                            "accepted": ["image/png", "image/jpeg", "image/webp", "multipart/form-data", "application/json"]})
         body = await read_body(request.stream(), request.headers.get("content-length"), self.args.max_body_bytes)
         batch = False
         if kind == "application/json":
@@ -287,7 +295,7 @@ class CFViTIngress:
         return files, batch, eta, budget_gflops
 
     def _pixels(self, files: List[bytes]) -> list:
-        images = decode_to_pixels(files, self.transform, self.args.max_pixels)
+        images = decode_to_pixels(files, self.transform, self.args.max_pixels, self.args.max_request_pixels)
         if self.args.wire_dtype == "float32":  # the old path: normalised per image here, 4× the bytes
             images = [normalise(x, self.transform.mean, self.transform.std) for x in images]
         return images

@@ -43,7 +43,9 @@ def serve_forever(app_args: AppArgs, host: str, port: int, address: Optional[str
         # Ray's core installs its own (aborting) SIGTERM handler in ray.init: take the signals back.
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, _raise_stop)
-        serve.start(http_options={"host": host, "port": port})
+        # The proxy's own limit, a second after the application's (which answers 408 as JSON), catches what
+        # never reaches an ingress replica (a queue in front of busy replicas).
+        serve.start(http_options={"host": host, "port": port, "request_timeout_s": app_args.request_timeout_s + 1})
         serve.run(build_app(app_args), name=name, route_prefix="/")
         url = f"http://{host}:{port}/"
         echo(f"CF-ViT is serving at {url}  (API docs: {url}docs) — Ctrl-C to stop")
