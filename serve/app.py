@@ -176,9 +176,10 @@ class CFViTIngress:
         torch.set_num_threads(1)
         self.args = args
         install(args)
-        warning = open_endpoint_warning(proxy_host(), args)
-        if warning:
-            logger.warning(warning)
+        if not args.api_keys_file:
+            warning = open_endpoint_warning(proxy_host(), args)
+            if warning:
+                logger.warning(warning)
         self.model, self.fine = model, fine
         # The ingress only pre-processes: it reads the model's description and drops the weights.
         model, local = load_model(self.args.checkpoint)
