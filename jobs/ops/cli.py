@@ -146,20 +146,24 @@ def shards_cmd(
     shard_size: int = typer.Option(1000, "--shard-size", "-n", help="Images per shard."),
     shuffle: bool = typer.Option(True, "--shuffle/--no-shuffle", help="Shuffle files before sharding (seeded)."),
     seed: int = typer.Option(0, "--seed", help="Shuffle seed."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace shards/classes.json already in DST."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Publish a new version over a shard set already in "
+                                   "DST (readers keep the current one until the new one is complete)."),
+    keep: int = typer.Option(2, "--keep", min=1, help="Versions to keep, the new one included; older ones are "
+                             "deleted once the new one is published."),
     max_side: Optional[int] = typer.Option(None, "--max-side", help="Downscale images whose longer side exceeds "
                                            "N px to N (aspect kept, JPEG q90); cheaper decode, lower-res crops."),
 ) -> None:
     """Convert an ImageFolder tree into WebDataset shards with Ray Data."""
-    from .shards import CLASSES_FILE, ShardError, convert
+    from .shards import ShardError, convert
 
     try:
         report = convert(src, dst, shard_size=shard_size, shuffle=shuffle, seed=seed, overwrite=overwrite,
-                         max_side=max_side)
+                         max_side=max_side, keep=keep)
     except ShardError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1)
     typer.echo(
         f"wrote {report.num_samples} images of {len(report.classes)} classes "
-        f"as {len(report.shards)} shards + {CLASSES_FILE} to {report.dst}"
+        f"as {len(report.shards)} shards to {report.dst}, version {report.version} (manifest published last)"
+        + (f"; deleted older version(s) {', '.join(report.pruned)}" if report.pruned else "")
     )
