@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from serve.guard import proxy_host
 from tests.fixtures.browser import chromium, needs_chromium
 from tests.fixtures.serve_app import TEST_ARGS, serving
 from tests.fixtures.services import png_bytes as png
@@ -95,6 +96,7 @@ def test_v1_routes_need_a_key_and_the_rest_stays_open(guarded):
         "type": "http", "scheme": "bearer", "description": "an API key from the server's api_keys_file"}
     assert spec["paths"]["/v1/classify"]["post"]["security"] == [{"APIKey": []}]
     assert "security" not in spec["paths"]["/healthz"]["get"]
+    assert proxy_host() == "127.0.0.1"  # what the ingress reads to decide whether to warn of an open endpoint
 
 
 def test_a_key_added_or_revoked_in_the_file_takes_effect_within_the_reload_interval(guarded, keys_file):

@@ -171,3 +171,15 @@ def test_middleware_keys_rate_limit_per_address_deadline_and_openapi(tmp_path):
         asyncio.run(run())
     finally:
         guard.install(AppArgs(checkpoint="x"))
+
+
+def test_cfvit_serve_refuses_a_bad_keys_file_before_starting_anything(tmp_path):
+    from typer.testing import CliRunner
+
+    from cfvit_cli import app
+
+    (tmp_path / "keys").write_text("short\n")
+    out = CliRunner().invoke(app, ["serve", "--checkpoint", str(tmp_path), "--api-keys-file", str(tmp_path / "keys")])
+    assert out.exit_code == 2 and "line 1: a key needs at least 16 characters" in out.output
+    out = CliRunner().invoke(app, ["serve", "--checkpoint", str(tmp_path), "--api-keys-file", str(tmp_path / "none")])
+    assert out.exit_code == 2 and "cannot read the API keys file" in out.output
