@@ -277,7 +277,8 @@ class CFViTIngress:
         if not (kind.startswith(RAW_TYPES) or kind in ("multipart/form-data", "application/json")):
             raise APIError(415, "unsupported content type",
                            {"content_type": kind or None,
-                            "accepted": ["image/png", "image/jpeg", "image/webp", "multipart/form-data", "application/json"]})
+                            "accepted": ["image/png", "image/jpeg", "image/webp", "multipart/form-data",
+                                         "application/json"]})
         body = await read_body(request.stream(), request.headers.get("content-length"), self.args.max_body_bytes)
         batch = False
         if kind == "application/json":

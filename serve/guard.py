@@ -174,7 +174,8 @@ class Guard:
         keys = KeyStore(args.api_keys_file, args.keys_reload_s) if args.api_keys_file else None
         limiter = None
         if args.rate_limit_per_s:
-            limiter = RateLimiter(args.rate_limit_per_s, args.rate_limit_burst or max(1, math.ceil(args.rate_limit_per_s)))
+            burst = args.rate_limit_burst or max(1, math.ceil(args.rate_limit_per_s))  # default: one second's worth
+            limiter = RateLimiter(args.rate_limit_per_s, burst)
         return cls(keys, limiter, args.request_timeout_s)
 
     def deadline(self, headers: Dict[bytes, bytes]) -> float:

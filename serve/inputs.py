@@ -142,7 +142,8 @@ def image_sizes(files: Sequence[bytes], max_pixels: int, max_request_pixels: int
             w = h = 0
             fmt = None
         if fmt is not None and fmt not in IMAGE_FORMATS:
-            raise APIError(415, "unsupported image format", {"index": i, "format": fmt, "accepted": list(IMAGE_FORMATS)})
+            raise APIError(415, "unsupported image format",
+                           {"index": i, "format": fmt, "accepted": list(IMAGE_FORMATS)})
         if w * h > max_pixels:
             raise APIError(413, "image too large", {"index": i, "width": w, "height": h, "max_pixels": max_pixels})
         total += w * h

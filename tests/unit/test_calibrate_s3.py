@@ -17,7 +17,7 @@ def _objects(s3, prefix: str) -> dict:
     return {o["Key"][len(prefix):]: s3.get_object(Bucket=BUCKET, Key=o["Key"])["Body"].read() for o in listing}
 
 
-def test_calibrating_an_s3_checkpoint_writes_a_new_prefix_and_leaves_the_old_one(s3_server, fmnist_checkpoint, tmp_path):
+def test_calibrating_an_s3_checkpoint_writes_a_new_prefix_and_leaves_the_old_one(s3_server, fmnist_checkpoint):
     s3 = s3_server.client()
     s3.create_bucket(Bucket=BUCKET)
     origin = f"s3://{BUCKET}/models/fmnist"
