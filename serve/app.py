@@ -21,6 +21,8 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from cfvit_common.checkpoints import pin_checkpoint
+
 from .deployments import BackboneStage, CoarseStage, FineStage, FusedStage
 from .drift import monitor_for
 from .guard import GuardMiddleware, install, open_endpoint_warning, page_headers, proxy_host
@@ -37,7 +39,7 @@ from .inputs import (
     resolve_eta,
 )
 from .messages import StageAnswer
-from .model_host import checkpoint_version, load_model
+from .model_host import load_model, model_identity
 from .samples import sample_images
 from .schemas import BatchPrediction, ClassifyJSON, ErrorBody, Health, ModelInfo, Prediction, Samples, TopClass
 from .settings import ETA_MAX, ETA_MIN, AppArgs, StageOptions
@@ -196,8 +198,7 @@ class CFViTIngress:
         self.eta_table = _normalise_table(cfg.get("eta_table"))
         self.info = ModelInfo(
             name=str(cfg.get("name") or cfg.get("model_name") or getattr(model, "model_name", None) or "cfvit"),
-            version=checkpoint_version(local, cfg),
-            checkpoint=self.args.checkpoint,
+            **model_identity(self.args.checkpoint, local, cfg),  # name, version, digest; not where it is stored
             class_names=self.class_names,
             num_classes=self.num_classes,
             input_size=list(self.data_config["input_size"]),
@@ -417,8 +418,11 @@ def _stage_options(deployment, opts: StageOptions, name: str):
 def build_app(args: AppArgs) -> Application:
     """The Serve application builder, typed as Ray's application builders are: `serve run serve.app:build_app
     k=v …` and a config file's `args:` reach it validated as `AppArgs` (unknown keys refused by name). Called
-    directly, a plain dict of the same arguments is validated the same way."""
+    directly, a plain dict of the same arguments is validated the same way. A `models:/NAME@ALIAS` checkpoint
+    is resolved to the version the alias names now, and that version is bound to every deployment."""
     cfg = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
+    # An alias is read once, here: every replica, now and added later, loads this one version.
+    cfg = cfg.model_copy(update={"checkpoint": pin_checkpoint(cfg.checkpoint)})
     fine = None
     if cfg.stages == "backbone":
         model = _stage_options(BackboneStage, cfg.coarse, "BackboneStage").bind(cfg.checkpoint, cfg.coarse)

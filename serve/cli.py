@@ -36,7 +36,14 @@ def serve_cmd(
     request_timeout: float = typer.Option(30.0, min=0.001, help="Seconds before a request not yet answered "
                                           "gets 408 (a client's own timeout header may only shorten it)."),
 ):
-    """Serve a checkpoint over HTTP (Ray Serve): POST /v1/classify, GET /v1/model, a page at /."""
+    """Serve a checkpoint over HTTP (Ray Serve): POST /v1/classify, GET /v1/model, a page at /.
+
+    A `models:/NAME@ALIAS` checkpoint is pinned to the version the alias names at start; a registered
+    version whose files do not match the sha256 recorded at registration is refused before Ray starts."""
+    from mlflow.exceptions import MlflowException
+
+    from cfvit_common.tracking import ModelIntegrityError
+
     from .guard import KeyFileError, open_endpoint_warning, read_keys
     from .runner import serve_forever
 
@@ -54,7 +61,11 @@ def serve_cmd(
     warning = open_endpoint_warning(host, args)
     if warning:
         typer.echo(f"warning: {warning}", err=True)
-    serve_forever(args, host=host, port=port, address=address, num_cpus=num_cpus, echo=typer.echo)
+    try:
+        serve_forever(args, host=host, port=port, address=address, num_cpus=num_cpus, echo=typer.echo)
+    except (ModelIntegrityError, FileNotFoundError, MlflowException) as e:  # the checkpoint: refused, missing
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1)
 
 
 def _app_args(checkpoint: str, eta: float, stages: str, max_replicas: int, max_images: int,

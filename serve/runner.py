@@ -9,6 +9,7 @@ from typing import Optional
 import ray
 from ray import serve
 
+from cfvit_common.checkpoints import pin_checkpoint, resolve_checkpoint
 from cfvit_common.ray_env import init_ray
 
 from .app import build_app
@@ -36,6 +37,10 @@ def serve_forever(app_args: AppArgs, host: str, port: int, address: Optional[str
 
     # Signals raise in the main thread from here on; a second signal during shutdown is ignored so the
     # clean-up finishes (SIGKILL remains for the impatient).
+    # The checkpoint first, before anything starts: an alias pinned to its version, downloaded into this node's
+    # cache (the local replicas load it from there) and, for a registered version, checked against its digests.
+    app_args = app_args.model_copy(update={"checkpoint": pin_checkpoint(app_args.checkpoint)})
+    resolve_checkpoint(app_args.checkpoint)
     previous = {s: signal.signal(s, _raise_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     started = False
     try:

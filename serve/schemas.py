@@ -46,8 +46,10 @@ class ClassifyJSON(BaseModel):
 
 class ModelInfo(BaseModel):
     name: str
-    version: str
-    checkpoint: str
+    registered_model: Optional[str] = Field(None, description="the model's name in the registry (null: served "
+                                                               "from a checkpoint folder)")
+    version: str = Field(description="the registered version, else the checkpoint's version or a short hash")
+    digest: Optional[str] = Field(None, description="sha256 of the served weights (model.safetensors)")
     class_names: List[str]
     num_classes: int
     input_size: List[int] = Field(description="C, H, W the images are brought to")
