@@ -240,14 +240,14 @@ def _mlflow_facts(uri: str, job: str) -> Dict[str, Any]:
 
 
 def _model_permissions(stack, model: str) -> Dict[str, Optional[str]]:
-    """What each client user may do on the registered model, as the admin reads it: the editing user that
-    registered it MANAGEs it; the read-only user has no grant of its own (the server's default, READ)."""
+    """What each client user may do with the registered model, as the admin asks the server (its effective
+    permission): the editing user that registered it MANAGEs it, the read-only user READs it."""
     out = {}
     for name in (TRAINER, SERVER):
-        query = urllib.parse.urlencode({"name": model, "username": name})
-        url = f"{stack.mlflow_uri}/api/2.0/mlflow/registered-models/permissions/get?{query}"
-        status, body = mlflow_http("GET", url, user=stack.mlflow_users["admin"])
-        out[name] = body["registered_model_permission"]["permission"] if status == 200 else None
+        query = urllib.parse.urlencode({"username": name, "resource_type": "registered_model", "resource_id": model})
+        status, body = mlflow_http("GET", f"{stack.mlflow_uri}/api/3.0/mlflow/users/permissions/get?{query}",
+                                   user=stack.mlflow_users["admin"])
+        out[name] = body.get("permission") if status == 200 else None
     return out
 
 
