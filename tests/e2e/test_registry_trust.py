@@ -208,8 +208,15 @@ def _classify(url: str, images: list) -> list:
 
 
 def _coarse_replicas(proc: subprocess.Popen) -> list:
-    return [p for p in psutil.Process(proc.pid).children(recursive=True)
-            if p.is_running() and "CoarseStage" in " ".join(p.cmdline())]
+    """The live CoarseStage replica processes of the `cfvit serve` run (its Ray descends from it)."""
+    found = []
+    for p in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE and "CoarseStage" in " ".join(p.cmdline()):
+                found.append(p)
+        except psutil.Error:  # gone, or a zombie, between the listing and the look
+            pass
+    return found
 
 
 def test_a_replica_added_after_the_alias_moved_loads_the_bound_version(registry):
