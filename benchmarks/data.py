@@ -211,11 +211,10 @@ def run_bench(n_images: int = 256, endpoint: str | None = "moto", max_side: int 
 def _pipelines(store: Store, images: dict, max_side: int | None, num_cpus: int, shard_size: int) -> dict:
     folder, wds = f"{store.root}/imagefolder", f"{store.root}/wds"
     write_folder(images, folder)
-    aws = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # one INFO line per dataset otherwise
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": aws})
+    # The workers inherit this process's AWS_* through the Ray it starts: no credential in a runtime_env.
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     try:
         DataContext.get_current().enable_progress_bars = False
         uris = {"imagefolder": folder, "webdataset": wds}

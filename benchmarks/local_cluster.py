@@ -3,6 +3,13 @@ storage the nodes share: data, checkpoints), an MLflow server (runs, registered 
 `ray.cluster_utils.Cluster` nodes (one raylet each, as Ray's own fault-tolerance tests use), the head with
 the dashboard so that `cfvit submit` works against it.
 
+Locked down as the Kubernetes manifests are: the Ray nodes run with token authentication (a token of the
+stack's own, in a file only its owner reads), and MLflow runs its basic-auth app with an admin whose
+password is generated at start, a read-only user (`cfvit-serve`) and an editing user (`cfvit-trainer`),
+made by infra/mlflow/mlflow_users.py as the users Job makes them. The nodes' environment carries the
+editing user and the S3 keys, as a pod's mounted Secrets and identity would: nothing travels in a
+runtime_env.
+
     python -m benchmarks.local_cluster --nodes 2      # prints the addresses and the variables to export;
                                                       # Ctrl-C stops everything
 
@@ -13,7 +20,9 @@ train-failover` and `cfvit bench failover` build on it; docs/RELIABILITY.md has 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -22,6 +31,8 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from base64 import b64encode
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -29,12 +40,14 @@ from ray.cluster_utils import Cluster
 
 from benchmarks.serve import png_files
 from cfvit.data import FASHION_MNIST_CLASSES, load_fashion_mnist
-from cfvit_common.ray_env import free_port
+from cfvit_common.ray_env import free_port, refresh_auth_state, write_token
 from cfvit_common.storage import s3_client
 
 AWS_TEST_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
 WORKER_NODE_RESOURCES = {"trainer": 1, "worker": 4}
+USERS_SCRIPT = Path(__file__).resolve().parents[1] / "infra" / "mlflow" / "mlflow_users.py"
+TRAINER, SERVER = "cfvit-trainer", "cfvit-serve"  # the users infra/mlflow makes
 
 
 # ------------------------------------------------------------------ processes
@@ -80,10 +93,78 @@ def stop_process(proc: subprocess.Popen, timeout: float = 15) -> None:
 
 def start_mlflow_server(root: Path, timeout: float = 300) -> tuple[subprocess.Popen, str]:
     """`mlflow server` (sqlite backend, proxied local artifacts under `root`) on a free loopback port."""
+    port = free_port()  # the timeout: slow on a busy 2-core box
+    return _start_server(_mlflow_command(root, port), root, "server.log", port, "/health", timeout)
+
+
+@dataclass(frozen=True)
+class MlflowUser:
+    username: str
+    password: str
+
+    def env(self) -> Dict[str, str]:
+        """How MLflow's clients take a user: MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD."""
+        return {"MLFLOW_TRACKING_USERNAME": self.username, "MLFLOW_TRACKING_PASSWORD": self.password}
+
+    def write(self, folder: Path) -> Path:
+        """The user as infra/mlflow's Secrets mount it: files `username` and `password`, owner-only."""
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for name, value in (("username", self.username), ("password", self.password)):
+            fd = os.open(folder / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(value + "\n")
+        return folder
+
+
+def start_mlflow_auth_server(root: Path, timeout: float = 300) -> tuple[subprocess.Popen, str, Dict[str, MlflowUser]]:
+    """`mlflow server --app-name basic-auth` as infra/mlflow runs it: every request but /health needs a user,
+    `default_permission = READ`, the admin from the environment with a password generated here (never
+    MLflow's old default), then infra/mlflow/mlflow_users.py makes `cfvit-trainer` and `cfvit-serve`
+    (non-admins). Returns the server, its URL and the users by name ("admin", TRAINER, SERVER)."""
+    root.mkdir(parents=True, exist_ok=True)
+    users = {name: MlflowUser(name, secrets.token_urlsafe(24)) for name in ("admin", TRAINER, SERVER)}
+    ini = root / "basic_auth.ini"
+    ini.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{root}/auth.db\n"
+                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    clean = {k: v for k, v in os.environ.items() if k not in MlflowUser("", "").env()}
+    env = {**clean, "MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_AUTH_ADMIN_USERNAME": "admin",
+           "MLFLOW_AUTH_ADMIN_PASSWORD": users["admin"].password,
+           "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)}
     port = free_port()
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-           "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts")]
-    return _start_server(cmd, root, "server.log", port, "/health", timeout)  # slow on a busy 2-core box
+    proc, url = _start_server([*_mlflow_command(root, port), "--app-name", "basic-auth"], root, "server.log", port,
+                              "/health", timeout, env=env)
+    folders = {name: user.write(root / "users" / name) for name, user in users.items()}
+    made = subprocess.run([sys.executable, str(USERS_SCRIPT), "--tracking-uri", url, "--admin", str(folders["admin"]),
+                           "--user", str(folders[TRAINER]), "--user", str(folders[SERVER]), "--timeout", "60"],
+                          capture_output=True, text=True, timeout=300, env=clean)
+    if made.returncode != 0:
+        stop_process(proc)
+        raise RuntimeError(f"creating the MLflow users failed: {made.stderr[-2000:]}")
+    return proc, url, users
+
+
+def mlflow_http(method: str, url: str, body: Optional[dict] = None,
+                user: Optional[MlflowUser] = None) -> tuple[int, dict]:
+    """One raw request to an MLflow server (REST API), as `user` (basic auth) or anonymous: (status, JSON)."""
+    headers = {"Content-Type": "application/json"}
+    if user is not None:
+        headers["Authorization"] = "Basic " + b64encode(f"{user.username}:{user.password}".encode()).decode()
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            status, text = r.status, r.read()
+    except urllib.error.HTTPError as e:
+        status, text = e.code, e.read()
+    try:
+        return status, json.loads(text or b"{}")
+    except ValueError:
+        return status, {"text": text.decode(errors="replace")[:500]}
+
+
+def _mlflow_command(root: Path, port: int) -> List[str]:
+    return [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+            "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts")]
 
 
 def start_s3_server(root: Path, timeout: float = 60) -> tuple[subprocess.Popen, str]:
@@ -94,12 +175,12 @@ def start_s3_server(root: Path, timeout: float = 60) -> tuple[subprocess.Popen, 
 
 
 def _start_server(cmd: List[str], root: Path, log_name: str, port: int, health: str,
-                  timeout: float) -> tuple[subprocess.Popen, str]:
+                  timeout: float, env: Optional[Dict[str, str]] = None) -> tuple[subprocess.Popen, str]:
     """Run `cmd` in its own session from `root` (output to `root/log_name`) until `health` answers; its URL."""
     root.mkdir(parents=True, exist_ok=True)
     log = root / log_name
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=root, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=root, start_new_session=True, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{url}{health}", timeout=timeout, proc=proc, log=log)
@@ -143,6 +224,8 @@ class LocalStack:
         self.root = Path(root or tempfile.mkdtemp(prefix="cfvit-stack-"))
         self.cluster, self.workers, self._procs = None, [], []
         self.s3_proc = self.s3_url = self.mlflow_uri = self.dashboard_url = None
+        self.mlflow_users: Dict[str, MlflowUser] = {}
+        self.token_path = self.root / "ray" / "auth_token"
         self._saved_env: Dict[str, Optional[str]] = {}
 
     def __enter__(self) -> "LocalStack":
@@ -158,19 +241,24 @@ class LocalStack:
 
     def start(self) -> None:
 
-        # The nodes' processes inherit these: every Ray worker reaches S3 as a pod with credentials would,
-        # and jobs run this interpreter (`python` from PATH).
+        # The nodes' processes inherit these: every Ray worker reaches S3 and MLflow as a pod with credentials
+        # would (the S3 keys, the editing MLflow user), the cluster's token, and jobs run this interpreter
+        # (`python` from PATH).
         env = {"PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
-               "RAY_USAGE_STATS_ENABLED": "0"}
+               "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
+               "RAY_AUTH_TOKEN_PATH": str(write_token(self.token_path))}
         if self.services:
             self.s3_proc, self.s3_url = start_s3_server(self.root / "s3")
             self._procs.append(self.s3_proc)
-            proc, self.mlflow_uri = start_mlflow_server(self.root / "mlflow")
+            proc, self.mlflow_uri, self.mlflow_users = start_mlflow_auth_server(self.root / "mlflow")
             self._procs.append(proc)
-            env.update(AWS_TEST_ENV, AWS_ENDPOINT_URL=self.s3_url, MLFLOW_TRACKING_URI=self.mlflow_uri)
+            env.update(AWS_TEST_ENV, AWS_ENDPOINT_URL=self.s3_url, MLFLOW_TRACKING_URI=self.mlflow_uri,
+                       **self.mlflow_users[TRAINER].env())
         self._set_env(env)
-        self._saved_env.setdefault("RAY_ADDRESS", os.environ.get("RAY_ADDRESS"))
-        os.environ.pop("RAY_ADDRESS", None)  # the drivers here join this cluster, not another
+        for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN"):  # the drivers here join this cluster, with its token
+            self._saved_env.setdefault(name, os.environ.get(name))
+            os.environ.pop(name, None)
+        refresh_auth_state()  # this process's own Ray client: token mode, the stack's token
         port = free_port()
         # Every port the head opens is chosen free: with Ray's defaults, another Ray on the machine (a test
         # session) holds the job agent's port 52365 and jobs are refused ("No available agent").
@@ -207,9 +295,12 @@ class LocalStack:
         return s3_client()  # this stack's endpoint and credentials are in the environment
 
     def exports(self) -> Dict[str, str]:
-        """What a shell needs to use this stack (`cfvit submit`, `cfvit train --set …`)."""
+        """What a shell needs to use this stack (`cfvit submit`, `cfvit train --set …`), the editing MLflow user
+        included."""
         return {**AWS_TEST_ENV, "AWS_ENDPOINT_URL": self.s3_url, "MLFLOW_TRACKING_URI": self.mlflow_uri,
-                "RAY_ADDRESS": self.dashboard_url}
+                **(self.mlflow_users[TRAINER].env() if self.mlflow_users else {}),
+                "RAY_ADDRESS": self.dashboard_url, "RAY_AUTH_MODE": "token",
+                "RAY_AUTH_TOKEN_PATH": str(self.token_path)}
 
     def close(self) -> None:
         try:
@@ -227,6 +318,7 @@ class LocalStack:
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
+            refresh_auth_state()
 
     def _set_env(self, env: Dict[str, str]) -> None:
         for k, v in env.items():
@@ -243,7 +335,11 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(f"Ray head (dashboard, jobs): {stack.dashboard_url}   nodes: 1 head + {args.nodes} workers")
         print(f"S3 (moto): {stack.s3_url}   MLflow: {stack.mlflow_uri}   (their files: {stack.root}, removed "
               f"on exit)")
-        print("export " + " ".join(f"{k}={v}" for k, v in stack.exports().items()))
+        env_file = stack.root / "stack.env"  # owner-only: it holds the editing MLflow user's password
+        fd = os.open(env_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.writelines(f"{k}={v}\n" for k, v in stack.exports().items())
+        print(f"set -a; . {env_file}; set +a      # Ray token, MLflow user {TRAINER}, S3 keys, addresses")
         print("Ctrl-C stops everything.", flush=True)
         try:
             while True:

@@ -20,13 +20,14 @@ import re
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from mlflow.tracking import MlflowClient
 
 import cfvit
-from benchmarks.local_cluster import LocalStack, upload_fashion_mnist
+from benchmarks.local_cluster import SERVER, TRAINER, LocalStack, mlflow_http, upload_fashion_mnist
 from cfvit.checkpoint import CheckpointError
 from cfvit_common.checkpoints import resolve_checkpoint
 from jobs.ops.submit import connect
@@ -70,10 +71,11 @@ def job_sets(case: str, stack, epochs: int) -> List[str]:
 
 
 def submit_job(stack, case: str, sets: List[str]) -> str:
-    """`cfvit submit run --no-wait` as a user types it; returns the job id."""
-    env = [f"--env={k}={v}" for k, v in stack.exports().items() if k.startswith(("AWS_", "MLFLOW_"))]
+    """`cfvit submit run --no-wait` as a user types it; returns the job id. The nodes hold the S3 keys and the
+    MLflow user (as pods would): `--env` names only the tracking server, which `cfvit submit` checks."""
     cmd = [sys.executable, "-m", "cfvit_cli", "submit", "run", "--address", stack.dashboard_url, "--no-wait",
-           "--submission-id", f"{job_name(case)}-{int(time.time())}", *env, "--",
+           "--submission-id", f"{job_name(case)}-{int(time.time())}", f"--env=MLFLOW_TRACKING_URI={stack.mlflow_uri}",
+           "--",
            "python", "-m", "jobs.train", "--config", "jobs/configs/fmnist_tiny.yaml",
            *[a for s in sets for a in ("--set", s)]]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -206,6 +208,7 @@ def summarize(stack, watch: JobWatch, case: str, fault: dict, epochs: int, t0: f
     if case == "node" and ft is not None:
         out["nodes_after"] = watch.worker_nodes(after=ft)
     out.update(_mlflow_facts(stack.mlflow_uri, job_name(case)))
+    out["model_permissions"] = _model_permissions(stack, f"cfvit-{job_name(case)}")
     out["checkpoints"] = _checkpoints(stack, job_name(case))
     log = watch.client.get_job_logs(watch.job_id)
     if log_dir:  # the whole job log, for reading what Ray Train did
@@ -234,6 +237,18 @@ def _mlflow_facts(uri: str, job: str) -> Dict[str, Any]:
     return {"mlflow_run": run.info.run_id, "mlflow_status": run.info.status, "train_loss_steps": steps,
             "epoch_seconds": seconds, "val_fine_top1": run.data.metrics.get("val_fine_top1"),
             "registered_versions": sorted(int(v.version) for v in versions if v.run_id == run.info.run_id)}
+
+
+def _model_permissions(stack, model: str) -> Dict[str, Optional[str]]:
+    """What each client user may do with the registered model, as the admin asks the server (its effective
+    permission): the editing user that registered it MANAGEs it, the read-only user READs it."""
+    out = {}
+    for name in (TRAINER, SERVER):
+        query = urllib.parse.urlencode({"username": name, "resource_type": "registered_model", "resource_id": model})
+        status, body = mlflow_http("GET", f"{stack.mlflow_uri}/api/3.0/mlflow/users/permissions/get?{query}",
+                                   user=stack.mlflow_users["admin"])
+        out[name] = body.get("permission") if status == 200 else None
+    return out
 
 
 def _checkpoints(stack, run_name: str) -> List[Dict[str, Any]]:

@@ -223,6 +223,16 @@ def imagenet_class_names() -> list[str]:
     return [info.index_to_description(i) for i in range(info.num_classes())]
 
 
+def imagenet_class_ids() -> list[str]:
+    """The 1000 ImageNet-1k WordNet ids (`n01440764`, …): the folder names of an ImageNet-style validation set."""
+    return list(ImageNetInfo().label_names())
+
+
+def _full_size(model: CFViT) -> bool:
+    family = FAMILIES[model.model_name]
+    return model.num_classes == 1000 and len(model.vit.blocks) == family.depth and model.vit.embed_dim == family.embed_dim
+
+
 def file_sha256(path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -253,11 +263,13 @@ def import_official(path, model_name: str, out_dir, coarse_grid: Optional[int] =
         "flop": _figures(extras, "flop"),
         "anytime_classification": _figures(extras, "anytime_classification"),
         "budgeted_batch_classification": _figures(extras, "budgeted_batch_classification"),
-        "published": published_results(model.model_name, model.coarse_grid),
+        # the paper's figures belong to the released full-size models only (not to a reduced test model)
+        "published": published_results(model.model_name, model.coarse_grid) if _full_size(model) else [],
     }
     metadata = {"provenance": provenance}
     if model.num_classes == 1000:
         metadata["class_names"] = imagenet_class_names()
+        metadata["class_ids"] = imagenet_class_ids()  # what ImageNet-style folders are named
     out = save(model, out_dir, **metadata)
     return {"path": str(out), "model_name": model.model_name, "coarse_grid": model.coarse_grid, "sha256": sha256,
             "stage_gflops": model.stage_gflops(), "provenance": provenance}

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 from .storage import cache_dir, fill_once, s3_client
-from .tracking import download_model
+from .tracking import download_model, pin_model_uri
 
 MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
 
@@ -23,7 +23,8 @@ def checkpoint_kind(uri: str) -> str:
 def resolve_checkpoint(uri: str, tracking_uri: Optional[str] = None) -> Path:
     """Local directory holding `config.json` + `model.safetensors` for a local path, an `s3://bucket/prefix`
     or an MLflow model URI (`models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/ID/cfvit_model`).
-    Remote checkpoints are downloaded once per node into the cache."""
+    Remote checkpoints are downloaded once per node into the cache; a registered version is checked
+    against the sha256 recorded when it was registered (tracking.ModelIntegrityError)."""
     uri = str(uri)
     kind = checkpoint_kind(uri)
     if kind == "mlflow":
@@ -35,6 +36,12 @@ def resolve_checkpoint(uri: str, tracking_uri: Optional[str] = None) -> Path:
         what = "does not exist" if not path.exists() else "is not a cfvit checkpoint directory"
         raise FileNotFoundError(f"checkpoint {uri!r} {what} (config.json missing)")
     return path
+
+
+def pin_checkpoint(uri: str, tracking_uri: Optional[str] = None) -> str:
+    """The checkpoint as one fixed version: `models:/NAME@ALIAS` → `models:/NAME/VERSION` (the alias read
+    once, now); any other URI as given."""
+    return pin_model_uri(str(uri), tracking_uri) if checkpoint_kind(uri) == "mlflow" else str(uri)
 
 
 def upload_checkpoint(local: Path, uri: str) -> None:

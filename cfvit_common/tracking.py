@@ -3,12 +3,18 @@ plot, and the exported cfvit checkpoint registered as a model version.
 
 The registered version's source is the checkpoint directory logged as plain artifacts (`config.json` +
 `model.safetensors`); `download_model("models:/NAME@ALIAS")` fetches it for `cfvit.load`.
+
+Registering records the sha256 of both files as version tags (`cfvit.sha256.model.safetensors`,
+`cfvit.sha256.config.json`); every download of a registered version checks the files against them and
+refuses a mismatch, or a version without them (`ModelIntegrityError`, naming the version). Whoever can
+write the artifact store but not edit the registry cannot change what is loaded.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Iterator, Optional
@@ -23,6 +29,12 @@ from .storage import cache_dir, fill_once
 
 MODEL_ARTIFACT = "cfvit_model"
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # in the working folder, artifacts under ./mlruns
+DIGEST_TAG = "cfvit.sha256."  # + the file's name: a registered version's recorded digests
+DIGESTED_FILES = ("model.safetensors", "config.json")
+
+
+class ModelIntegrityError(ValueError):
+    """A registered version whose files do not match the digests recorded when it was registered."""
 
 
 def tracking_uri(configured: Optional[str] = None) -> str:
@@ -89,15 +101,34 @@ def log_curve(uri: str, run_id: str, curve, backbone_gflops=None, title: str = "
     mlflow_client(uri).log_figure(run_id, curve_figure(curve, backbone_gflops, title), "plots/accuracy_gflops.png")
 
 
-def register_artifacts(client, run_id: str, artifact_path: str, name: str, aliases=(), tags=None) -> int:
-    """Register the run's `artifact_path` (a cfvit checkpoint directory) as a new version of `name`, with aliases."""
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def checkpoint_digests(local_dir) -> dict:
+    """The version tags that pin a cfvit checkpoint directory: sha256 of its weights and its config."""
+    missing = [name for name in DIGESTED_FILES if not (Path(local_dir) / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{local_dir}: not a cfvit checkpoint ({', '.join(missing)} missing)")
+    return {DIGEST_TAG + name: file_sha256(Path(local_dir) / name) for name in DIGESTED_FILES}
+
+
+def register_artifacts(client, run_id: str, artifact_path: str, name: str, aliases=(), tags=None, *,
+                       local_dir) -> int:
+    """Register the run's `artifact_path` (the cfvit checkpoint directory `local_dir`, logged there) as a new
+    version of `name`, with aliases; the sha256 of its weights and config become version tags."""
     try:
         client.create_registered_model(name)
     except MlflowException as e:
         if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code):
             raise
     source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
-    mv = client.create_model_version(name, source, run_id=run_id, tags={"format": "cfvit", **(tags or {})})
+    tags = {"format": "cfvit", **(tags or {}), **checkpoint_digests(local_dir)}
+    mv = client.create_model_version(name, source, run_id=run_id, tags=tags)
     for alias in aliases:
         client.set_registered_model_alias(name, alias, mv.version)
     return int(mv.version)
@@ -109,7 +140,7 @@ def log_model(uri: str, run_id: str, model_dir, name: Optional[str], alias: Opti
     client.log_artifacts(run_id, str(model_dir), MODEL_ARTIFACT)
     if not name:
         return None
-    return register_artifacts(client, run_id, MODEL_ARTIFACT, name, [alias] if alias else [])
+    return register_artifacts(client, run_id, MODEL_ARTIFACT, name, [alias] if alias else [], local_dir=model_dir)
 
 
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
@@ -138,16 +169,15 @@ def run(uri: Optional[str], experiment: str, run_name: str, params: dict, *, par
 
 def download_model(model_uri: str, dst: Optional[str] = None, tracking: Optional[str] = None) -> str:
     """`models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/ID/cfvit_model` or a local path → the local
-    directory holding `config.json` (what `cfvit.load` takes)."""
+    directory holding `config.json` (what `cfvit.load` takes). A registered version's files are checked
+    against its recorded digests, from the cache too (ModelIntegrityError otherwise)."""
+    mv = name = None
     if "://" not in model_uri and ":/" not in model_uri:
         local = Path(model_uri)
     else:
         uri = tracking_uri(tracking)
         if model_uri.startswith("models:/"):
-            name, version = _parse_models_uri(model_uri)
-            client = mlflow_client(uri)
-            mv = (client.get_model_version_by_alias(name, version[1:]) if version.startswith("@")
-                  else client.get_model_version(name, version))
+            name, mv = registered_version(model_uri, uri)
             source = mv.source
             key = f"{name}/{mv.version}/{mv.run_id}/{source}"
         else:
@@ -159,7 +189,50 @@ def download_model(model_uri: str, dst: Optional[str] = None, tracking: Optional
     found = [local] if (local / "config.json").is_file() else sorted(p.parent for p in local.rglob("config.json"))
     if not found:
         raise FileNotFoundError(f"{model_uri}: no cfvit checkpoint (config.json) in the downloaded artifacts")
+    if mv is not None:
+        try:
+            verify_version(found[0], name, mv)
+        except ModelIntegrityError:
+            if not dst:  # a cache entry that fails is dropped: a repaired artifact is fetched again
+                shutil.rmtree(local.parent, ignore_errors=True)
+            raise
     return str(found[0])
+
+
+def registered_version(model_uri: str, uri: Optional[str] = None):
+    """(name, the ModelVersion) of `models:/NAME@ALIAS` or `models:/NAME/VERSION`, as the registry has it now."""
+    name, version = parse_models_uri(model_uri)
+    client = mlflow_client(tracking_uri(uri))
+    mv = (client.get_model_version_by_alias(name, version[1:]) if version.startswith("@")
+          else client.get_model_version(name, version))
+    return name, mv
+
+
+def pin_model_uri(model_uri: str, uri: Optional[str] = None) -> str:
+    """`models:/NAME@ALIAS` → `models:/NAME/VERSION`, the version the alias points at now (other URIs as
+    given): what every replica of one deployment loads, wherever the alias moves meanwhile."""
+    if not model_uri.startswith("models:/") or "@" not in model_uri:
+        return model_uri
+    name, mv = registered_version(model_uri, uri)
+    return f"models:/{name}/{mv.version}"
+
+
+def verify_version(folder, name: str, mv) -> None:
+    """The downloaded files of registered version `mv` against the sha256 tags recorded at registration."""
+    where = f"models:/{name}/{mv.version}"
+    recorded = {f: (mv.tags or {}).get(DIGEST_TAG + f) for f in DIGESTED_FILES}
+    unrecorded = [f for f, digest in recorded.items() if not digest]
+    if unrecorded:
+        raise ModelIntegrityError(f"{where} has no recorded sha256 of {', '.join(unrecorded)} (tags {DIGEST_TAG}*): "
+                                  "it cannot be verified, so it is not loaded; register the checkpoint again "
+                                  "(training, tuning and `cfvit calibrate --register` record them)")
+    for file, digest in recorded.items():
+        path = Path(folder) / file
+        actual = file_sha256(path) if path.is_file() else "missing"
+        if actual != digest:
+            raise ModelIntegrityError(f"{where}: {file} has sha256 {actual[:16]}…, but {digest[:16]}… was recorded "
+                                      "when the version was registered: refusing to load it (the artifact was "
+                                      "changed after registration)")
 
 
 def _cached_download(source: str, key: str, uri: str) -> Path:
@@ -174,7 +247,7 @@ def _cached_download(source: str, key: str, uri: str) -> Path:
     return fill_once(dest, fill, ready="done") / "artifacts"
 
 
-def _parse_models_uri(uri: str) -> tuple[str, str]:
+def parse_models_uri(uri: str) -> tuple[str, str]:
     rest = uri[len("models:/"):].strip("/")
     if "@" in rest:
         name, alias = rest.split("@", 1)

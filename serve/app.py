@@ -21,8 +21,11 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from cfvit_common.checkpoints import pin_checkpoint
+
 from .deployments import BackboneStage, CoarseStage, FineStage, FusedStage
 from .drift import monitor_for
+from .guard import GuardMiddleware, install, open_endpoint_warning, page_headers, proxy_host
 from .inputs import (
     RAW_TYPES,
     APIError,
@@ -36,7 +39,7 @@ from .inputs import (
     resolve_eta,
 )
 from .messages import StageAnswer
-from .model_host import checkpoint_version, load_model
+from .model_host import load_model, model_identity
 from .samples import sample_images
 from .schemas import BatchPrediction, ClassifyJSON, ErrorBody, Health, ModelInfo, Prediction, Samples, TopClass
 from .settings import ETA_MAX, ETA_MIN, AppArgs, StageOptions
@@ -58,16 +61,18 @@ api = FastAPI(
     ),
     version="1",
 )
+api.add_middleware(GuardMiddleware)  # keys, rate limit, deadline, security headers (serve/guard.py)
 
 _ERRORS = {s: {"model": ErrorBody} for s in (400, 413, 415, 422, 500, 503)}
 _BODY_DOC = {
     "requestBody": {
         "required": True,
-        "description": "a raw PNG/JPEG body (Content-Type image/*), multipart form data with one or more "
+        "description": "a raw PNG/JPEG/WebP body (Content-Type image/*), multipart form data with one or more "
                        "`file` fields, or JSON {images: [base64…], eta?, budget_gflops?}",
         "content": {
             "image/png": {"schema": {"type": "string", "format": "binary"}},
             "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+            "image/webp": {"schema": {"type": "string", "format": "binary"}},
             "multipart/form-data": {"schema": {"type": "object", "properties": {
                 "file": {"type": "string", "format": "binary"}}, "required": ["file"]}},
             "application/json": {"schema": ClassifyJSON.model_json_schema()},
@@ -172,6 +177,11 @@ class CFViTIngress:
     def __init__(self, model: DeploymentHandle, fine: Optional[DeploymentHandle], args: AppArgs):
         torch.set_num_threads(1)
         self.args = args
+        install(args)
+        if not args.api_keys_file:
+            warning = open_endpoint_warning(proxy_host(), args)
+            if warning:
+                logger.warning(warning)
         self.model, self.fine = model, fine
         # The ingress only pre-processes: it reads the model's description and drops the weights.
         model, local = load_model(self.args.checkpoint)
@@ -188,8 +198,7 @@ class CFViTIngress:
         self.eta_table = _normalise_table(cfg.get("eta_table"))
         self.info = ModelInfo(
             name=str(cfg.get("name") or cfg.get("model_name") or getattr(model, "model_name", None) or "cfvit"),
-            version=checkpoint_version(local, cfg),
-            checkpoint=self.args.checkpoint,
+            **model_identity(self.args.checkpoint, local, cfg),  # name, version, digest; not where it is stored
             class_names=self.class_names,
             num_classes=self.num_classes,
             input_size=list(self.data_config["input_size"]),
@@ -202,6 +211,7 @@ class CFViTIngress:
             max_images=self.args.max_images,
             max_body_bytes=self.args.max_body_bytes,
             stages=self.args.stages,
+            provenance=cfg.get("provenance"),
         )
         self.samples = Samples(samples=sample_images(self.class_names))
         self.slo = governor_for(self.args, self.eta_table)
@@ -212,7 +222,8 @@ class CFViTIngress:
     # ------------------------------------------------------------------ routes
     @api.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page(self):
-        return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
+        html = (STATIC / "index.html").read_text(encoding="utf-8")
+        return HTMLResponse(html, headers=page_headers(html))
 
     @api.get("/healthz", response_model=Health)
     async def healthz(self) -> Health:
@@ -267,7 +278,8 @@ class CFViTIngress:
         if not (kind.startswith(RAW_TYPES) or kind in ("multipart/form-data", "application/json")):
             raise APIError(415, "unsupported content type",
                            {"content_type": kind or None,
-                            "accepted": ["image/png", "image/jpeg", "multipart/form-data", "application/json"]})
+                            "accepted": ["image/png", "image/jpeg", "image/webp", "multipart/form-data",
+                                         "application/json"]})
         body = await read_body(request.stream(), request.headers.get("content-length"), self.args.max_body_bytes)
         batch = False
         if kind == "application/json":
@@ -286,7 +298,7 @@ class CFViTIngress:
         return files, batch, eta, budget_gflops
 
     def _pixels(self, files: List[bytes]) -> list:
-        images = decode_to_pixels(files, self.transform, self.args.max_pixels)
+        images = decode_to_pixels(files, self.transform, self.args.max_pixels, self.args.max_request_pixels)
         if self.args.wire_dtype == "float32":  # the old path: normalised per image here, 4× the bytes
             images = [normalise(x, self.transform.mean, self.transform.std) for x in images]
         return images
@@ -406,8 +418,11 @@ def _stage_options(deployment, opts: StageOptions, name: str):
 def build_app(args: AppArgs) -> Application:
     """The Serve application builder, typed as Ray's application builders are: `serve run serve.app:build_app
     k=v …` and a config file's `args:` reach it validated as `AppArgs` (unknown keys refused by name). Called
-    directly, a plain dict of the same arguments is validated the same way."""
+    directly, a plain dict of the same arguments is validated the same way. A `models:/NAME@ALIAS` checkpoint
+    is resolved to the version the alias names now, and that version is bound to every deployment."""
     cfg = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
+    # An alias is read once, here: every replica, now and added later, loads this one version.
+    cfg = cfg.model_copy(update={"checkpoint": pin_checkpoint(cfg.checkpoint)})
     fine = None
     if cfg.stages == "backbone":
         model = _stage_options(BackboneStage, cfg.coarse, "BackboneStage").bind(cfg.checkpoint, cfg.coarse)

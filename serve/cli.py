@@ -5,6 +5,7 @@ Only typer and pydantic are imported at module level: Ray and torch load when th
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -26,16 +27,51 @@ def serve_cmd(
     num_cpus: Optional[int] = typer.Option(None, help="CPUs of a locally started Ray instance."),
     max_replicas: int = typer.Option(4, help="Most coarse (or fused) replicas; the fine stage gets ~3/4 of it."),
     max_images: int = typer.Option(32, help="Most images per request."),
+    api_keys_file: Optional[str] = typer.Option(None, help="File of API keys (one per line, or sha256:HEX); every "
+                                                "/v1/ route then needs Authorization: Bearer KEY. Re-read on change."),
+    rate_limit: Optional[float] = typer.Option(None, min=0.001, help="Requests per second per key (per client "
+                                               "address without keys), in each ingress replica; 429 above."),
+    rate_burst: Optional[int] = typer.Option(None, min=1, help="Requests a client may send at once (default: "
+                                             "one second's worth)."),
+    request_timeout: float = typer.Option(30.0, min=0.001, help="Seconds before a request not yet answered "
+                                          "gets 408 (a client's own timeout header may only shorten it)."),
 ):
-    """Serve a checkpoint over HTTP (Ray Serve): POST /v1/classify, GET /v1/model, a page at /."""
+    """Serve a checkpoint over HTTP (Ray Serve): POST /v1/classify, GET /v1/model, a page at /.
+
+    A `models:/NAME@ALIAS` checkpoint is pinned to the version the alias names at start; a registered
+    version whose files do not match the sha256 recorded at registration is refused before Ray starts."""
+    from mlflow.exceptions import MlflowException
+
+    from cfvit_common.tracking import ModelIntegrityError
+
+    from .guard import KeyFileError, open_endpoint_warning, read_keys
     from .runner import serve_forever
 
-    serve_forever(_app_args(checkpoint, eta, stages, max_replicas, max_images), host=host, port=port,
-                  address=address, num_cpus=num_cpus, echo=typer.echo)
+    front = {"api_keys_file": str(Path(api_keys_file).resolve()) if api_keys_file else None,  # replicas' cwd differs
+             "rate_limit_per_s": rate_limit, "rate_limit_burst": rate_burst, "request_timeout_s": request_timeout}
+    args = _app_args(checkpoint, eta, stages, max_replicas, max_images, front)
+    if api_keys_file:
+        try:
+            keys = read_keys(api_keys_file)
+        except KeyFileError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+        typer.echo(f"API keys: {len(keys)} from {args.api_keys_file} (a change takes effect within "
+                   f"{args.keys_reload_s:g} s)")
+    warning = open_endpoint_warning(host, args)
+    if warning:
+        typer.echo(f"warning: {warning}", err=True)
+    try:
+        serve_forever(args, host=host, port=port, address=address, num_cpus=num_cpus, echo=typer.echo)
+    except (ModelIntegrityError, FileNotFoundError, MlflowException) as e:  # the checkpoint: refused, missing
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1)
 
 
-def _app_args(checkpoint: str, eta: float, stages: str, max_replicas: int, max_images: int) -> AppArgs:
-    args = AppArgs(checkpoint=checkpoint, eta=eta, stages=stages, max_images=max_images)
+def _app_args(checkpoint: str, eta: float, stages: str, max_replicas: int, max_images: int,
+              front: Optional[dict] = None) -> AppArgs:
+    """The application's arguments; `front`: the guard's (keys file, rate limit, request timeout)."""
+    args = AppArgs(checkpoint=checkpoint, eta=eta, stages=stages, max_images=max_images, **(front or {}))
     args.coarse.autoscaling_config["max_replicas"] = max(1, max_replicas)
     args.fused.autoscaling_config["max_replicas"] = max(1, max_replicas)
     args.fine.autoscaling_config["max_replicas"] = max(1, round(0.75 * max_replicas))

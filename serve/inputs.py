@@ -23,6 +23,8 @@ from .schemas import ClassifyJSON
 from .settings import ETA_MAX, ETA_MIN
 
 RAW_TYPES = ("image/", "application/octet-stream")
+# What Pillow may decode here (any other format is a 415); MPO is the JPEG that phone cameras write.
+IMAGE_FORMATS = ("PNG", "JPEG", "MPO", "WEBP")
 
 
 class APIError(Exception):
@@ -57,8 +59,10 @@ def parse_json_body(body: bytes, max_images: int) -> Tuple[List[bytes], Dict[str
     """`{"images": [base64...], "eta"?, "budget_gflops"?}` → image files and parameters."""
     try:
         raw = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError) as e:  # incl. a number of more than 4,300 digits
         raise APIError(400, "malformed JSON", str(e)) from None
+    except RecursionError:  # `[[[[…` deeper than the parser's recursion limit
+        raise APIError(400, "malformed JSON", "nested too deeply") from None
     if isinstance(raw, dict) and isinstance(raw.get("images"), list) and len(raw["images"]) > max_images:
         raise APIError(413, "too many images", {"max_images": max_images, "got": len(raw["images"])})
     try:
@@ -123,20 +127,40 @@ def normalise(x, mean: Sequence[float], std: Sequence[float]):
     return x.to(torch.float32).div(255).sub_(m).div_(s)
 
 
-def decode_to_pixels(files: Sequence[bytes], transform: PixelTransform, max_pixels: int):
-    """Decode every file (PNG/JPEG, any size, grey or colour) and bring it to the model's input size."""
-    tensors = []
+def image_sizes(files: Sequence[bytes], max_pixels: int, max_request_pixels: int) -> List[Tuple[int, int]]:
+    """(width, height) of every file from its header alone, before anything is decoded: a small PNG can
+    decode to gigabytes. 415 for a format outside IMAGE_FORMATS, 413 for an image over `max_pixels` or
+    all of them together over `max_request_pixels`; (0, 0) for bytes Pillow cannot read (decoding says why)."""
+    sizes, total = [], 0
     for i, data in enumerate(files):
         if not data:
             raise APIError(400, "invalid image", {"index": i, "message": "empty file"})
-        # Header-only look at the size first: a small PNG can decode to gigabytes.
         try:
             with Image.open(io.BytesIO(data)) as probe:
-                w, h = probe.size
-        except Exception:  # noqa: BLE001 - decode_image below gives the precise message
+                w, h, fmt = *probe.size, probe.format
+        except Exception:  # noqa: BLE001 - decode_image gives the precise message
             w = h = 0
+            fmt = None
+        if fmt is not None and fmt not in IMAGE_FORMATS:
+            raise APIError(415, "unsupported image format",
+                           {"index": i, "format": fmt, "accepted": list(IMAGE_FORMATS)})
         if w * h > max_pixels:
             raise APIError(413, "image too large", {"index": i, "width": w, "height": h, "max_pixels": max_pixels})
+        total += w * h
+        if total > max_request_pixels:
+            raise APIError(413, "too many pixels in the request",
+                           {"index": i, "pixels_so_far": total, "max_request_pixels": max_request_pixels})
+        sizes.append((w, h))
+    return sizes
+
+
+def decode_to_pixels(files: Sequence[bytes], transform: PixelTransform, max_pixels: int,
+                     max_request_pixels: int):
+    """Decode every file (PNG/JPEG/WebP, any size, grey or colour) and bring it to the model's input size,
+    once all their sizes fit the budgets."""
+    image_sizes(files, max_pixels, max_request_pixels)
+    tensors = []
+    for i, data in enumerate(files):
         try:
             tensors.append(transform.pixels(decode_image(data)))
         except ImageDecodeError as e:

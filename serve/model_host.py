@@ -1,14 +1,14 @@
 """Loading a checkpoint inside a replica (shared by the stage deployments and the ingress)."""
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 
 import cfvit
 from cfvit_common.checkpoints import resolve_checkpoint
+from cfvit_common.tracking import file_sha256, parse_models_uri
 
 
 def load_model(checkpoint: str, num_threads: int = 0):
@@ -21,18 +21,20 @@ def load_model(checkpoint: str, num_threads: int = 0):
     return model, local
 
 
-def checkpoint_version(local_dir: Path, config: Dict[str, Any]) -> str:
-    """`version` from the checkpoint's metadata, else a content hash of its weights."""
-    if config.get("version") is not None:
-        return str(config["version"])
+def model_identity(checkpoint: str, local_dir: Path, config: Dict[str, Any]) -> Dict[str, Optional[str]]:
+    """What GET /v1/model says the served model is, never where it is stored: the registered model and
+    version for `models:/NAME/VERSION` (build_app pins aliases to one), else the checkpoint's `version`
+    metadata or a short content hash; and the sha256 of the weights."""
     weights = Path(local_dir) / "model.safetensors"
-    if not weights.exists():
-        return "unknown"
-    h = hashlib.sha256()
-    with open(weights, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()[:12]
+    digest = "sha256:" + file_sha256(weights) if weights.is_file() else None
+    if checkpoint.startswith("models:/") and "@" not in checkpoint:
+        name, version = parse_models_uri(checkpoint)
+        return {"registered_model": name, "version": version, "digest": digest}
+    if config.get("version") is not None:
+        version = str(config["version"])
+    else:
+        version = digest[:len("sha256:") + 12] if digest else "unknown"
+    return {"registered_model": None, "version": version, "digest": digest}
 
 
 def placement(num_gpus: float, precision: str = "auto"):

@@ -9,6 +9,7 @@ from typing import Optional
 import ray
 from ray import serve
 
+from cfvit_common.checkpoints import pin_checkpoint, resolve_checkpoint
 from cfvit_common.ray_env import init_ray
 
 from .app import build_app
@@ -36,6 +37,10 @@ def serve_forever(app_args: AppArgs, host: str, port: int, address: Optional[str
 
     # Signals raise in the main thread from here on; a second signal during shutdown is ignored so the
     # clean-up finishes (SIGKILL remains for the impatient).
+    # The checkpoint first, before anything starts: an alias pinned to its version, downloaded into this node's
+    # cache (the local replicas load it from there) and, for a registered version, checked against its digests.
+    app_args = app_args.model_copy(update={"checkpoint": pin_checkpoint(app_args.checkpoint)})
+    resolve_checkpoint(app_args.checkpoint)
     previous = {s: signal.signal(s, _raise_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     started = False
     try:
@@ -43,7 +48,9 @@ def serve_forever(app_args: AppArgs, host: str, port: int, address: Optional[str
         # Ray's core installs its own (aborting) SIGTERM handler in ray.init: take the signals back.
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, _raise_stop)
-        serve.start(http_options={"host": host, "port": port})
+        # The proxy's own limit, a second after the application's (which answers 408 as JSON), catches what
+        # never reaches an ingress replica (a queue in front of busy replicas).
+        serve.start(http_options={"host": host, "port": port, "request_timeout_s": app_args.request_timeout_s + 1})
         serve.run(build_app(app_args), name=name, route_prefix="/")
         url = f"http://{host}:{port}/"
         echo(f"CF-ViT is serving at {url}  (API docs: {url}docs) — Ctrl-C to stop")

@@ -46,8 +46,10 @@ class ClassifyJSON(BaseModel):
 
 class ModelInfo(BaseModel):
     name: str
-    version: str
-    checkpoint: str
+    registered_model: Optional[str] = Field(None, description="the model's name in the registry (null: served "
+                                                               "from a checkpoint folder)")
+    version: str = Field(description="the registered version, else the checkpoint's version or a short hash")
+    digest: Optional[str] = Field(None, description="sha256 of the served weights (model.safetensors)")
     class_names: List[str]
     num_classes: int
     input_size: List[int] = Field(description="C, H, W the images are brought to")
@@ -62,15 +64,19 @@ class ModelInfo(BaseModel):
     stages: Literal["split", "fused", "backbone"] = Field(description="the topology serving the model")
     slo: Optional[Dict[str, Any]] = Field(None, description="SLO mode: current η, why, p99, floor, exit rate "
                                                             "(null when off)")
+    provenance: Optional[Dict[str, Any]] = Field(
+        None, description="an imported model's origin: the authors' repository and model, the source file's "
+                          "sha256, their checkpoint's own figures and the published accuracy per η (null for "
+                          "models trained here)")
     drift: Optional[Dict[str, Any]] = Field(None, description="drift monitor: shadowed images, rolling coarse-fine "
                                                               "agreement and exit rate vs calibration, alert (null "
                                                               "for the backbone topology)")
 
 
 class Sample(BaseModel):
-    label: int = Field(description="the image's true class")
-    class_name: str
-    index: int = Field(description="index in the data set's test split")
+    label: Optional[int] = Field(description="the image's true class (null for a photograph no single class fits)")
+    class_name: str = Field(description="the true class's name, or the photograph's name")
+    index: int = Field(description="index in the data set's test split (or in the list of photographs)")
     image: str = Field(description="PNG as a data: URL")
 
 

@@ -143,6 +143,16 @@ class AppArgs(BaseModel):
     drift_exit_window: int = Field(500, ge=1, description="answered images in the rolling exit rate")
     drift_min_samples: int = Field(50, ge=1, description="shadowed images needed before an agreement alert")
     drift_seed: Optional[int] = Field(None, description="seed of the shadow sampling (tests)")
+    # The front door (serve/guard.py). api_keys_file: one key per line or `sha256:HEX` of one; every /v1/
+    # route then needs `Authorization: Bearer KEY`; re-read within keys_reload_s of a change. Rate limit: a
+    # token bucket per key (per client address without keys) in each ingress replica. request_timeout_s:
+    # 408 for a request not answered in time (a client's x-request-timeout-seconds may only shorten it).
+    api_keys_file: Optional[str] = Field(None, description="file of API keys (null: /v1 needs no key)")
+    keys_reload_s: float = Field(5.0, gt=0, le=300, description="how often a changed keys file is re-read")
+    rate_limit_per_s: Optional[float] = Field(None, gt=0, description="requests per second per key (null: none)")
+    rate_limit_burst: Optional[int] = Field(None, ge=1, description="requests at once (default: one second's)")
+    request_timeout_s: float = Field(30.0, gt=0, le=3600, description="408 after this long")
+    max_request_pixels: int = Field(64_000_000, ge=1, description="decoded pixels of all a request's images")
     ingress_num_cpus: float = Field(0.1, ge=0.0)
     ingress_resources: Dict[str, float] = Field(default_factory=dict, description="custom Ray resources of "
                                                 "each ingress replica (e.g. to keep it on the head node)")

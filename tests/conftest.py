@@ -32,6 +32,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if COMPONENT_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.e2e)
+    # The tests on the session's shared Serve instance run last, in their order: the ones that need Serve to
+    # themselves (tests/fixtures/serve_app.py `serving`) then never stop it and make it start again.
+    items.sort(key=lambda item: "serve_instance" in getattr(item, "fixturenames", ()))
 
 
 def _ray_up() -> bool:

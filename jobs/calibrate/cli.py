@@ -33,7 +33,8 @@ def calibrate_cmd(
                                     "of the model's own."),
     write: bool = typer.Option(True, "--write/--no-write", help="Write the η table into the checkpoint's config."),
     output: Optional[str] = typer.Option(None, help="Write the calibrated checkpoint here instead (default: in "
-                                         "place; a new local folder for MLflow URIs)."),
+                                         "place for a local folder; a new prefix beside an s3:// one; a new local "
+                                         "folder for MLflow URIs)."),
     tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)."),
     mlflow_experiment: Optional[str] = typer.Option(None, help="Log the calibration as a run in this experiment."),
     register_name: Optional[str] = typer.Option(None, "--register", help="Register the calibrated model (needs "

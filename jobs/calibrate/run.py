@@ -1,6 +1,8 @@
 """Post-hoc calibration of a trained CF-ViT: the exact early-exit threshold η for each FLOPs budget, written
 into the checkpoint's `config.json` (where serving reads it). The maths is `cfvit.calibration`; this module
-fetches the checkpoint, streams the validation data, and writes the result back.
+fetches the checkpoint, streams the validation data, and writes the result: in place for a local folder, to
+a new prefix beside an `s3://` checkpoint, to a new local folder for a registry one (`--register` adds a
+new model version); a stored or registered checkpoint is never written over.
 
     cfvit calibrate --checkpoint PATH|s3://…|models:/NAME@ALIAS --budgets 1.5,2.0 | 40%,50%
 """
@@ -29,6 +31,7 @@ from cfvit.calibration import (
 )
 from cfvit.data import FASHION_MNIST_CLASSES, load_fashion_mnist
 from cfvit_common.checkpoints import checkpoint_kind, resolve_checkpoint, upload_checkpoint
+from cfvit_common.manifests import new_version
 from cfvit_common.ray_env import init_ray
 from jobs.train.data import describe, preprocess, read
 
@@ -90,6 +93,11 @@ class LocalCheckpoint:
 def fetch_checkpoint(ref: str, tracking_uri: Optional[str] = None) -> LocalCheckpoint:
     """A local directory for a local path, an `s3://bucket/prefix` or an MLflow model URI (cached)."""
     return LocalCheckpoint(resolve_checkpoint(ref, tracking_uri), ref, checkpoint_kind(ref))
+
+
+def calibrated_prefix(uri: str) -> str:
+    """A new `s3://` prefix beside `uri` for its calibrated copy: `<uri>-calibrated-<UTC time>-<random>`."""
+    return f"{uri.rstrip('/')}-calibrated-{new_version()}"
 
 
 def save_calibrated(model, path, variant: Variant, table: list[dict], calibration: dict) -> Path:
@@ -167,9 +175,8 @@ def calibrate(checkpoint: str, budgets: str | Sequence[str], *, data: Optional[s
             dst = ck.path
         save_calibrated(model, dst, chosen, table, info)
         if ck.kind == "s3" and not output:
-
-            upload_checkpoint(dst, ck.origin)
-            written = ck.origin
+            written = calibrated_prefix(ck.origin)  # beside the original, which stays as it was
+            upload_checkpoint(dst, written)
         else:
             written = str(dst)
     seconds = {"load": t1 - t0, "validation_pass": t2 - t1, "calibration": t3 - t2}

@@ -20,6 +20,10 @@ app.add_typer(submit_app, name="submit")
 AddressOpt = typer.Option(
     None, "--address", "-a", envvar="RAY_ADDRESS", help="Ray dashboard address, e.g. http://127.0.0.1:8265."
 )
+InsecureTokenOpt = typer.Option(
+    False, "--allow-insecure-token", help="Send the Ray token over plain http to a non-loopback address (it "
+    "crosses the network in clear; default: only https or 127.0.0.1, e.g. through kubectl port-forward)."
+)
 
 
 def _fail(exc) -> typer.Exit:
@@ -39,11 +43,13 @@ def run_cmd(
     no_wait: bool = typer.Option(False, "--no-wait", help="Print the job id and return without following logs."),
     allow_local_outputs: bool = typer.Option(False, "--allow-local-outputs", help="Submit even if the job would "
                                              "keep checkpoints or MLflow data in its (temporary) working dir."),
+    allow_insecure_token: bool = InsecureTokenOpt,
 ) -> None:
     """Submit a job: `cfvit submit run --address URL -- python -m jobs.train --config C`.
 
     A training/tuning job whose checkpoints or MLflow store would land in the job's working directory (which
-    Ray deletes with its session) is refused, with the `--set`/`--env` that fixes it."""
+    Ray deletes with its session) is refused, with the `--set`/`--env` that fixes it; so is an `--env` that
+    looks like a credential (the nodes hold those, not the job's runtime_env)."""
     from .outputs import ALLOW_ENV, check_entrypoint
     from .submit import SubmitError, build_runtime_env, connect, follow, parse_env, submit, wait
 
@@ -56,7 +62,7 @@ def run_cmd(
             raise SubmitError("refusing to submit: the job's results would vanish with its working directory:\n  "
                               + "\n  ".join(problems) + "\n  (--allow-local-outputs submits anyway)")
         runtime_env = build_runtime_env(working_dir, env_vars, pip, exclude)
-        client = connect(address)
+        client = connect(address, allow_insecure_token)
         job_id = submit(client, list(entrypoint or []), runtime_env, submission_id)
         typer.echo(f"submitted {job_id} to {client.get_address()}", err=True)
         if no_wait:
@@ -76,12 +82,13 @@ def run_cmd(
 
 
 @submit_app.command("status")
-def status_cmd(job_id: str = typer.Argument(..., help="Submission id."), address: Optional[str] = AddressOpt) -> None:
+def status_cmd(job_id: str = typer.Argument(..., help="Submission id."), address: Optional[str] = AddressOpt,
+               allow_insecure_token: bool = InsecureTokenOpt) -> None:
     """Show a job's status (and its message when it failed)."""
     from .submit import SubmitError, connect, info
 
     try:
-        details = info(connect(address), job_id)
+        details = info(connect(address, allow_insecure_token), job_id)
     except SubmitError as exc:
         raise _fail(exc)
     typer.echo(f"{job_id}: {details.status}")
@@ -94,12 +101,13 @@ def logs_cmd(
     job_id: str = typer.Argument(..., help="Submission id."),
     address: Optional[str] = AddressOpt,
     follow_: bool = typer.Option(False, "--follow", "-f", help="Stream until the job finishes."),
+    allow_insecure_token: bool = InsecureTokenOpt,
 ) -> None:
     """Print a job's logs so far, or stream them with --follow."""
     from .submit import SubmitError, connect, follow, logs
 
     try:
-        client = connect(address)
+        client = connect(address, allow_insecure_token)
         if follow_:
             follow(client, job_id)
         else:
@@ -111,12 +119,13 @@ def logs_cmd(
 
 
 @submit_app.command("stop")
-def stop_cmd(job_id: str = typer.Argument(..., help="Submission id."), address: Optional[str] = AddressOpt) -> None:
+def stop_cmd(job_id: str = typer.Argument(..., help="Submission id."), address: Optional[str] = AddressOpt,
+             allow_insecure_token: bool = InsecureTokenOpt) -> None:
     """Ask the cluster to stop a job."""
     from .submit import SubmitError, connect, stop
 
     try:
-        client = connect(address)
+        client = connect(address, allow_insecure_token)
         stopped = stop(client, job_id)
     except SubmitError as exc:
         raise _fail(exc)
@@ -124,12 +133,12 @@ def stop_cmd(job_id: str = typer.Argument(..., help="Submission id."), address: 
 
 
 @submit_app.command("list")
-def list_cmd(address: Optional[str] = AddressOpt) -> None:
+def list_cmd(address: Optional[str] = AddressOpt, allow_insecure_token: bool = InsecureTokenOpt) -> None:
     """List the cluster's jobs, newest first."""
     from .submit import SubmitError, connect, list_jobs
 
     try:
-        jobs = list_jobs(connect(address))
+        jobs = list_jobs(connect(address, allow_insecure_token))
     except SubmitError as exc:
         raise _fail(exc)
     table = Table("submission id", "status", "started", "entrypoint")
@@ -146,20 +155,24 @@ def shards_cmd(
     shard_size: int = typer.Option(1000, "--shard-size", "-n", help="Images per shard."),
     shuffle: bool = typer.Option(True, "--shuffle/--no-shuffle", help="Shuffle files before sharding (seeded)."),
     seed: int = typer.Option(0, "--seed", help="Shuffle seed."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace shards/classes.json already in DST."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Publish a new version over a shard set already in "
+                                   "DST (readers keep the current one until the new one is complete)."),
+    keep: int = typer.Option(2, "--keep", min=1, help="Versions to keep, the new one included; older ones are "
+                             "deleted once the new one is published."),
     max_side: Optional[int] = typer.Option(None, "--max-side", help="Downscale images whose longer side exceeds "
                                            "N px to N (aspect kept, JPEG q90); cheaper decode, lower-res crops."),
 ) -> None:
     """Convert an ImageFolder tree into WebDataset shards with Ray Data."""
-    from .shards import CLASSES_FILE, ShardError, convert
+    from .shards import ShardError, convert
 
     try:
         report = convert(src, dst, shard_size=shard_size, shuffle=shuffle, seed=seed, overwrite=overwrite,
-                         max_side=max_side)
+                         max_side=max_side, keep=keep)
     except ShardError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1)
     typer.echo(
         f"wrote {report.num_samples} images of {len(report.classes)} classes "
-        f"as {len(report.shards)} shards + {CLASSES_FILE} to {report.dst}"
+        f"as {len(report.shards)} shards to {report.dst}, version {report.version} (manifest published last)"
+        + (f"; deleted older version(s) {', '.join(report.pruned)}" if report.pruned else "")
     )

@@ -7,11 +7,17 @@ Source layout (torchvision ``ImageFolder``): one folder per class directly under
 depth inside it (``.jpg .jpeg .png .bmp .gif .webp .tif .tiff .ppm .pgm``, any case). Class names are
 the folder names sorted, and a class's label is its index in that order (as ImageFolder does).
 
-Output format (what ``jobs``' WebDataset reader expects), in ``DST``:
+Output (what ``jobs``' WebDataset reader expects): each run is a new version of the data set in ``DST``,
+published only once complete (``cfvit_common/manifests.py``):
 
-* ``shard-000000.tar``, ``shard-000001.tar``, … — plain (uncompressed) tar files. Every shard except
-  possibly the last holds exactly ``--shard-size`` samples. Input files are shuffled (seeded) before
-  sharding so each shard mixes classes, which streaming readers rely on.
+* ``versions/<version>/shard-000000.tar``, ``shard-000001.tar``, … — plain (uncompressed) tar files.
+  Every shard except possibly the last holds exactly ``--shard-size`` samples. Input files are shuffled
+  (seeded) before sharding so each shard mixes classes, which streaming readers rely on.
+* ``manifests/<version>.json`` — written last: the class names in label order and every shard's name,
+  size, sha256 and sample count. Readers take the newest manifest whose shards are all there; a run
+  interrupted before its manifest leaves the previous version whole and the one it was writing unread.
+  ``--keep N`` versions stay (the new one included); older ones are deleted after the new manifest is up.
+  An older layout (shards and ``classes.json`` directly in ``DST``) is still read where no manifest is.
 * Each sample is two tar members sharing a key: ``{key}.jpg`` or ``{key}.png`` (the original encoded
   bytes; the extension comes from the bytes' magic number, other formats are re-encoded to PNG) and
   ``{key}.cls`` (the integer label as ASCII text, e.g. ``b"3"``). ``key`` is the path relative to
@@ -21,8 +27,6 @@ Output format (what ``jobs``' WebDataset reader expects), in ``DST``:
   ratio kept, Lanczos) and re-encoded as JPEG at quality ``JPEG_QUALITY``; smaller images stay as they
   are. Decode and RandomResizedCrop then cost less per image (benchmarks/data.py), but the crop sees a
   lower-resolution source — the FFCV trade-off; see docs/SCALING.md for the accuracy caveat.
-* ``classes.json`` — a JSON list of the class names in label order; written last, so its presence
-  marks a complete conversion.
 
 S3 uses pyarrow's S3 filesystem with the standard AWS configuration: credentials from the environment
 or the instance profile, ``AWS_REGION``/``AWS_DEFAULT_REGION``, and ``AWS_ENDPOINT_URL_S3`` or
@@ -32,12 +36,9 @@ found by ``ray.init()`` (``RAY_ADDRESS``) or a local one.
 from __future__ import annotations
 
 import io
-import json
 import posixpath
 import re
-import tarfile
-import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 import ray
@@ -47,6 +48,17 @@ from ray.data import FileShuffleConfig, SaveMode
 from ray.data.datasource import FilenameProvider
 
 from cfvit.transforms import to_8bit
+from cfvit_common.manifests import (
+    MANIFESTS_DIR,
+    VERSIONS_DIR,
+    Manifest,
+    ShardEntry,
+    describe_shard,
+    manifest_versions,
+    new_version,
+    publish,
+    version_dir,
+)
 from cfvit_common.storage import IMAGE_EXTENSIONS as _EXTS
 from cfvit_common.storage import resolve as _resolve
 from cfvit_common.storage import s3_client
@@ -55,7 +67,7 @@ IMAGE_EXTENSIONS = list(_EXTS)
 
 SHARD_PATTERN = "shard-{index:06d}.tar"
 JPEG_QUALITY = 90  # re-encoding quality of --max-side downscaled images (FFCV's default too)
-CLASSES_FILE = "classes.json"
+CLASSES_FILE = "classes.json"  # the class list of the older layout (no manifest)
 
 
 class ShardError(Exception):
@@ -68,7 +80,9 @@ class ShardReport:
     dst: str
     classes: List[str]
     num_samples: int
-    shards: List[str]
+    shards: List[str]  # paths relative to dst: versions/<version>/shard-….tar
+    version: str = ""
+    pruned: List[str] = field(default_factory=list)  # older versions deleted
 
 
 # --------------------------------------------------------------------------- filesystems
@@ -106,12 +120,6 @@ def existing_shards(filesystem, root: str) -> Dict[str, Any]:
     }
 
 
-def count_samples(filesystem, shard_path: str) -> int:
-    """Number of samples (``.cls`` members) in one shard."""
-    with filesystem.open_input_stream(shard_path) as f, tarfile.open(fileobj=f, mode="r|") as tar:
-        return sum(1 for member in tar if member.name.endswith(".cls"))
-
-
 def delete_files(filesystem, root: str, names: List[str]) -> None:
     """Delete ``root/name`` for each name. On S3 through boto3: pyarrow's delete_file leaves an empty
     ``prefix/`` folder-marker object behind, which S3 listings (and some readers) then show as a file."""
@@ -129,29 +137,46 @@ def delete_files(filesystem, root: str, names: List[str]) -> None:
             filesystem.delete_file(posixpath.join(root, name))
 
 
-def promote(filesystem, staging: str, root: str, names: List[str]) -> None:
-    """Move ``staging/name`` to ``root/name`` (a rename locally, a server-side copy + delete on S3)."""
-    if isinstance(filesystem, fs.S3FileSystem):
-        client = s3_client()
-        for name in names:
-            src_bucket, _, src_key = posixpath.join(staging, name).partition("/")
-            bucket, _, key = posixpath.join(root, name).partition("/")
-            client.copy_object(Bucket=bucket, Key=key, CopySource={"Bucket": src_bucket, "Key": src_key})
-        delete_files(filesystem, staging, names)
-    else:
-        for name in names:
-            filesystem.move(posixpath.join(staging, name), posixpath.join(root, name))
-        filesystem.delete_dir(staging)
+def files_under(filesystem, root: str) -> List[str]:
+    """Names (relative to ``root``) of every file below it; [] when it does not exist."""
+    if filesystem.get_file_info(root).type != fs.FileType.Directory:
+        return []
+    entries = filesystem.get_file_info(fs.FileSelector(root, recursive=True))
+    return sorted(e.path[len(root):].lstrip("/") for e in entries if e.type == fs.FileType.File)
 
 
-def discard(filesystem, staging: str) -> None:
-    """Best-effort removal of a failed run's staging folder."""
+def remove_folder(filesystem, root: str) -> None:
+    """Delete ``root`` and everything below it (S3: its objects, leaving no folder markers)."""
+    delete_files(filesystem, root, files_under(filesystem, root))
+    if not isinstance(filesystem, fs.S3FileSystem) and filesystem.get_file_info(root).type == fs.FileType.Directory:
+        filesystem.delete_dir(root)
+
+
+def discard(filesystem, folder: str) -> None:
+    """Best-effort removal of a failed run's version folder (unpublished: no reader can have it)."""
     try:
-        delete_files(filesystem, staging, sorted(existing_shards(filesystem, staging)))
-        if not isinstance(filesystem, fs.S3FileSystem):
-            filesystem.delete_dir(staging)
+        remove_folder(filesystem, folder)
     except OSError:
         pass
+
+
+def prune(filesystem, root: str, keep: int) -> List[str]:
+    """Delete all but the newest ``keep`` published versions: each one's manifest first (so no reader picks
+    it up any more), then its shards; and unpublished version folders older than the newest published one
+    (runs that were interrupted; two runs writing to one destination at once are not supported). Returns
+    the versions deleted."""
+    published = manifest_versions(filesystem, root)
+    kept = published[-keep:]
+    doomed = [v for v in published if v not in kept]
+    delete_files(filesystem, posixpath.join(root, MANIFESTS_DIR), [f"{v}.json" for v in doomed])
+    folder = posixpath.join(root, VERSIONS_DIR)
+    if filesystem.get_file_info(folder).type == fs.FileType.Directory:
+        present = [e.base_name for e in filesystem.get_file_info(fs.FileSelector(folder, recursive=False))
+                   if e.type == fs.FileType.Directory]
+        doomed += [v for v in present if v not in published and kept and v < kept[-1]]
+    for v in doomed:
+        remove_folder(filesystem, version_dir(root, v))
+    return sorted(set(doomed))
 
 
 # --------------------------------------------------------------------------- per-sample work
@@ -253,36 +278,53 @@ def convert(
     seed: int = 0,
     overwrite: bool = False,
     max_side: Optional[int] = None,
+    keep: int = 2,
 ) -> ShardReport:
     """Write ``src`` (ImageFolder) as WebDataset shards to ``dst``; see the module docstring."""
     if shard_size < 1:
         raise ShardError(f"--shard-size must be at least 1, got {shard_size}")
     if max_side is not None and max_side < 1:
         raise ShardError(f"--max-side must be at least 1 pixel, got {max_side}")
+    if keep < 1:
+        raise ShardError(f"--keep must be at least 1, got {keep}")
     src_fs, src_root = resolve(src)
     dst_fs, dst_root = resolve(dst)
     classes = list_classes(src_fs, src_root)
-    occupied = existing_shards(dst_fs, dst_root)
-    if occupied and not overwrite:
-        first = sorted(occupied)[0]
-        raise ShardError(f"destination {dst!r} already has {first} (and {len(occupied) - 1} more); pass --overwrite")
+    published = manifest_versions(dst_fs, dst_root)
+    legacy = existing_shards(dst_fs, dst_root)  # the older layout: shards directly in DST
+    if (published or legacy) and not overwrite:
+        held = f"version {published[-1]}" if published else f"{sorted(legacy)[0]} (and {len(legacy) - 1} more)"
+        raise ShardError(f"destination {dst!r} already holds a shard set ({held}); pass --overwrite to publish "
+                         f"a new version (the current one stays readable until then)")
 
-    # Written to a staging folder first and promoted only once complete, so a failed (or --overwrite)
-    # run never leaves DST without its old shards or with a mix of old and new ones.
-    staging = posixpath.join(dst_root, f"_staging-{uuid.uuid4().hex[:12]}")
-    _write_staged(src, dst, src_fs, src_root, dst_fs, staging, classes, shard_size, shuffle, seed, max_side)
-    shards = sorted(n for n in existing_shards(dst_fs, staging) if n.endswith(".tar"))
-    if not shards:
-        discard(dst_fs, staging)
+    # A new version folder nobody reads until its manifest is published: a failed or killed run never
+    # leaves DST without its previous set, or with old and new shards mixed.
+    version = new_version()
+    folder = version_dir(dst_root, version)
+    _write_staged(src, dst, src_fs, src_root, dst_fs, folder, classes, shard_size, shuffle, seed, max_side)
+    names = [f"{VERSIONS_DIR}/{version}/{n}" for n in sorted(existing_shards(dst_fs, folder)) if n.endswith(".tar")]
+    if not names:
+        discard(dst_fs, folder)
         raise ShardError(f"no images found under {src!r} (extensions: {', '.join(IMAGE_EXTENSIONS)})")
-    # only our own files: DST may hold other data
-    delete_files(dst_fs, dst_root, sorted(n for n in occupied if n not in shards and n != CLASSES_FILE))
-    promote(dst_fs, staging, dst_root, shards)
-    with dst_fs.open_output_stream(posixpath.join(dst_root, CLASSES_FILE)) as f:
-        f.write(json.dumps(classes, indent=1).encode())
-    # Count from the files rather than ds.count(), which would re-run the whole read.
-    num_samples = (len(shards) - 1) * shard_size + count_samples(dst_fs, posixpath.join(dst_root, shards[-1]))
-    return ShardReport(src=src, dst=dst, classes=classes, num_samples=num_samples, shards=shards)
+    manifest = Manifest(version=version, classes=classes, shards=describe_shards(dst_fs, dst_root, names),
+                        extra={"source": src, "shard_size": shard_size, "shuffle": shuffle, "seed": seed,
+                               "max_side": max_side})
+    publish(dst_fs, dst_root, manifest)
+    pruned = prune(dst_fs, dst_root, keep)
+    return ShardReport(src=src, dst=dst, classes=classes, num_samples=manifest.num_samples, shards=names,
+                       version=version, pruned=pruned)
+
+
+def _describe_row(row: Dict[str, Any], filesystem, root: str) -> Dict[str, Any]:
+    entry = describe_shard(filesystem, root, row["name"])
+    return {"name": entry.name, "size": entry.size, "sha256": entry.sha256, "samples": entry.samples}
+
+
+def describe_shards(filesystem, root: str, names: List[str]) -> List[ShardEntry]:
+    """Size, sha256 and samples of every written shard, read back from storage in parallel (Ray Data)."""
+    rows = ray.data.from_items([{"name": n} for n in names]).map(
+        _describe_row, fn_kwargs={"filesystem": filesystem, "root": root}).take_all()
+    return sorted((ShardEntry(**r) for r in rows), key=lambda e: e.name)
 
 
 def _write_staged(src, dst, src_fs, src_root, dst_fs, staging, classes, shard_size, shuffle, seed,

@@ -11,26 +11,42 @@ and report the final status.
     cfvit submit stop raysubmit_XXXX
     cfvit submit list
 
-Errors (unreachable cluster, unknown job id, bad ``--env``) are one line on stderr and exit code 1.
-Ray is imported inside the functions so that ``cfvit --help`` stays fast.
+Errors (unreachable cluster, unknown job id, bad ``--env``, a refused token) are one line on stderr and
+exit code 1.
+
+What crosses to the cluster: the Ray token (``RAY_AUTH_TOKEN``, else the file ``RAY_AUTH_TOKEN_PATH``
+names, else ``~/.ray/auth_token``: Ray's order), only over https or to a loopback address (a port-forward,
+``ray dashboard``'s tunnel) unless ``--allow-insecure-token``; ``--env`` settings, never a credential (Ray
+keeps a job's runtime_env in its GCS and shows it on the dashboard); the working dir without secrets
+(``.env``, ``*.pem``, ``.aws/``, ``.ray/``, …).
 """
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
+import re
 import shlex
 import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
+from urllib.parse import urlsplit
 
+from ray.exceptions import AuthenticationError
 from ray.job_submission import JobSubmissionClient
 
 # Never upload these with the working dir: Ray also honours .gitignore, but a checkout without one
-# (or a copied tree) would otherwise ship a virtualenv or local MLflow store to the cluster.
-DEFAULT_EXCLUDES = [".git", ".venv", "venv", "__pycache__", "*.egg-info", "mlruns", "mlflow.db", "outputs"]
+# (or a copied tree) would otherwise ship a virtualenv, a local MLflow store or someone's keys to the cluster.
+DEFAULT_EXCLUDES = [".git", ".venv", "venv", "__pycache__", "*.egg-info", "mlruns", "mlflow.db", "outputs",
+                    ".env", ".env.*", "*.pem", ".aws/", ".ray/", ".mlflow/", ".netrc"]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 AGENT_WAIT_S = 60.0  # how long a submit waits for a just-started cluster's job agent
+# A variable that holds a secret, by its name (not one that says where a secret is: *_PATH, *_FILE).
+CREDENTIAL_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|CREDENTIAL|ACCESS_KEY|PRIVATE_KEY|_KEY$", re.I)
+TOKEN_HELP = ("set RAY_AUTH_TOKEN to the cluster's token, or RAY_AUTH_TOKEN_PATH to a file holding it (default "
+              "~/.ray/auth_token); on KubeRay the token is the Secret named after the cluster, key auth_token "
+              "(infra/README.md, \"The Ray token\")")
 
 
 class SubmitError(Exception):
@@ -38,6 +54,21 @@ class SubmitError(Exception):
 
 
 # --------------------------------------------------------------------------- pure helpers
+
+
+def looks_like_credential(name: str) -> bool:
+    return bool(CREDENTIAL_NAME.search(name)) and not name.upper().endswith(("_PATH", "_FILE"))
+
+
+def check_env_names(env: Dict[str, str]) -> None:
+    """Refuse credentials in a job's env_vars, and say where they go instead."""
+    secret = sorted(k for k in env if looks_like_credential(k))
+    if secret:
+        raise SubmitError(
+            f"refusing --env {', '.join(secret)}: a job's runtime_env is kept in the cluster's GCS and shown on its "
+            "dashboard. Give the cluster's nodes the credential instead (Kubernetes: a Secret in the pod's env or a "
+            "mounted file, S3 through the service account's IAM role; EC2: the instance profile, a file on the "
+            "nodes) and pass only settings with --env (MLFLOW_TRACKING_URI, AWS_ENDPOINT_URL, ...)")
 
 
 def parse_env(pairs: Optional[List[str]]) -> Dict[str, str]:
@@ -66,6 +97,7 @@ def build_runtime_env(
         runtime_env["working_dir"] = str(path)
         runtime_env["excludes"] = DEFAULT_EXCLUDES + list(excludes or [])
     if env:
+        check_env_names(env)
         runtime_env["env_vars"] = dict(env)
     if pip:
         runtime_env["pip"] = list(pip)
@@ -91,40 +123,75 @@ def _short(exc: BaseException) -> str:
 
 
 def auth_headers() -> Dict[str, str]:
-    """Bearer token for clusters with Ray token authentication (on by default since Ray 2.5x).
+    """The Ray token as a bearer header, found as Ray finds it: ``RAY_AUTH_TOKEN``, else the file
+    ``RAY_AUTH_TOKEN_PATH`` names (unreadable: an error, as in Ray), else ``~/.ray/auth_token``.
 
-    Ray's client only sends a token when ``RAY_AUTH_MODE=token`` is exported; we also send it when a
-    token exists (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``, where ``ray start``
-    keeps it) unless ``RAY_AUTH_MODE=disabled``. Clusters without auth ignore the header.
+    Ray's own client sends a token only when ``RAY_AUTH_MODE=token`` is exported; this one sends it whenever
+    one exists, unless ``RAY_AUTH_MODE=disabled``. Clusters without authentication ignore the header.
     """
-    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+    if os.environ.get("RAY_AUTH_MODE", "").strip().lower() == "disabled":
         return {}
     token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
-    if not token:
-        path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    if not token and os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        path = Path(os.environ["RAY_AUTH_TOKEN_PATH"]).expanduser()
         try:
             token = path.read_text().strip()
+        except OSError as exc:
+            raise SubmitError(f"RAY_AUTH_TOKEN_PATH={path}: cannot read the Ray token ({exc.strerror})") from None
+        if not token:
+            raise SubmitError(f"RAY_AUTH_TOKEN_PATH={path} is empty")
+    if not token:
+        try:
+            token = (Path.home() / ".ray" / "auth_token").read_text().strip()
         except OSError:
             return {}
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-def connect(address: Optional[str]):
-    """A connected JobSubmissionClient, or SubmitError with a one-line reason."""
-    url = resolve_address(address)
+def private_transport(url: str) -> bool:
+    """Whether a header sent to `url` stays off the network in clear: https, or a loopback address."""
+    if url == "auto":  # the cluster started on this machine
+        return True
+    parts = urlsplit(url)
+    if parts.scheme == "https":
+        return True
+    host = (parts.hostname or "").lower()
     try:
-        return JobSubmissionClient(url, headers=auth_headers() or None)
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost" or host.endswith(".localhost")
+
+
+def connect(address: Optional[str], allow_insecure_token: bool = False):
+    """A connected JobSubmissionClient, or SubmitError with a one-line reason. A Ray token is sent only over
+    https or to a loopback address, unless `allow_insecure_token`."""
+    url = resolve_address(address)
+    headers = auth_headers()
+    if headers and not allow_insecure_token and not private_transport(url):
+        raise SubmitError(
+            f"refusing to send the Ray token to {url}: over plain http to another host it crosses the network in "
+            "clear. Use https://, or reach the cluster on 127.0.0.1 (kubectl port-forward, `ray dashboard`, an SSH "
+            "tunnel); --allow-insecure-token sends it anyway, RAY_AUTH_MODE=disabled sends none")
+    try:
+        return JobSubmissionClient(url, headers=headers or None)
+    except AuthenticationError as exc:
+        raise SubmitError(_refused(url, exc)) from None
     except Exception as exc:  # ConnectionError, or ValueError for a malformed address
-        reason = _short(exc)
-        if "Authentication" in reason:
-            reason += " (set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH to the cluster's token)"
-        raise SubmitError(f"cannot reach the Ray job server at {url}: {reason}") from None
+        raise SubmitError(f"cannot reach the Ray job server at {url}: {_short(exc)}") from None
+
+
+def _refused(url: str, exc: AuthenticationError) -> str:
+    """A 401/403 from the cluster, as what to do about it."""
+    why = "the token was not accepted" if "Authentication failed" in str(exc) else "it needs a Ray token"
+    return f"the Ray cluster at {url} refused the request ({why}): {TOKEN_HELP}"
 
 
 def _call(client, what: str, job_id: Optional[str], fn, *args):
-    """Run a client call, turning Ray's HTTP errors into SubmitError (404 → unknown job)."""
+    """Run a client call, turning Ray's HTTP errors into SubmitError (404 → unknown job, 401/403 → the token)."""
     try:
         return fn(*args)
+    except AuthenticationError as exc:
+        raise SubmitError(_refused(client.get_address(), exc)) from None
     except RuntimeError as exc:
         if job_id is not None and ("404" in str(exc) or "does not exist" in str(exc)):
             raise SubmitError(f"no job {job_id!r} on {client.get_address()}") from None

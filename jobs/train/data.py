@@ -49,8 +49,8 @@ def read(src: Source, *, role: str, limit: int | None = None, seed: int = 0, ray
     fs, root = resolve(src.uri)
     shuffle = FileShuffleConfig(seed=seed) if role == "train" else None  # a new seeded order each epoch
     if src.kind == "webdataset":
-        ds = ray.data.read_webdataset(root, filesystem=fs, decoder=None, file_extensions=["tar"], shuffle=shuffle,
-                                      ray_remote_args=ray_args)
+        ds = ray.data.read_webdataset(src.files or root, filesystem=fs, decoder=None, file_extensions=["tar"],
+                                      shuffle=shuffle, ray_remote_args=ray_args)
         ds = ds.map_batches(webdataset_rows, batch_format="pandas", **ray_args)
     else:
         ds = ray.data.read_binary_files(root, filesystem=fs, include_paths=True, shuffle=shuffle,

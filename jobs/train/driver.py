@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import ray.data
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -26,7 +26,12 @@ from .data import Source, build_datasets, describe, train_augment
 from .device_augment import check
 from .worker import EXPORT_DIR, WorkerSetup, train_loop_per_worker
 
-ENV_PREFIXES = ("AWS_", "MLFLOW_", "FASHION_MNIST_ROOT")
+# What the workers' runtime_env may carry from the driver's environment: where things are, never a
+# credential. Ray keeps a runtime_env in its GCS and shows it on the dashboard; workers take S3 keys and
+# the MLflow user from their own node (a pod's identity or mounted Secret, an instance profile, or, on a Ray
+# started here, the environment it inherited from this process).
+WORKER_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "MLFLOW_TRACKING_URI",
+              "FASHION_MNIST_ROOT")
 
 
 @dataclass
@@ -106,13 +111,18 @@ def run_training(cfg: JobConfig, *, callbacks: Optional[list] = None, parent_run
                            mlflow_run_id=run_id, model_version=version)
 
 
+def worker_env(environ: Mapping[str, str], tracking_uri: Optional[str] = None) -> dict[str, str]:
+    """The workers' env_vars: the WORKER_ENV names the driver has, and the tracking server it logs to."""
+    env = {k: environ[k] for k in WORKER_ENV if environ.get(k)}
+    if tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
+    return env
+
+
 def build_trainer(cfg: JobConfig, prep: Prepared, run_id: Optional[str], uri: str,
                   callbacks: Optional[list] = None) -> TorchTrainer:
     """The `TorchTrainer`: workers, storage, failure handling and the Ray Data inputs of one job."""
     ray.data.DataContext.get_current().enable_progress_bars = False  # the epoch lines are the progress
-    env = {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES)}
-    if run_id:
-        env["MLFLOW_TRACKING_URI"] = uri
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": cfg, "setup": prep.worker_setup(run_id, uri)},
@@ -125,6 +135,6 @@ def build_trainer(cfg: JobConfig, prep: Prepared, run_id: Optional[str], uri: st
             name=cfg.run_name, **run_storage(cfg.checkpoint.storage_path),
             failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
-            callbacks=callbacks, worker_runtime_env={"env_vars": env}),
+            callbacks=callbacks, worker_runtime_env={"env_vars": worker_env(os.environ, uri if run_id else None)}),
         datasets=build_datasets(cfg, prep.data_config, prep.train_src, prep.val_src),
     )

@@ -1,19 +1,23 @@
 """Datasets as URIs: `fashion-mnist[:split]`, `s3://bucket/prefix` or a local path, each in ImageFolder layout
-(one folder per class) or WebDataset `.tar` shards (image entry + `cls` entry, with `classes.json` beside the
-shards). Here: reading what a URI holds (its layout and class names, from a listing) and checking up front
-that it can be read; the reading itself is `data.py`.
+(one folder per class) or WebDataset `.tar` shards (image entry + `cls` entry): the newest complete version
+`cfvit shards` published (its manifest names the shards and classes; cfvit_common/manifests.py), or, in the
+older layout, the shards with `classes.json` beside them. Here: reading what a URI holds (its layout,
+class names and shard files, from listings) and checking up front that it can be read; the reading itself
+is `data.py`.
 """
 from __future__ import annotations
 
 import json
 import os
 from dataclasses import dataclass
+from typing import List, Optional
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 from botocore.exceptions import BotoCoreError, ClientError
 
 from cfvit_common.errors import ConfigError
+from cfvit_common.manifests import MANIFESTS_DIR, VERSIONS_DIR, newest_manifest
 from cfvit_common.storage import resolve, s3_client, s3_endpoint
 
 
@@ -72,6 +76,8 @@ class Source:
     uri: str
     kind: str  # builtin | imagefolder | webdataset
     classes: list[str]
+    files: Optional[List[str]] = None  # a published shard set's files (paths in the URI's filesystem)
+    version: Optional[str] = None  # … and its version
 
 
 def describe(uri: str, fmt: str = "auto") -> Source:
@@ -81,6 +87,10 @@ def describe(uri: str, fmt: str = "auto") -> Source:
 
         return Source(uri, "builtin", list(FASHION_MNIST_CLASSES))
     fs, root = resolve(uri)
+    if fmt in ("auto", "webdataset"):
+        manifest = newest_manifest(fs, root)
+        if manifest is not None:
+            return Source(uri, "webdataset", [str(c) for c in manifest.classes], manifest.paths(root), manifest.version)
     entries = fs.get_file_info(pafs.FileSelector(root, recursive=False))
     shards = [e.path for e in entries if e.type == pafs.FileType.File and e.path.endswith(".tar")]
     kind = fmt if fmt != "auto" else ("webdataset" if shards else "imagefolder")
@@ -94,6 +104,8 @@ def describe(uri: str, fmt: str = "auto") -> Source:
             raise ValueError(f"{uri}: classes.json (a JSON list of class names) is missing or bad: {e}") from None
         return Source(uri, kind, [str(c) for c in classes])
     classes = sorted(e.base_name for e in entries if e.type == pafs.FileType.Directory)
+    if VERSIONS_DIR in classes and MANIFESTS_DIR not in classes:
+        raise ValueError(f"{uri}: shard versions but no published manifest (a `cfvit shards` run that did not finish)")
     if not classes:
         raise ValueError(f"{uri}: no class folders (ImageFolder layout) and no .tar shards (WebDataset) found")
     return Source(uri, kind, classes)

@@ -23,7 +23,8 @@ def child_runs(client, parent_run_id: str) -> dict:
 def register_winner(client, parent_run_id: str, name: str, local_dir: str, label: str, aliases: list[str]) -> int:
     artifact = f"winners/{label}"
     client.log_artifacts(parent_run_id, local_dir, artifact)
-    return tracking.register_artifacts(client, parent_run_id, artifact, name, aliases, tags={"tuned": "true"})
+    return tracking.register_artifacts(client, parent_run_id, artifact, name, aliases, tags={"tuned": "true"},
+                                       local_dir=local_dir)
 
 
 def log_mlflow(client, uri, parent, trials, results, plot, summary_path) -> None:

@@ -1,6 +1,7 @@
 """`cfvit shards`: ImageFolder → WebDataset shards with Ray Data, to a local folder and to S3 (moto)."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import tarfile
@@ -11,10 +12,15 @@ import typer
 from PIL import Image
 from typer.testing import CliRunner
 
-from jobs.ops.cli import app as ops_app
+from cfvit_common.manifests import Manifest
 from jobs.ops import shards
+from jobs.ops.cli import app as ops_app
 
 CLASSES = ["cat", "dog", "fish"]  # sorted → labels 0, 1, 2
+
+
+def _s3_keys(s3, bucket: str, prefix: str) -> set:
+    return {o["Key"][len(prefix):] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])}
 
 
 def _app() -> typer.Typer:
@@ -62,8 +68,22 @@ def read_shards(files: dict[str, bytes]) -> dict[str, tuple[int, str, tuple]]:
     return out
 
 
-def check_output(files: dict[str, bytes], classes_json: bytes, expected: dict[str, int], shard_size: int):
-    assert json.loads(classes_json) == CLASSES
+def published(dst: Path) -> tuple[dict[str, bytes], Manifest]:
+    """The newest published version in a local destination: {shard file name: bytes} and its manifest,
+    whose sizes and sha256 must be the files'."""
+    manifests = sorted((dst / "manifests").glob("*.json"))
+    assert manifests, sorted(p.name for p in dst.rglob("*"))
+    manifest = Manifest.from_json(manifests[-1].read_bytes())
+    files = {Path(s.name).name: (dst / s.name).read_bytes() for s in manifest.shards}
+    for s in manifest.shards:
+        data = files[Path(s.name).name]
+        assert (s.size, s.sha256) == (len(data), hashlib.sha256(data).hexdigest())
+        assert s.name.startswith(f"versions/{manifest.version}/")
+    return files, manifest
+
+
+def check_output(files: dict[str, bytes], classes: list, expected: dict[str, int], shard_size: int):
+    assert classes == CLASSES
     names = sorted(files)
     assert names == [f"shard-{i:06d}.tar" for i in range(len(names))]
     sizes = [len([m for m in tarfile.open(fileobj=io.BytesIO(files[n])).getnames() if m.endswith(".cls")]) for n in names]
@@ -85,14 +105,15 @@ def test_local_image_folder_to_local_shards(ray_session, tmp_path):
     dst = tmp_path / "wds"
     result = CliRunner().invoke(_app(), ["shards", str(tmp_path / "src"), str(dst), "--shard-size", "5"])
     assert result.exit_code == 0, result.output
-    assert "wrote 12 images of 3 classes as 3 shards" in result.stdout
-    files = {p.name: p.read_bytes() for p in dst.glob("*.tar")}
-    check_output(files, (dst / "classes.json").read_bytes(), expected, shard_size=5)
+    assert "wrote 12 images of 3 classes as 3 shards" in result.stdout and "manifest published last" in result.stdout
+    files, manifest = published(dst)
+    check_output(files, manifest.classes, expected, shard_size=5)
+    assert manifest.num_samples == 12 and [s.samples for s in manifest.shards] == [5, 5, 2]
 
-    # A second run refuses to mix with existing shards unless asked to replace them.
+    # A second run does not publish over an existing set unless asked to.
     again = CliRunner().invoke(_app(), ["shards", str(tmp_path / "src"), str(dst), "--shard-size", "5"])
     assert again.exit_code == 1
-    assert "already has" in again.stderr and "--overwrite" in again.stderr
+    assert "already holds a shard set" in again.stderr and "--overwrite" in again.stderr
 
     # Class folders without images, and an undecodable image: one-line errors naming the cause.
     (tmp_path / "empty" / "a").mkdir(parents=True)
@@ -107,17 +128,23 @@ def test_local_image_folder_to_local_shards(ray_session, tmp_path):
     last = corrupt.stderr.strip().splitlines()[-1]
     assert last == f"error: cannot decode image {tmp_path / 'corrupt' / 'a' / 'broken.jpg'} (UnidentifiedImageError)"
 
-    # --overwrite from a source that fails half-way keeps the old shards intact (staged, then promoted) ...
-    before = {p.name: p.read_bytes() for p in dst.iterdir()}
+    # --overwrite from a source that fails half-way leaves the published set as it was, nothing else behind ...
+    before = {p.relative_to(dst): p.read_bytes() for p in dst.rglob("*") if p.is_file()}
     failed = CliRunner().invoke(_app(), ["shards", str(tmp_path / "corrupt"), str(dst), "--overwrite"])
     assert failed.exit_code == 1, failed.output
-    assert {p.name: p.read_bytes() for p in dst.iterdir()} == before  # nothing lost, no staging left behind
-    # ... and a successful one replaces them completely (fewer, larger shards: no stale shard left).
-    redo = CliRunner().invoke(_app(), ["shards", str(tmp_path / "src"), str(dst), "--shard-size", "12", "--overwrite"])
-    assert redo.exit_code == 0, redo.output
-    assert sorted(p.name for p in dst.iterdir()) == ["classes.json", "shard-000000.tar"]
-    check_output({"shard-000000.tar": (dst / "shard-000000.tar").read_bytes()}, (dst / "classes.json").read_bytes(),
-                 expected, shard_size=12)
+    assert {p.relative_to(dst): p.read_bytes() for p in dst.rglob("*") if p.is_file()} == before
+    # ... and successful ones publish new versions (fewer, larger shards: only the new version's are read);
+    # with --keep 2 the first version is deleted when the third is published.
+    first = manifest.version
+    for _ in range(2):
+        redo = CliRunner().invoke(_app(), ["shards", str(tmp_path / "src"), str(dst), "--shard-size", "12",
+                                           "--overwrite", "--keep", "2"])
+        assert redo.exit_code == 0, redo.output
+    assert f"deleted older version(s) {first}" in redo.stdout
+    files, manifest = published(dst)
+    assert list(files) == ["shard-000000.tar"]
+    check_output(files, manifest.classes, expected, shard_size=12)
+    assert len(list((dst / "manifests").glob("*.json"))) == 2 and len(list((dst / "versions").iterdir())) == 2
 
 
 @pytest.mark.e2e
@@ -132,20 +159,23 @@ def test_s3_image_folder_to_s3_shards(ray_session, s3_server, tmp_path):
     report = shards.convert("s3://cfvit-shards-test/imagefolder/train", "s3://cfvit-shards-test/wds/train", shard_size=4)
     assert report.num_samples == 12 and report.classes == CLASSES and len(report.shards) == 3
 
-    listing = s3.list_objects_v2(Bucket="cfvit-shards-test", Prefix="wds/train/")["Contents"]
-    keys = {obj["Key"].rsplit("/", 1)[1] for obj in listing}
-    assert keys == {"classes.json", "shard-000000.tar", "shard-000001.tar", "shard-000002.tar"}
+    v = report.version
+    keys = _s3_keys(s3, "cfvit-shards-test", "wds/train/")
+    assert keys == {f"manifests/{v}.json", *(f"versions/{v}/shard-00000{i}.tar" for i in range(3))}
     get = lambda name: s3.get_object(Bucket="cfvit-shards-test", Key=f"wds/train/{name}")["Body"].read()  # noqa: E731
-    files = {name: get(name) for name in keys if name.endswith(".tar")}
-    check_output(files, get("classes.json"), expected, shard_size=4)
+    manifest = Manifest.from_json(get(f"manifests/{v}.json"))
+    files = {Path(s.name).name: get(s.name) for s in manifest.shards}
+    assert all(hashlib.sha256(files[Path(s.name).name]).hexdigest() == s.sha256 for s in manifest.shards)
+    check_output(files, manifest.classes, expected, shard_size=4)
 
-    # --overwrite replaces the previous shards: 2 shards of 6 now, the stale third one is gone.
+    # --overwrite publishes a new version: 2 shards of 6 read now; the first version stays (--keep 2).
     report = shards.convert("s3://cfvit-shards-test/imagefolder/train", "s3://cfvit-shards-test/wds/train",
                             shard_size=6, overwrite=True)
-    listing = s3.list_objects_v2(Bucket="cfvit-shards-test", Prefix="wds/train/")["Contents"]
-    keys = {obj["Key"].rsplit("/", 1)[1] for obj in listing}
-    assert keys == {"classes.json", "shard-000000.tar", "shard-000001.tar"} and report.num_samples == 12
-    check_output({name: get(name) for name in keys if name.endswith(".tar")}, get("classes.json"), expected, shard_size=6)
+    manifest = Manifest.from_json(get(f"manifests/{report.version}.json"))
+    assert report.num_samples == 12 and len(manifest.shards) == 2
+    check_output({Path(s.name).name: get(s.name) for s in manifest.shards}, manifest.classes, expected, shard_size=6)
+    assert {k for k in _s3_keys(s3, "cfvit-shards-test", "wds/train/") if k.startswith("manifests/")} == {
+        f"manifests/{v}.json", f"manifests/{report.version}.json"}
 
 
 def test_bad_sources_are_clear_errors(tmp_path):
@@ -180,7 +210,13 @@ def test_training_reader_takes_mixed_extension_shards(ray_session, tmp_path):
     from jobs.train.data import describe, preprocess, read
 
     make_image_folder(tmp_path / "src")
-    shards.convert(str(tmp_path / "src"), str(tmp_path / "wds"), shard_size=5)
+    shards.convert(str(tmp_path / "src"), str(tmp_path / "new"), shard_size=5)
+    # the older layout (no manifest): shards and classes.json directly in the folder
+    files, manifest = published(tmp_path / "new")
+    (tmp_path / "wds").mkdir()
+    for name, data in files.items():
+        (tmp_path / "wds" / name).write_bytes(data)
+    (tmp_path / "wds" / "classes.json").write_text(json.dumps(manifest.classes))
     png = io.BytesIO()
     Image.new("RGB", (12, 10), (80, 7, 200)).save(png, format="PNG")
     with tarfile.open(tmp_path / "wds" / "extra.tar", "w") as tar:
@@ -191,7 +227,7 @@ def test_training_reader_takes_mixed_extension_shards(ray_session, tmp_path):
             tar.addfile(info, io.BytesIO(data))
 
     src = describe(str(tmp_path / "wds"))
-    assert src.kind == "webdataset" and src.classes == CLASSES
+    assert src.kind == "webdataset" and src.classes == CLASSES and src.files is None
     dc = {"input_size": (3, 16, 16), "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
     rows = read(src, role="val").map_batches(
         preprocess, fn_kwargs=dict(data_config_json=json.dumps(dc), is_training=False, aug_json="{}", num_classes=3),
@@ -234,7 +270,7 @@ def test_max_side_shards_decode_to_the_same_labels(ray_session, tmp_path):
     result = CliRunner().invoke(_app(), ["shards", str(tmp_path / "src"), str(dst), "--shard-size", "5",
                                          "--max-side", "8"])
     assert result.exit_code == 0, result.output
-    files = {p.name: p.read_bytes() for p in dst.glob("*.tar")}
+    files, _ = published(dst)
     samples = read_shards(files)
     assert {k: v[0] for k, v in samples.items()} == expected  # same keys, same labels
     for key, (label, ext, pixel) in samples.items():
@@ -246,3 +282,63 @@ def test_max_side_shards_decode_to_the_same_labels(ray_session, tmp_path):
                     assert Image.open(tar.extractfile(m)).size == (8, 7)  # 12×10 → 8×7: at most 8, aspect kept
     bad = CliRunner().invoke(_app(), ["shards", str(tmp_path / "src"), str(tmp_path / "x"), "--max-side", "0"])
     assert bad.exit_code == 1 and "--max-side must be at least 1 pixel" in bad.stderr
+
+
+@pytest.mark.e2e
+def test_a_write_killed_midway_leaves_the_previous_set_whole_and_training_reads_it(ray_session, s3_server, tmp_path):
+    """`cfvit shards --overwrite` against the S3 server, killed (SIGKILL) as soon as its first new shard is
+    stored: its version is never published, the previous one is whole, and the training job's datasets
+    (`build_datasets`, what the trainer consumes) read exactly the previous samples. The next run publishes
+    and clears the dead run's folder."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from jobs.train.config import JobConfig
+    from jobs.train.data import build_datasets, describe
+
+    expected = make_image_folder(tmp_path / "src")
+    for i in range(40):  # more images, one shard each: the killed run has many objects to write
+        Image.new("RGB", (12, 10), (80 * (i % 3), 7, 200)).save(tmp_path / "src" / CLASSES[i % 3] / f"more{i}.png")
+    s3 = s3_server.client()
+    bucket = "cfvit-shards-kill"
+    s3.create_bucket(Bucket=bucket)
+    for path in (tmp_path / "src").rglob("*"):
+        if path.is_file():
+            s3.upload_file(str(path), bucket, "src/" + path.relative_to(tmp_path / "src").as_posix())
+    first = shards.convert(f"s3://{bucket}/src", f"s3://{bucket}/wds", shard_size=4)
+    assert first.num_samples == 52
+    before = {k: s3.get_object(Bucket=bucket, Key="wds/" + k)["Body"].read() for k in _s3_keys(s3, bucket, "wds/")}
+
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    proc = subprocess.Popen([sys.executable, "-m", "cfvit_cli", "shards", f"s3://{bucket}/src", f"s3://{bucket}/wds",
+                             "--shard-size", "1", "--overwrite"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        new = set()
+        while not new and proc.poll() is None and time.monotonic() < deadline:
+            new = {k for k in _s3_keys(s3, bucket, "wds/versions/") if not k.startswith(first.version)}
+            time.sleep(0.05)
+        proc.kill()
+    finally:
+        proc.kill()
+        output = proc.communicate()[0]
+    assert new, output[-3000:]  # killed mid-write: new shards were stored ...
+    after = _s3_keys(s3, bucket, "wds/")
+    assert {k for k in after if k.startswith("manifests/")} == {f"manifests/{first.version}.json"}  # ... unpublished
+    assert {k: s3.get_object(Bucket=bucket, Key="wds/" + k)["Body"].read() for k in before} == before
+
+    src = describe(f"s3://{bucket}/wds")
+    assert src.version == first.version and src.classes == CLASSES and len(src.files) == 13
+    cfg = JobConfig.model_validate({"data": {"train": src.uri, "val": src.uri, "check_uris": False}})
+    dc = {"input_size": (3, 16, 16), "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
+    rows = build_datasets(cfg, dc, src, src)["train"].take_all()
+    assert len(rows) == 52 and all(r["valid"] for r in rows)
+    labels = sorted(int(r["label"]) for r in rows)
+    assert labels == sorted(list(expected.values()) + [i % 3 for i in range(40)])
+
+    again = shards.convert(f"s3://{bucket}/src", f"s3://{bucket}/wds", shard_size=4, overwrite=True)
+    left = {k.split("/")[0] for k in _s3_keys(s3, bucket, "wds/versions/")}
+    assert left == {first.version, again.version}  # the killed run's folder is gone

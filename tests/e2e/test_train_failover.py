@@ -33,6 +33,8 @@ def _every_epoch_once(r):
     assert sorted(r["epoch_lines"]) == list(range(1, EPOCHS + 1)) and r["epochs_repeated"] == 0, r
     assert r["train_loss_steps"] == list(range(EPOCHS)), r  # MLflow: each epoch logged once
     assert r["mlflow_status"] == "FINISHED" and r["registered_versions"], r
+    # registered by the editing MLflow user the nodes hold (MLflow requires a user; the stack's is cfvit-trainer)
+    assert r["model_permissions"] == {"cfvit-trainer": "MANAGE", "cfvit-serve": "READ"}, r["model_permissions"]
 
 
 def test_losing_a_workers_node_resumes_from_s3_without_repeating_an_epoch(failover):

@@ -174,7 +174,8 @@ def test_rayservice_matches_the_serve_application():
     (app,) = cfg["applications"]
     args = AppArgs(**app["args"])
     assert args.coarse.num_gpus > 0 and args.fine.num_gpus > 0
-    built = build_graph(build_app(app["args"]), name=app["name"])
+    # build_app reads an alias from the registry (there is none here): give it the version it would pin.
+    built = build_graph(build_app({**app["args"], "checkpoint": "models:/cfvit-deit-s/1"}), name=app["name"])
     names = {d.name for d in built.deployments}
     assert {d["name"] for d in app["deployments"]} <= names, names
 
