@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures.procs import run, stop_tree
+
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = secrets.token_hex(32)
 CLIENT_SECRET = "client-side-secret-" + secrets.token_hex(8)  # in the client's environment, never sent
@@ -116,11 +118,15 @@ def _jobs(head: Head) -> list:
 def _cfvit(head: Head, env: dict, verb: str, *args: str) -> subprocess.Popen:
     """`cfvit submit VERB --address HEAD ARGS…` as a user runs it."""
     return subprocess.Popen([sys.executable, "-m", "cfvit_cli", "submit", verb, "--address", head.url, *args],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
 
 
 def _done(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str, str]:
-    out, err = proc.communicate(timeout=timeout)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        stop_tree(proc)  # on the limit (or pytest's timeout): nothing it started is left running
     return proc.returncode, out, err
 
 
@@ -144,7 +150,8 @@ def test_ray_init_to_the_gcs_needs_the_token(head):
     cases = {"no token": base, "wrong token": {**base, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "not-the-token"},
              "the token": {**base, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN}}
     procs = {name: subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True) for name, env in cases.items()}
+                                    stderr=subprocess.PIPE, text=True, start_new_session=True)
+             for name, env in cases.items()}
     results = {name: _done(p, 120) for name, p in procs.items()}
     for name in ("no token", "wrong token"):
         rc, out, err = results[name]
@@ -213,7 +220,6 @@ def test_a_local_ray_started_by_the_jobs_has_token_auth(tmp_path):
             "token = os.path.expanduser('~/.ray/auth_token')\n"
             "print(json.dumps({'status': status, 'mode': oct(os.stat(token).st_mode & 0o777)}))\n"
             "ray.shutdown()\n")
-    proc = subprocess.run([sys.executable, "-c", code], env=_base_env(tmp_path / "home"), cwd=tmp_path,
-                          capture_output=True, text=True, timeout=180)
+    proc = run([sys.executable, "-c", code], timeout=180, env=_base_env(tmp_path / "home"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"status": 401, "mode": "0o600"}

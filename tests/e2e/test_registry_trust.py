@@ -33,6 +33,7 @@ from benchmarks.serve import png_files
 from cfvit.data import FASHION_MNIST_CLASSES
 from cfvit_common import tracking
 from cfvit_common.ray_env import free_port
+from tests.fixtures.procs import run
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "cfvit-trust"
@@ -172,8 +173,8 @@ def test_a_tampered_or_unverifiable_version_is_refused(registry):
             tracking.download_model(f"models:/{MODEL}/{bare}")
     # `cfvit serve` refuses before starting anything, naming the version.
     env = _serve_env(registry)
-    proc = subprocess.run([sys.executable, "-m", "cfvit_cli", "serve", "--checkpoint", f"models:/{MODEL}@tampered",
-                           "--port", str(free_port())], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    proc = run([sys.executable, "-m", "cfvit_cli", "serve", "--checkpoint", f"models:/{MODEL}@tampered",
+                "--port", str(free_port())], timeout=180, cwd=ROOT, env=env)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert f"error: models:/{MODEL}/3: model.safetensors has sha256" in proc.stderr
     assert "refusing to load it" in proc.stderr and "Traceback" not in proc.stderr
@@ -223,7 +224,8 @@ def test_a_replica_added_after_the_alias_moved_loads_the_bound_version(registry)
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "cfvit_cli", "serve", "--checkpoint", f"models:/{MODEL}@production",
                              "--port", str(port), "--num-cpus", "2", "--max-replicas", "1"], cwd=ROOT,
-                            env=_serve_env(registry), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            env=_serve_env(registry), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     lines, ready = [], threading.Event()
 
     def pump():

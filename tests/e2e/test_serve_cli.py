@@ -11,8 +11,9 @@ import pytest
 
 import cfvit
 from cfvit.data import load_fashion_mnist
-from cfvit_common.tracking import download_model
+from cfvit_common.tracking import download_model, file_sha256
 from tests.fixtures.answers import assert_answers, library_answers
+from tests.fixtures.cli_model import REGISTERED
 from tests.fixtures.procs import cfvit as cfvit_cmd
 from tests.fixtures.procs import command_env, kill_leftovers, running
 from tests.fixtures.services import free_port, png_bytes
@@ -42,7 +43,8 @@ def test_cfvit_serve_answers_and_shuts_down_cleanly(request, fmnist_checkpoint, 
         proc.wait_for("serving at", timeout=180)
         assert f"{url}/" in proc.output
         info = httpx.get(url + "/v1/model", timeout=30).json()
-        assert info["name"] == "cfvit_tiny_fmnist" and info["checkpoint"] == checkpoint, info
+        assert info["name"] == "cfvit_tiny_fmnist" and info["digest"] == "sha256:" + file_sha256(local / "model.safetensors")
+        assert info["registered_model"] == (None if sig == signal.SIGINT else REGISTERED), info
         # a JSON batch at the default η and a raw PNG, each answered as the library answers it
         r = httpx.post(url + "/v1/classify", json={"images": [base64.b64encode(f).decode() for f in files]},
                        timeout=60)

@@ -6,7 +6,6 @@ import hashlib
 import io
 import os
 import socket
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +18,7 @@ from PIL import Image
 
 from serve.guard import proxy_host
 from tests.fixtures.browser import chromium, needs_chromium
+from tests.fixtures.procs import run
 from tests.fixtures.serve_app import TEST_ARGS, serving
 from tests.fixtures.services import png_bytes as png
 
@@ -282,11 +282,10 @@ def test_openapi_contract_with_a_key_holds_under_schemathesis(guarded, tmp_path)
     refuses requests without a valid key. It sends at most 15 requests a second, under the server's limit."""
     cli = Path(sys.executable).with_name("schemathesis")
     config = Path(__file__).with_name("schemathesis.toml")
-    proc = subprocess.run([str(cli), "--config-file", str(config), "run", guarded + "/openapi.json", "--checks", "all",
-                           "-H", f"Authorization: Bearer {KEY}", "--rate-limit", f"{int(RATE * 0.75)}/s",
-                           "--max-examples", "40", "--seed", "7", "--no-color", "--generation-database", "none"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "NO_COLOR": "1"})
+    proc = run([str(cli), "--config-file", str(config), "run", guarded + "/openapi.json", "--checks", "all",
+                "-H", f"Authorization: Bearer {KEY}", "--rate-limit", f"{int(RATE * 0.75)}/s",
+                "--max-examples", "40", "--seed", "7", "--no-color", "--generation-database", "none"],
+               timeout=300, cwd=tmp_path, env={**os.environ, "NO_COLOR": "1"})
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
     assert "No issues found" in proc.stdout and "4 selected / 4 total" in proc.stdout
 

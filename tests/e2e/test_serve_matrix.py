@@ -17,6 +17,7 @@ import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Dict, List, Optional
 
 import httpx
@@ -28,6 +29,7 @@ import cfvit
 from cfvit.data import load_fashion_mnist
 from cfvit.transforms import build_transform, decode_image
 from cfvit_common.checkpoints import upload_checkpoint
+from cfvit_common.tracking import file_sha256
 from serve.timing import parse_server_timing
 from tests.fixtures.serve_app import APP_NAME, FIXED, app_log, delete, deploy
 from tests.fixtures.services import png_bytes as png
@@ -209,7 +211,9 @@ def test_each_topology_answers_as_the_library(cell, matrix, ref):
     args = CELLS[cell]
     stages, url, name = args["stages"], matrix.url(cell), APP_NAME if cell == "split-u8-direct" else cell
     info = httpx.get(url + "/v1/model", timeout=10).json()
-    assert info["stages"] == stages and info["checkpoint"] == args.get("checkpoint", matrix.checkpoint)
+    # the same weights from a folder or from S3: the same identity, never where they are stored
+    assert info["stages"] == stages and info["registered_model"] is None and S3_URI not in json.dumps(info)
+    assert info["digest"] == "sha256:" + file_sha256(Path(matrix.checkpoint) / "model.safetensors")
     drift0 = drift_state(url)
     assert (drift0 is None) == (stages == "backbone") and info["slo"] is None
     shadow = args.get("shadow_fraction", 0.01) > 0 and stages != "backbone"

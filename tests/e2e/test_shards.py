@@ -314,7 +314,7 @@ def test_a_write_killed_midway_leaves_the_previous_set_whole_and_training_reads_
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     proc = subprocess.Popen([sys.executable, "-m", "cfvit_cli", "shards", f"s3://{bucket}/src", f"s3://{bucket}/wds",
                              "--shard-size", "1", "--overwrite"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 180
         new = set()
