@@ -2,7 +2,6 @@
 authors' eval transform, photographs to click on the page, the provenance in `GET /v1/model`."""
 import base64
 import io
-import time
 
 import httpx
 import pytest
@@ -11,7 +10,7 @@ from PIL import Image
 
 import cfvit
 from cfvit.transforms import build_transform
-from tests.fixtures.services import free_port
+from tests.fixtures.serve_app import serving
 from tests.unit.test_official_cli import imagenet_sized
 
 pytestmark = pytest.mark.e2e
@@ -28,21 +27,11 @@ def imported(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def url(ray_session, imported):
-    from ray import serve
-
-    from serve.app import build_app
-
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"checkpoint": imported, "stages": "fused", "fused": STAGE, "ingress_num_cpus": 0,
-                         "ingress_autoscaling_config": None}), name=APP, route_prefix="/")
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while httpx.get(base + "/healthz", timeout=5).status_code != 200:
-        assert time.time() < deadline, "the imported model's app never became healthy"
-        time.sleep(0.5)
-    yield base
-    serve.delete(APP)
+    """The app at / on a Serve instance of its own (the page's photographs), failing with its log if it
+    does not come up."""
+    with serving({"checkpoint": imported, "stages": "fused", "fused": STAGE, "ingress_num_cpus": 0,
+                  "ingress_autoscaling_config": None}, name=APP) as base:
+        yield base
 
 
 def test_served_as_the_library_answers(url, imported):
