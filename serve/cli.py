@@ -26,12 +26,19 @@ def serve_cmd(
     num_cpus: Optional[int] = typer.Option(None, help="CPUs of a locally started Ray instance."),
     max_replicas: int = typer.Option(4, help="Most coarse (or fused) replicas; the fine stage gets ~3/4 of it."),
     max_images: int = typer.Option(32, help="Most images per request."),
+    ready_timeout: float = typer.Option(300.0, min=1.0, help="Seconds the application may take to start before "
+                                        "the command gives up, saying what it asked for and what the cluster has."),
 ):
     """Serve a checkpoint over HTTP (Ray Serve): POST /v1/classify, GET /v1/model, a page at /."""
+    from .placement import AppDoesNotFit
     from .runner import serve_forever
 
-    serve_forever(_app_args(checkpoint, eta, stages, max_replicas, max_images), host=host, port=port,
-                  address=address, num_cpus=num_cpus, echo=typer.echo)
+    try:
+        serve_forever(_app_args(checkpoint, eta, stages, max_replicas, max_images), host=host, port=port,
+                      address=address, num_cpus=num_cpus, echo=typer.echo, ready_timeout_s=ready_timeout)
+    except AppDoesNotFit as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
 
 
 def _app_args(checkpoint: str, eta: float, stages: str, max_replicas: int, max_images: int) -> AppArgs:

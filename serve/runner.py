@@ -12,6 +12,7 @@ from ray import serve
 from cfvit_common.ray_env import init_ray
 
 from .app import build_app
+from .placement import READY_TIMEOUT_S, deploy
 from .settings import AppArgs
 
 
@@ -31,9 +32,10 @@ def start_ray(address: Optional[str], num_cpus: Optional[int] = None) -> bool:
 
 
 def serve_forever(app_args: AppArgs, host: str, port: int, address: Optional[str] = None,
-                  num_cpus: Optional[int] = None, name: str = "cfvit", echo=print) -> None:
-
-
+                  num_cpus: Optional[int] = None, name: str = "cfvit", echo=print,
+                  ready_timeout_s: float = READY_TIMEOUT_S) -> None:
+    """Serve until SIGINT/SIGTERM. Raises AppDoesNotFit when the cluster cannot place the application (at once
+    on a Ray started here, else after `ready_timeout_s`), having stopped what it started."""
     # Signals raise in the main thread from here on; a second signal during shutdown is ignored so the
     # clean-up finishes (SIGKILL remains for the impatient).
     previous = {s: signal.signal(s, _raise_stop) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -44,7 +46,7 @@ def serve_forever(app_args: AppArgs, host: str, port: int, address: Optional[str
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, _raise_stop)
         serve.start(http_options={"host": host, "port": port})
-        serve.run(build_app(app_args), name=name, route_prefix="/")
+        deploy(build_app(app_args), app_args, name, "/", fixed_cluster=started, timeout_s=ready_timeout_s)
         url = f"http://{host}:{port}/"
         echo(f"CF-ViT is serving at {url}  (API docs: {url}docs) — Ctrl-C to stop")
         sys.stdout.flush()
