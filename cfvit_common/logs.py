@@ -43,7 +43,11 @@ def routed_logs(path: Optional[Path], verbose: bool = False) -> Iterator[TextIO]
     sys.stdout.flush()
     sys.stderr.flush()
     saved = {fd: os.dup(fd) for fd in (1, 2)}
-    term = open(os.dup(saved[1]), "w", buffering=1, encoding="utf-8", errors="replace")
+    try:  # a stdout that is not fd 1 (a test runner's capture) stays the terminal
+        own = sys.stdout.fileno() == 1
+    except (AttributeError, OSError, ValueError):
+        own = False
+    term = open(os.dup(saved[1]), "w", buffering=1, encoding="utf-8", errors="replace") if own else sys.stdout
     with open(path, "a", buffering=1, encoding="utf-8", errors="replace") as log:
         for fd in (1, 2):
             os.dup2(log.fileno(), fd)
@@ -58,7 +62,8 @@ def routed_logs(path: Optional[Path], verbose: bool = False) -> Iterator[TextIO]
                 os.dup2(copy, fd)
                 os.close(copy)
             logging.captureWarnings(False)
-            term.close()
+            if own:
+                term.close()
 
 
 def forward_worker_lines(on_line: Callable[[str], None], on_progress: Callable[[dict], None]) -> bool:

@@ -35,6 +35,8 @@ def serve_cmd(
                                              "one second's worth)."),
     request_timeout: float = typer.Option(30.0, min=0.001, help="Seconds before a request not yet answered "
                                           "gets 408 (a client's own timeout header may only shorten it)."),
+    ready_timeout: float = typer.Option(300.0, min=1.0, help="Seconds the application may take to start before "
+                                        "the command gives up, saying what it asked for and what the cluster has."),
 ):
     """Serve a checkpoint over HTTP (Ray Serve): POST /v1/classify, GET /v1/model, a page at /.
 
@@ -45,6 +47,7 @@ def serve_cmd(
     from cfvit_common.tracking import ModelIntegrityError
 
     from .guard import KeyFileError, open_endpoint_warning, read_keys
+    from .placement import AppDoesNotFit
     from .runner import serve_forever
 
     front = {"api_keys_file": str(Path(api_keys_file).resolve()) if api_keys_file else None,  # replicas' cwd differs
@@ -62,7 +65,11 @@ def serve_cmd(
     if warning:
         typer.echo(f"warning: {warning}", err=True)
     try:
-        serve_forever(args, host=host, port=port, address=address, num_cpus=num_cpus, echo=typer.echo)
+        serve_forever(args, host=host, port=port, address=address, num_cpus=num_cpus, echo=typer.echo,
+                      ready_timeout_s=ready_timeout)
+    except AppDoesNotFit as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
     except (ModelIntegrityError, FileNotFoundError, MlflowException) as e:  # the checkpoint: refused, missing
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)

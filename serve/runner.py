@@ -13,6 +13,7 @@ from cfvit_common.checkpoints import pin_checkpoint, resolve_checkpoint
 from cfvit_common.ray_env import init_ray
 
 from .app import build_app
+from .placement import READY_TIMEOUT_S, deploy
 from .settings import AppArgs
 
 
@@ -32,9 +33,10 @@ def start_ray(address: Optional[str], num_cpus: Optional[int] = None) -> bool:
 
 
 def serve_forever(app_args: AppArgs, host: str, port: int, address: Optional[str] = None,
-                  num_cpus: Optional[int] = None, name: str = "cfvit", echo=print) -> None:
-
-
+                  num_cpus: Optional[int] = None, name: str = "cfvit", echo=print,
+                  ready_timeout_s: float = READY_TIMEOUT_S) -> None:
+    """Serve until SIGINT/SIGTERM. Raises AppDoesNotFit when the cluster cannot place the application (at once
+    on a Ray started here, else after `ready_timeout_s`), having stopped what it started."""
     # Signals raise in the main thread from here on; a second signal during shutdown is ignored so the
     # clean-up finishes (SIGKILL remains for the impatient).
     # The checkpoint first, before anything starts: an alias pinned to its version, downloaded into this node's
@@ -51,7 +53,7 @@ def serve_forever(app_args: AppArgs, host: str, port: int, address: Optional[str
         # The proxy's own limit, a second after the application's (which answers 408 as JSON), catches what
         # never reaches an ingress replica (a queue in front of busy replicas).
         serve.start(http_options={"host": host, "port": port, "request_timeout_s": app_args.request_timeout_s + 1})
-        serve.run(build_app(app_args), name=name, route_prefix="/")
+        deploy(build_app(app_args), app_args, name, "/", fixed_cluster=started, timeout_s=ready_timeout_s)
         url = f"http://{host}:{port}/"
         echo(f"CF-ViT is serving at {url}  (API docs: {url}docs) — Ctrl-C to stop")
         sys.stdout.flush()

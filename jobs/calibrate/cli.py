@@ -5,11 +5,13 @@ runs, so `cfvit --help` answers at once.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 app = typer.Typer()
 CONSOLE = Console()
@@ -43,10 +45,13 @@ def calibrate_cmd(
     batch_size: int = typer.Option(256, min=1),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     json_out: Optional[str] = typer.Option(None, "--json", help="Also write the result to this JSON file."),
+    verbose: bool = typer.Option(False, "--verbose", help="Stream Ray's, Ray Data's and MLflow's logs here too."),
+    log_dir: str = typer.Option("outputs/logs", help="Folder of the run's log file."),
 ):
     """Post-hoc η per FLOPs budget for one trained model (no retraining); writes the η table."""
     from cfvit.budget import BudgetSpecError
     from cfvit.calibration import parse_floats
+    from cfvit_common.logs import log_path, routed_logs
 
     from .report import log_to_mlflow, print_calibration
     from .run import calibrate
@@ -54,19 +59,38 @@ def calibrate_cmd(
     try:
         a = parse_floats(alphas, "--alphas", 0.0, 1.0, lo_open=True)
         b = parse_floats(betas, "--betas", 0.0, 1.0, hi_open=True)
-        cal = calibrate(checkpoint, budgets, data=data, limit=limit, alphas=a, betas=b, adopt_best=adopt_best,
-                        write=write, output=output, tracking_uri=tracking_uri, batch_size=batch_size,
-                        device=device)
-    except (BudgetSpecError, FileNotFoundError, ValueError) as e:  # CheckpointError is a ValueError
+    except BudgetSpecError as e:
         _fail(str(e))
-    print_calibration(cal, CONSOLE)
     if register_name and not mlflow_experiment:
         _fail("--register needs --mlflow-experiment")
-    if mlflow_experiment:
-        info = log_to_mlflow(cal, tracking_uri, mlflow_experiment, register_name, alias)
-        CONSOLE.print(f"MLflow run {info['run_id']}"
-                      + (f", registered {register_name} version {info['model_version']}" if info["model_version"]
-                         else ""), highlight=False)
+    path = None if verbose else log_path(log_dir, "calibrate")
+    with routed_logs(path, verbose) as term:  # Ray Data's and MLflow's lines go to the file
+        console = Console(file=term, highlight=False)
+        if path:
+            console.print(f"Ray, Ray Data and MLflow logs (--verbose streams them):\n  {path}", soft_wrap=True)
+        try:
+            with _images_bar(console, limit) as advance:
+                cal = calibrate(checkpoint, budgets, data=data, limit=limit, alphas=a, betas=b,
+                                adopt_best=adopt_best, write=write, output=output, tracking_uri=tracking_uri,
+                                batch_size=batch_size, device=device, on_batch=advance)
+        except (BudgetSpecError, FileNotFoundError, ValueError) as e:  # CheckpointError, ClassMismatch: ValueError
+            console.print(f"[red]error:[/red] {e}", highlight=False)
+            raise typer.Exit(2) from None
+        print_calibration(cal, console)
+        if mlflow_experiment:
+            info = log_to_mlflow(cal, tracking_uri, mlflow_experiment, register_name, alias)
+            console.print(f"MLflow run {info['run_id']}"
+                          + (f", registered {register_name} version {info['model_version']}"
+                             if info["model_version"] else ""), highlight=False)
     if json_out:
         with open(json_out, "w") as f:
             json.dump(cal.summary(), f, indent=2, default=str)
+
+
+@contextlib.contextmanager
+def _images_bar(console: Console, total: Optional[int]):
+    """A bar of the validation images read (its length: --limit, else unknown until the end)."""
+    with Progress(TextColumn("validation pass"), BarColumn(bar_width=24), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task("images", total=total)
+        yield lambda n: bar.advance(task, n)

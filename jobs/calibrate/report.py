@@ -69,6 +69,8 @@ def print_calibration(cal: Calibration, console) -> None:
             t.add_row(f"{v.alpha:g}", f"{v.beta:g}", f"{100 * v.coarse_top1:.2f}%", f"{100 * v.fine_top1:.2f}%",
                       f"{v.reachable[0]:.3f}–{v.reachable[1]:.3f}")
         console.print(t)
+    if cal.data is not None and cal.data.labels is not None:  # not the data's own order: say how
+        console.print(f"classes of {cal.data.uri} matched to the model's {cal.data.matched}", highlight=False)
     for r in cal.results:
         if r.message:
             console.print(f"note: {r.message}", highlight=False)

@@ -13,7 +13,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -29,11 +29,10 @@ from cfvit.calibration import (
     record_probs,
     variants_from_probs,
 )
-from cfvit.data import FASHION_MNIST_CLASSES, load_fashion_mnist
 from cfvit_common.checkpoints import checkpoint_kind, resolve_checkpoint, upload_checkpoint
 from cfvit_common.manifests import new_version
 from cfvit_common.ray_env import init_ray
-from jobs.train.data import describe, preprocess, read
+from jobs.train.data import Source, builtin_arrays, describe, preprocess, read
 
 DEFAULT_DATA = "fashion-mnist:test"
 
@@ -45,42 +44,39 @@ def eval_batch(batch: dict, data_config_json: str, num_classes: int) -> dict:
     return preprocess(batch, data_config_json, False, "{}", num_classes)
 
 
-def validation_batches(uri: str, data_config: dict, num_classes: int, *, limit: Optional[int] = None,
-                       batch_size: int = 256, fmt: str = "auto") -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def validation_batches(uri: str | Source, data_config: dict, num_classes: int, *, class_names: Optional[Sequence[str]] = None,
+                       limit: Optional[int] = None, batch_size: int = 256, fmt: str = "auto",
+                       on_batch: Optional[Callable[[int], None]] = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Eval-transformed validation batches from the URIs training takes: the built-in
     `fashion-mnist[:split]` in this process; `s3://…` or local ImageFolder / WebDataset through Ray Data
-    (the training job's readers). Unreadable images are skipped, as in training."""
+    (the training job's readers). Labels are the model's class indices, matched by name to `class_names`
+    (`Source.matched_to`: a mismatch raises ClassMismatch, a ValueError, before anything is read). Unreadable
+    images are skipped, as in training. `on_batch(n)`: called with each batch's number of rows read.
+    A `Source` already matched (`data_source`) is read as it is."""
     dc = json.dumps(data_config, default=list)
-    if uri.split(":", 1)[0] == "fashion-mnist":
-
-        split = uri.split(":", 1)[1] if ":" in uri else "test"
-        if split not in ("train", "test"):
-            raise ValueError(f"{uri!r}: the fashion-mnist split must be 'train' or 'test'")
-        if num_classes != len(FASHION_MNIST_CLASSES):
-            raise ValueError(f"{uri} has {len(FASHION_MNIST_CLASSES)} classes but the model has {num_classes}: "
-                             f"pass the model's own validation data with --data")
-        images, labels = load_fashion_mnist(split)
-        if limit:
-            images, labels = images[:limit], labels[:limit]
-        for i in range(0, len(labels), batch_size):
-            out = eval_batch({"image": list(images[i:i + batch_size]), "label": labels[i:i + batch_size]}, dc,
-                             num_classes)
-            v = out["valid"]
-            if v.any():
-                yield out["image"][v], out["label"][v]
-        return
-
-    init_ray(log_to_driver=False)
-    src = describe(uri, fmt)
-    if len(src.classes) != num_classes:
-        raise ValueError(f"{uri} has {len(src.classes)} classes but the model has {num_classes}")
-    ds = read(src, role="val", limit=limit).map_batches(
-        eval_batch, fn_kwargs={"data_config_json": dc, "num_classes": num_classes}, batch_size=64,
-        batch_format="numpy")
-    for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
+    src = uri if isinstance(uri, Source) else data_source(uri, class_names, num_classes, fmt)
+    if src.kind == "builtin":
+        images, labels = builtin_arrays(src, "val", limit)
+        batches = ({"image": list(images[i:i + batch_size]), "label": labels[i:i + batch_size]}
+                   for i in range(0, len(labels), batch_size))
+        rows = (eval_batch(b, dc, num_classes) for b in batches)
+    else:
+        init_ray(log_to_driver=False)
+        ds = read(src, role="val", limit=limit).map_batches(
+            eval_batch, fn_kwargs={"data_config_json": dc, "num_classes": num_classes}, batch_size=64,
+            batch_format="numpy")
+        rows = ds.iter_batches(batch_size=batch_size, batch_format="numpy")
+    for batch in rows:
+        if on_batch:
+            on_batch(len(batch["valid"]))
         v = batch["valid"].astype(bool)
         if v.any():
             yield batch["image"][v], batch["label"][v]
+
+
+def data_source(uri: str, class_names: Optional[Sequence[str]], num_classes: int, fmt: str = "auto") -> Source:
+    """The validation data's layout, its classes matched by name to the model's (jobs/train/classes.py)."""
+    return describe(uri, fmt).matched_to(class_names, num_classes)
 
 
 @dataclass
@@ -125,6 +121,7 @@ class Calibration:
     written_to: Optional[str]
     backbone_gflops: float
     seconds: dict
+    data: Optional[Source] = None  # the validation data, its classes matched to the model's (`matched`)
 
     def summary(self) -> dict:
         return {"checkpoint": self.checkpoint.origin, "written_to": self.written_to,
@@ -134,14 +131,19 @@ class Calibration:
                 "variants": [{"alpha": v.alpha, "beta": v.beta, "coarse_top1": v.coarse_top1, "fine_top1": v.fine_top1,
                               "reachable_gflops": list(v.reachable), "stage_gflops": v.stage_gflops, "n": v.n}
                              for v in self.variants],
-                "seconds": self.seconds}
+                "seconds": self.seconds,
+                "data": None if self.data is None else {"uri": self.data.uri, "classes": self.data.classes,
+                                                        "labels": self.data.labels, "matched": self.data.matched}}
 
 
 def calibrate(checkpoint: str, budgets: str | Sequence[str], *, data: Optional[str] = None, limit: Optional[int] = None,
               alphas: Sequence[float] = (), betas: Sequence[float] = (), adopt_best: bool = False,
               write: bool = True, output: Optional[str] = None, tracking_uri: Optional[str] = None,
-              batch_size: int = 256, device: str = "cpu") -> Calibration:
-    """Load, record probabilities (per α/β setting), choose η per budget, write the η table."""
+              batch_size: int = 256, device: str = "cpu", on_batch: Optional[Callable[[int], None]] = None
+              ) -> Calibration:
+    """Load, record probabilities (per α/β setting), choose η per budget, write the η table. The validation
+    data's classes are matched by name to the checkpoint's `class_names` first (a mismatch raises
+    ClassMismatch, a ValueError, with both lists). `on_batch(n)`: each validation batch's rows, as read."""
     t0 = time.perf_counter()
     ck = fetch_checkpoint(checkpoint, tracking_uri)
     model = cfvit.load(ck.path, map_location=device)
@@ -152,10 +154,11 @@ def calibrate(checkpoint: str, budgets: str | Sequence[str], *, data: Optional[s
     if uri is None and isinstance(cfg.get("data"), dict):  # the validation URI the model was trained with
         uri = cfg["data"].get("val")
     uri = uri or DEFAULT_DATA
+    src = data_source(uri, cfg.get("class_names"), model.num_classes)
     settings = inference_settings(model, alphas, betas)
     t1 = time.perf_counter()
-    probs = record_probs(model, validation_batches(uri, model.data_config, model.num_classes, limit=limit,
-                                                   batch_size=batch_size), settings, device)
+    probs = record_probs(model, validation_batches(src, model.data_config, model.num_classes, limit=limit,
+                                                   batch_size=batch_size, on_batch=on_batch), settings, device)
     t2 = time.perf_counter()
     variants = variants_from_probs(model, probs, settings, meta={"checkpoint": checkpoint})
     results = best_per_budget(variants, parsed)
@@ -164,7 +167,7 @@ def calibrate(checkpoint: str, budgets: str | Sequence[str], *, data: Optional[s
     t3 = time.perf_counter()
     written = None
     if write or output:
-        info = {"data": uri, "images": chosen.n, "alpha": chosen.alpha, "beta": chosen.beta,
+        info = {"data": uri, "classes_matched": src.matched, "images": chosen.n, "alpha": chosen.alpha, "beta": chosen.beta,
                 "budgets": [b.spec for b in parsed],
                 "infeasible": [r.summary() for r in best_per_budget([chosen], parsed) if not r.feasible]}
         if output:
@@ -180,4 +183,4 @@ def calibrate(checkpoint: str, budgets: str | Sequence[str], *, data: Optional[s
         else:
             written = str(dst)
     seconds = {"load": t1 - t0, "validation_pass": t2 - t1, "calibration": t3 - t2}
-    return Calibration(ck, variants, results, chosen, table, written, backbone, seconds)
+    return Calibration(ck, variants, results, chosen, table, written, backbone, seconds, src)

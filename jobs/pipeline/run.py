@@ -22,19 +22,17 @@ from rich.table import Table
 
 from cfvit.data import load_fashion_mnist
 from cfvit_common import tracking
-from cfvit_common.logs import forward_worker_lines
-from cfvit_common.progress import TrainingProgress
 from cfvit_common.ray_env import init_ray
 from jobs.calibrate import calibrate
 from jobs.train import EXPORT_DIR, load_config, run_training
-from jobs.train.sources import builtin_split, is_builtin
+from jobs.train.watch import run_watched, train_images
 from serve.app import build_app
+from serve.placement import deploy
 from serve.settings import AppArgs
 
 DEFAULT_CONFIG = "fmnist_main"  # jobs/configs/fmnist_main.yaml
 # A run of a few minutes on 2 CPU cores: the mechanics, not a model worth serving.
 QUICK_SETS = ["data.train_limit=3000", "data.val_limit=500", "schedule.epochs=2"]
-PROGRESS_SETS = ["log.progress_every_s=1"]  # rank 0's progress records feed the bar
 DEFAULT_BUDGETS = "40%,55%,70%"
 CALIBRATION_IMAGES = 5000  # the first test images calibrate η; HTTP classifies images after them
 
@@ -50,6 +48,17 @@ class BudgetServed:
     exit_rate: Optional[float] = None
     served_gflops: Optional[float] = None
     note: str = ""
+
+
+@dataclass
+class Serving:
+    """Where and how long the endpoint serves, and what it classifies."""
+
+    host: str
+    port: int
+    n_images: int  # test images classified over HTTP at each budget
+    keep_serving: bool
+    own_ray: bool  # a Ray this job started (its size is fixed: an app that cannot fit is refused at once)
 
 
 @dataclass
@@ -113,12 +122,13 @@ def run_pipeline(config: Optional[str] = None, sets: tuple[str, ...] = (), *, qu
 
 
     t0 = time.perf_counter()
-    cfg = load_config(config or DEFAULT_CONFIG, [*(QUICK_SETS if quick else []), *PROGRESS_SETS, *sets])
+    cfg = load_config(config or DEFAULT_CONFIG, [*(QUICK_SETS if quick else []), *sets])
     started_ray = init_ray(cfg.scaling.ray_address, min_cpus=cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 2)
     seconds = {"ray start": time.perf_counter() - t0}
     try:
         outcome = _train(cfg, echo, console, verbose, seconds)
-        return _calibrate_and_serve(cfg, outcome, budgets, n_images, host, port, keep_serving, echo, seconds)
+        serving = Serving(host, port, n_images, keep_serving, own_ray=started_ray)
+        return _calibrate_and_serve(cfg, outcome, budgets, serving, echo, seconds)
     finally:
         # Our own Ray: stop Serve with it. A shared cluster: remove only our application.
         if started_ray:
@@ -133,32 +143,15 @@ def run_pipeline(config: Optional[str] = None, sets: tuple[str, ...] = (), *, qu
 
 def _train(cfg, echo, console, verbose: bool, seconds: dict):
     t = time.perf_counter()
-    n = _train_images(cfg)
+    n = train_images(cfg)
     echo(f"[1/4] training {cfg.model.name}: {n or 'all'} images × {cfg.schedule.epochs} epochs, "
          f"{cfg.scaling.num_workers} workers, ZeRO-{cfg.deepspeed.zero_stage}")
-    steps = n // cfg.scaling.num_workers // cfg.deepspeed.micro_batch_size if n else None
-    if cfg.debug.max_steps_per_epoch and steps:
-        steps = min(steps, cfg.debug.max_steps_per_epoch)
-    if console is None:
-        outcome = run_training(cfg)
-    else:
-        with TrainingProgress(console, steps) as bar:
-            forward_worker_lines(None if verbose else bar.line, bar.update)
-            outcome = run_training(cfg)
+    outcome = run_training(cfg) if console is None else run_watched(cfg, console, verbose)
     seconds["train"] = time.perf_counter() - t
     return outcome
 
 
-def _train_images(cfg) -> Optional[int]:
-    """How many images one epoch reads, where that is known without listing files (the built-in set)."""
-    if not is_builtin(cfg.data.train):
-        return cfg.data.train_limit
-
-    total = len(load_fashion_mnist(builtin_split(cfg.data.train, "train"))[1])
-    return min(total, cfg.data.train_limit or total)
-
-
-def _calibrate_and_serve(cfg, outcome, budgets, n_images, host, port, keep_serving, echo, seconds) -> PipelineResult:
+def _calibrate_and_serve(cfg, outcome, budgets, serving: Serving, echo, seconds) -> PipelineResult:
     t = time.perf_counter()
     uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
     model_uri = None
@@ -177,25 +170,27 @@ def _calibrate_and_serve(cfg, outcome, budgets, n_images, host, port, keep_servi
                                  val_top1=s.get("accuracy"), expected_gflops=s.get("gflops"),
                                  note="" if r.feasible else (s.get("note") or "infeasible")))
     result = PipelineResult(train_metrics=outcome.metrics, mlflow_run_id=outcome.mlflow_run_id, tracking_uri=uri,
-                            model_uri=model_uri, checkpoint=str(out_dir), endpoint=f"http://{host}:{port}/",
+                            model_uri=model_uri, checkpoint=str(out_dir),
+                            endpoint=f"http://{serving.host}:{serving.port}/",
                             budgets=rows, seconds=seconds, calibration_images=n_cal,
                             stage_gflops=dict(cal.chosen.stage_gflops), backbone_gflops=cal.backbone_gflops)
-    _serve_and_classify(result, n_images, host, port, echo)
-    if keep_serving:
+    _serve_and_classify(result, serving, echo)
+    if serving.keep_serving:
         echo(f"serving at {result.endpoint} (docs: {result.endpoint}docs) — Ctrl-C to stop")
         _block_until_signal()
     return result
 
 
-def _serve_and_classify(result: PipelineResult, n_images: int, host: str, port: int, echo) -> None:
+def _serve_and_classify(result: PipelineResult, serving: Serving, echo) -> None:
     t = time.perf_counter()
     echo(f"[3/4] starting the Serve application on {result.endpoint}")
-    serve.start(http_options={"host": host, "port": port})
+    serve.start(http_options={"host": serving.host, "port": serving.port})
     args = AppArgs(checkpoint=result.checkpoint)
     for stage in (args.coarse, args.fine):  # two cores: one replica each is what fits
         stage.autoscaling_config.update(min_replicas=1, initial_replicas=1, max_replicas=1)
     args.ingress_autoscaling_config = None
-    serve.run(build_app(args), name="cfvit", route_prefix="/")
+    # refused at once, with the numbers, when our own Ray cannot hold it; else a bounded wait
+    deploy(build_app(args), args, "cfvit", "/", fixed_cluster=serving.own_ray)
     _wait_healthy(result.endpoint)
     seconds = result.seconds
     seconds["serve start"] = time.perf_counter() - t
@@ -203,7 +198,7 @@ def _serve_and_classify(result: PipelineResult, n_images: int, host: str, port: 
     t = time.perf_counter()
     images, labels = load_fashion_mnist("test")
     # the last test images: calibration used the first `calibration_images` ones
-    n_images = min(n_images, len(images) - result.calibration_images)
+    n_images = min(serving.n_images, len(images) - result.calibration_images)
     echo(f"[4/4] classifying {n_images} held-out test images over HTTP at each budget")
     images, labels = images[-n_images:], labels[-n_images:]
     result.http_images = n_images

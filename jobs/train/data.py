@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import ray.data
 from ray.data import FileShuffleConfig
@@ -32,15 +33,23 @@ def remote_args(resources: dict | None) -> dict:
     return {"num_cpus": float(resources.get("CPU", 1)), **({"resources": custom} if custom else {})}
 
 
+def builtin_arrays(src: Source, role: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The built-in set's uint8 images and labels (the model's class indices: `Source.matched_to`)."""
+    images, labels = load_fashion_mnist(builtin_split(src.uri, "train" if role == "train" else "test"))
+    if limit:
+        images, labels = images[:limit], labels[:limit]
+    if src.labels is not None:
+        labels = np.asarray(src.labels, dtype=np.int64)[labels]
+    return images, labels
+
+
 def read(src: Source, *, role: str, limit: int | None = None, seed: int = 0, ray_args: dict | None = None):
     """Raw rows: `image` (uint8 array, builtin) or `bytes` + `label` (int). `ray_args` (from `remote_args`)
     go to the read tasks and the row-building map, so they fuse with the preprocess stage."""
     ray_args = ray_args or {}
 
     if src.kind == "builtin":
-        images, labels = load_fashion_mnist(builtin_split(src.uri, "train" if role == "train" else "test"))
-        if limit:
-            images, labels = images[:limit], labels[:limit]
+        images, labels = builtin_arrays(src, role, limit)
         # Many small blocks, not one: a map task's output reaches the workers block by block, so a single
         # 60k-row block kept them waiting until the whole epoch was preprocessed (docs/MAIN_JOB.md).
         step = BUILTIN_BLOCK_ROWS
@@ -51,14 +60,19 @@ def read(src: Source, *, role: str, limit: int | None = None, seed: int = 0, ray
     if src.kind == "webdataset":
         ds = ray.data.read_webdataset(src.files or root, filesystem=fs, decoder=None, file_extensions=["tar"],
                                       shuffle=shuffle, ray_remote_args=ray_args)
-        ds = ds.map_batches(webdataset_rows, batch_format="pandas", **ray_args)
+        ds = ds.map_batches(webdataset_rows, fn_kwargs={"labels": src.labels}, batch_format="pandas", **ray_args)
     else:
         ds = ray.data.read_binary_files(root, filesystem=fs, include_paths=True, shuffle=shuffle,
                                         file_extensions=list(IMAGE_EXTENSIONS) + [e.upper() for e in IMAGE_EXTENSIONS],
                                         ray_remote_args=ray_args)
-        index = {c: i for i, c in enumerate(src.classes)}
-        ds = ds.map_batches(folder_rows, fn_kwargs={"index": index}, batch_format="pandas", **ray_args)
+        ds = ds.map_batches(folder_rows, fn_kwargs={"index": folder_index(src)}, batch_format="pandas", **ray_args)
     return ds.limit(limit) if limit else ds
+
+
+def folder_index(src: Source) -> dict[str, int]:
+    """ImageFolder class folder → label: the model's index of the class (Source.matched_to), else its
+    position among the sorted folders."""
+    return {c: src.label_of(i) for i, c in enumerate(src.classes)}
 
 
 def train_augment(cfg) -> dict:

@@ -67,8 +67,10 @@ def prepare(cfg: JobConfig) -> Prepared:
         val_src = describe(cfg.data.val, cfg.data.format)
     except (OSError, ValueError) as e:
         raise ConfigError(f"data: {e}") from None
-    if val_src.classes != train_src.classes:
-        raise ConfigError(f"data.val has classes {val_src.classes[:5]}… but data.train has {train_src.classes[:5]}…")
+    try:  # the model's classes are the training set's: validation labels by class name (jobs/train/classes.py)
+        val_src = val_src.matched_to(train_src.classes, len(train_src.classes), model_name="data.train")
+    except ValueError as e:
+        raise ConfigError(f"data.val: {e}") from None
     try:
         model = cfvit.create_model(cfg.model.name, **cfg.model.create_kwargs(len(train_src.classes)))
     except (TypeError, ValueError) as e:

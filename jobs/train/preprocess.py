@@ -73,8 +73,9 @@ def folder_rows(df, index):
     return pd.DataFrame({"bytes": df["bytes"], "label": np.asarray(labels, dtype=np.int64)})
 
 
-def webdataset_rows(df):
-    """WebDataset samples → `bytes` (whichever image entry a sample has), `label` (-1 when missing or bad)."""
+def webdataset_rows(df, labels=None):
+    """WebDataset samples → `bytes` (whichever image entry a sample has), `label` (-1 when missing or bad).
+    `labels`: the model's index of each `classes.json` position (jobs/train/classes.py), None to keep them."""
     img_cols = [c for c in df.columns if c.lower() in IMAGE_EXTENSIONS]
     if not img_cols:
         raise ValueError(f"WebDataset samples have no image entry (columns: {list(df.columns)})")
@@ -83,10 +84,14 @@ def webdataset_rows(df):
     for c in img_cols[1:]:
         images = images.combine_first(df[c])  # column-wise, not a Python loop over rows
     images = images.where(images.notna(), b"")  # no image at all: empty bytes, skipped as unreadable
-    labels = []
+    found = []
     for v in (df["cls"] if "cls" in df.columns else [None] * len(df)):
         try:
-            labels.append(int(v.decode() if isinstance(v, bytes) else v))
+            found.append(int(v.decode() if isinstance(v, bytes) else v))
         except (TypeError, ValueError):
-            labels.append(-1)  # no/bad label: skipped and counted like an unreadable image
-    return pd.DataFrame({"bytes": images, "label": np.asarray(labels, dtype=np.int64)})
+            found.append(-1)  # no/bad label: skipped and counted like an unreadable image
+    out = np.asarray(found, dtype=np.int64)
+    if labels is not None and len(out):
+        known = (out >= 0) & (out < len(labels))
+        out = np.where(known, np.asarray(labels, dtype=np.int64)[np.where(known, out, 0)], -1)
+    return pd.DataFrame({"bytes": images, "label": out})

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
-from typing import List, Optional
+from dataclasses import dataclass, replace
+from typing import List, Optional, Sequence
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -19,6 +19,8 @@ from botocore.exceptions import BotoCoreError, ClientError
 from cfvit_common.errors import ConfigError
 from cfvit_common.manifests import MANIFESTS_DIR, VERSIONS_DIR, newest_manifest
 from cfvit_common.storage import resolve, s3_client, s3_endpoint
+
+from .classes import match_classes
 
 
 def is_builtin(uri: str) -> bool:
@@ -78,6 +80,18 @@ class Source:
     classes: list[str]
     files: Optional[List[str]] = None  # a published shard set's files (paths in the URI's filesystem)
     version: Optional[str] = None  # … and its version
+    # the model's index of each of `classes` (`matched_to`); None: the data's own order
+    labels: Optional[tuple[int, ...]] = None
+    matched: str = ""  # how the classes were matched to the model's, for a person ("" when not matched)
+
+    def matched_to(self, class_names: Optional[Sequence[str]], num_classes: int, model_name: str = "the model") -> "Source":
+        """This source with its labels as the model's class indices (`jobs.train.classes`); raises
+        ClassMismatch (a ValueError), with both class lists, when they cannot be matched."""
+        m = match_classes(self.classes, class_names, num_classes, data_name=self.uri, model_name=model_name)
+        return replace(self, labels=None if m.identity else m.labels, matched=m.how)
+
+    def label_of(self, i: int) -> int:
+        return i if self.labels is None else self.labels[i]
 
 
 def describe(uri: str, fmt: str = "auto") -> Source:

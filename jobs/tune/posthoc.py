@@ -37,7 +37,8 @@ def calibrate_trial(trial: TrialOutcome, budgets, settings: TuneSettings, data_u
                     limit: Optional[int]) -> list[Variant]:
     model = cfvit.load(trial.checkpoint)
     grid = inference_settings(model, settings.posthoc_alphas, settings.posthoc_betas)
-    probs = record_probs(model, validation_batches(data_uri, model.data_config, model.num_classes, limit=limit), grid)
+    probs = record_probs(model, validation_batches(data_uri, model.data_config, model.num_classes,
+                                                   class_names=model.cfvit_config.get("class_names"), limit=limit), grid)
     return variants_from_probs(model, probs, grid, source=f"trial {trial.trial_id}",
                                meta={"trial_id": trial.trial_id, "checkpoint": trial.checkpoint,
                                      "trained_alpha": float(model.alpha), "trained_beta": float(model.beta),
