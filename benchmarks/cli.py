@@ -150,7 +150,9 @@ def bench_train_failover_cmd(
 
 @app.command("serve")
 def bench_serve(
-    checkpoint: str = typer.Option(..., help="Checkpoint to serve (as for `cfvit serve`)."),
+    checkpoint: Optional[str] = typer.Option(None, help="Checkpoint to serve (as for `cfvit serve`)."),
+    model: Optional[str] = typer.Option(None, help="Instead of --checkpoint: a registered model with random "
+                                        "weights, e.g. cfvit_deit_small_patch16_224 or cfvit_tiny32_fmnist."),
     concurrency: str = typer.Option("1,4,16,32", help="Closed-loop client counts, comma-separated."),
     duration: float = typer.Option(10.0, help="Seconds of load at each concurrency level."),
     warmup: float = typer.Option(2.0, help="Seconds of unmeasured load before each level."),
@@ -158,14 +160,24 @@ def bench_serve(
     exit_rate: Optional[float] = typer.Option(
         None, min=0.0, max=1.0, help="Pick η so this share of the bench images exits at the coarse stage."),
     images: int = typer.Option(256, help="Distinct test images cycled through."),
+    image_px: Optional[int] = typer.Option(None, min=8, help="Send px×px RGB noise PNGs instead of the model's "
+                                           "own test images (224: ≈151 KB each)."),
     replicas: int = typer.Option(1, help="Replicas per split stage; fused and backbone get twice as many."),
     batch_size: int = typer.Option(16, help="max_batch_size of every stage, and the offline batch size."),
     system: Optional[List[str]] = typer.Option(
         None, help="A deployment to load (repeatable): '[NAME:]split|fused|backbone [key=value ...]', "
-                   "e.g. 'f32:split wire_dtype=float32 handoff=ingress'. Default: split, fused, backbone."),
+                   "e.g. 'local:fused model_in_ingress=true'. Default: split, fused, backbone."),
     per_request: int = typer.Option(1, "--images-per-request", min=1, max=1024,
-                                    help="Images in each request (>1: the JSON batch form)."),
+                                    help="Images in each request (>1: the JSON batch form over HTTP)."),
+    transport: str = typer.Option("http", help="http (POST /v1/classify) or grpc (cfvit.v1.Classifier/Classify)."),
+    floor: bool = typer.Option(False, "--floor", help="Also measure Ray Serve's own no-op ingress and no-op + one "
+                               "handle hop under the same load, printed beside the app's systems."),
+    serve_env: Optional[List[str]] = typer.Option(
+        None, "--serve-env", help="Request-path profile (repeatable; a fresh Ray for each): default, optimized "
+                                  "(RAY_SERVE_THROUGHPUT_OPTIMIZED: direct ingress), haproxy (serve/request_path.py)."),
+    offline: bool = typer.Option(True, "--offline/--no-offline", help="Measure the offline reference first."),
     port: int = typer.Option(8123, help="HTTP port of the deployments under test."),
+    grpc_port: int = typer.Option(9123, help="gRPC port of the proxy."),
     json_out: Optional[str] = typer.Option(None, "--json", help="Also write the figures to this JSON file."),
     burst: bool = typer.Option(False, "--burst", help="Instead: an open-loop traffic step (steady, burst, "
                                "steady) against the first --system (default split), SLO mode off then on."),
@@ -177,10 +189,17 @@ def bench_serve(
     max_accuracy_drop: Optional[float] = typer.Option(None, help="--burst: SLO mode's floor as accuracy."),
     plot: Optional[str] = typer.Option(None, help="--burst: write p99, η and top-1 over time to this PNG."),
 ):
-    """Throughput, p50/p99 latency and per-hop timings of CF-ViT deployments vs the plain backbone,
-    same hardware, next to the offline ratio of the same checkpoint (or, with --burst, a traffic step)."""
-    from .serve import DEFAULT_SYSTEMS, ServeBenchSettings, answered_nothing, label, print_report, run_bench
+    """Throughput, p50/p99 latency, CPU per request and per-hop timings of CF-ViT deployments vs the plain
+    backbone, same hardware, next to the offline ratio of the same checkpoint and (--floor) Ray Serve's own
+    request path; or, with --burst, a traffic step. Exits 1 when a system failed every request."""
+    from .serve import DEFAULT_SYSTEMS, ServeBenchSettings, label, random_checkpoint, run_bench
+    from .serve_report import answered_nothing, print_report
 
+    if (checkpoint is None) == (model is None):
+        raise typer.BadParameter("give --checkpoint or --model (one of them)")
+    if transport not in ("http", "grpc"):
+        raise typer.BadParameter(f"--transport is http or grpc, got {transport!r}")
+    checkpoint = checkpoint or random_checkpoint(model)
     if burst:
         from .burst import BurstSettings
 
@@ -198,8 +217,10 @@ def bench_serve(
     levels: List[int] = [int(c) for c in concurrency.split(",") if c.strip()]
     result = run_bench(ServeBenchSettings(checkpoint, levels=levels, duration_s=duration, warmup_s=warmup, eta=eta,
                                           exit_rate=exit_rate, n_images=images, replicas=replicas, port=port,
-                                          systems=system or DEFAULT_SYSTEMS, batch_size=batch_size,
-                                          per_request=per_request))
+                                          grpc_port=grpc_port, systems=system or DEFAULT_SYSTEMS,
+                                          batch_size=batch_size, per_request=per_request, transport=transport,
+                                          floor=floor, profiles=serve_env or ["default"], image_px=image_px,
+                                          offline=offline))
     _write_json(json_out, result)  # first: the figures survive a printing problem
     print_report(result)
     failed = answered_nothing(result)

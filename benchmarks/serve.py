@@ -1,17 +1,18 @@
-"""`cfvit bench serve`: closed-loop HTTP load at rising concurrency against several deployments of one
-checkpoint on the same machine (by default the split and fused CF-ViT topologies and the single-stage
-backbone), one after the other, with where each request's time went (the app's `Server-Timing`
-header) and the offline `infer_stream` figures of the same checkpoint at the same exit rate and batch
-size as the target."""
+"""`cfvit bench serve`: closed-loop load (HTTP or gRPC) at rising concurrency against several deployments
+of one checkpoint on the same machine (by default the split and fused CF-ViT topologies and the
+single-stage backbone), one after the other, with where each request's time went (the app's
+`Server-Timing`), the CPU each request cost the whole machine, the offline `infer_stream` figures of the
+same checkpoint at the same exit rate and batch size as the target, and (`--floor`) Ray Serve's own
+no-op paths under the same load, for each request-path profile (serve/request_path.py) asked for."""
 from __future__ import annotations
 
-import asyncio
-import base64
 import io
 import json
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import httpx
@@ -21,21 +22,23 @@ import torch
 import yaml
 from PIL import Image
 from ray import serve
-from rich import box
-from rich.console import Console
-from rich.table import Table
+from ray.serve.config import gRPCOptions
 
 import cfvit
 from cfvit.data import load_fashion_mnist
 from cfvit.streaming import infer_stream
 from cfvit.transforms import decode_image
 from cfvit_common.checkpoints import resolve_checkpoint
+from cfvit_common.machine import cpu_name
+from cfvit_common.ray_env import free_port
 from serve.app import build_app
+from serve.grpc_api import SERVICER_FUNCTION
 from serve.inputs import PixelTransform, normalise
+from serve.request_path import PROFILES, apply_profile, direct_ingress, ingress_addresses
 from serve.runner import start_ray
-from serve.timing import parse_server_timing
 
-from .failures import MAX_DISTINCT, ErrorLog, describe
+from .floor import FLOOR_SYSTEMS, floor_app
+from .load import LoadSpec, closed_loop
 from .throughput import eta_for_exit_fraction
 
 # Each system: a topology (`stages`) then optional `key=value` overrides of the app arguments (YAML
@@ -66,73 +69,6 @@ def bench_images(model_cfg: Dict[str, Any], n: int, seed: int = 0) -> List[bytes
         rng = np.random.default_rng(seed)
         arrays = rng.integers(0, 256, size=(n, h, w) if c == 1 else (n, h, w, 3), dtype=np.uint8)
     return png_files(arrays)
-
-
-def _summary(lat: List[float], stages: List[str], timings: List[Dict[str, float]], clients: int,
-             errors: int, duration_s: float, per_request: int = 1) -> Dict[str, Any]:
-    lat_ms = np.array(lat) * 1000
-    keys = sorted({k for t in timings for k in t})
-    breakdown = {k: float(np.mean([t[k] for t in timings if k in t])) for k in keys}
-    if timings and "app" in breakdown:
-        breakdown["proxy"] = float(np.mean([ms - t["app"] for ms, t in zip(lat_ms, timings) if "app" in t]))
-    return {
-        "concurrency": clients,
-        "requests": len(lat),
-        "errors": errors,
-        "images_per_request": per_request,
-        "throughput": len(lat) * per_request / duration_s,  # images/s
-        "p50_ms": float(np.percentile(lat_ms, 50)) if len(lat) else float("nan"),
-        "p99_ms": float(np.percentile(lat_ms, 99)) if len(lat) else float("nan"),
-        "exit_rate": (stages.count("coarse") / len(stages)) if stages else float("nan"),
-        "breakdown": breakdown,
-    }
-
-
-def _request_body(files: List[bytes], i: int, per_request: int) -> Dict[str, Any]:
-    """One image as a raw PNG body, or `per_request` images as the JSON batch form (base64)."""
-    if per_request == 1:
-        return {"content": files[i % len(files)], "headers": {"content-type": "image/png"}}
-    batch = [base64.b64encode(files[(i + j) % len(files)]).decode() for j in range(per_request)]
-    return {"json": {"images": batch}}
-
-
-async def _closed_loop(url: str, files: List[bytes], clients: int, warmup_s: float, duration_s: float,
-                       per_request: int = 1) -> Dict[str, Any]:
-    lat, stages, timings, errors, failed = [], [], [], 0, ErrorLog()
-    t_start = time.perf_counter() + warmup_s
-    t_end = t_start + duration_s
-    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=clients)) as client:
-
-        async def worker(k: int):
-            nonlocal errors
-            i = k
-            while True:
-                t0 = time.perf_counter()
-                if t0 >= t_end:
-                    return
-                try:
-                    r = await client.post(url, **_request_body(files, i * per_request, per_request))
-                    ok = r.status_code == 200
-                    body = r.json() if ok else None
-                    if not ok:
-                        failed.add(r.status_code, r.text)
-                except httpx.HTTPError as e:
-                    ok, body, r = False, None, None
-                    failed.add(0, f"{type(e).__name__}: {e}")
-                t1 = time.perf_counter()
-                if t0 >= t_start and t1 <= t_end:  # only requests wholly inside the window count
-                    if ok:
-                        lat.append(t1 - t0)
-                        stages.extend([p["stage"] for p in body["predictions"]] if per_request > 1 else [body["stage"]])
-                        timings.append(parse_server_timing(r.headers.get("server-timing", "")))
-                    else:
-                        errors += 1
-                i += clients
-
-        await asyncio.gather(*(worker(k) for k in range(clients)))
-    # failures of the warm-up too: a system that fails there fails in the window as well
-    return {**_summary(lat, stages, timings, clients, errors, duration_s, per_request),
-            "failed_total": failed.total, "error_samples": failed.samples()}
 
 
 def ratio_at_equal_p99(cf: List[Dict[str, Any]], base: List[Dict[str, Any]]) -> List[Dict[str, float]]:
@@ -219,9 +155,25 @@ def _model_cfg(checkpoint: str) -> Dict[str, Any]:
     return json.loads((resolve_checkpoint(checkpoint) / "config.json").read_text())
 
 
+def random_checkpoint(model: str, folder: Optional[str] = None) -> str:
+    """A registered model with random weights, saved for serving (`--model`)."""
+    out = Path(folder or tempfile.mkdtemp(prefix="cfvit-bench-")) / model
+    torch.manual_seed(0)
+    cfvit.save(cfvit.create_model(model), out)
+    return str(out)
+
+
+def noise_pngs(px: int, n: int, seed: int = 0) -> List[bytes]:
+    """`n` RGB noise PNGs of `px`×`px` (incompressible: 224 px ≈ 151 KB), the body of `--image-px`."""
+    rng = np.random.default_rng(seed)
+    return png_files(rng.integers(0, 256, size=(n, px, px, 3), dtype=np.uint8))
+
+
 @dataclass
 class ServeBenchSettings:
-    """One `cfvit bench serve` run: the systems deployed one after the other and the load sent to each."""
+    """One `cfvit bench serve` run: for each request-path profile, a fresh Ray with that profile's
+    environment; in it the floor systems (with `floor`) and the app's systems, one after the other, each
+    under the same closed-loop load."""
 
     checkpoint: str
     levels: List[int] = field(default_factory=lambda: [1, 4, 16, 32])  # closed-loop client counts
@@ -232,49 +184,98 @@ class ServeBenchSettings:
     n_images: int = 256
     replicas: int = 1
     port: int = 8123
+    grpc_port: int = 9123
     systems: Sequence[str] = DEFAULT_SYSTEMS
     batch_size: int = 16
     offline_batches: int = 6
     per_request: int = 1
+    transport: str = "http"  # or "grpc" (serve/proto/cfvit.proto)
+    floor: bool = False  # also Ray Serve's own no-op paths (benchmarks/floor.py)
+    profiles: Sequence[str] = ("default",)  # request-path settings (serve/request_path.py)
+    image_px: Optional[int] = None  # send px×px RGB noise PNGs instead of the model's own test images
+    offline: bool = True
+
+
+def _files(s: ServeBenchSettings) -> List[bytes]:
+    if s.image_px:
+        return noise_pngs(s.image_px, min(s.n_images, 64))
+    cfg = _model_cfg(s.checkpoint)
+    return bench_images({"name": cfg.get("name") or cfg.get("model_name"),
+                         "input_size": cfg["data_config"]["input_size"]}, s.n_images)
+
+
+def _targets(s: ServeBenchSettings, app_name: str, profile: str) -> List[str]:
+    """Where the clients connect: each ingress replica's own port with direct ingress and no HAProxy,
+    else the proxy's (Ray's Python proxy, or HAProxy)."""
+    env = PROFILES[profile]
+    if direct_ingress(env) and env.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
+        # the replicas listen on the HTTP host the bench gave Serve (loopback) of this one machine
+        found = [f"127.0.0.1:{a.rpartition(':')[2]}" for a in ingress_addresses(app_name)[s.transport]]
+        if found:
+            return found
+    return [f"127.0.0.1:{s.grpc_port if s.transport == 'grpc' else s.port}"]
+
+
+def _wait_ready(s: ServeBenchSettings, targets: List[str], files: List[bytes]) -> None:
+    """Until a request through the bench's own client path succeeds (HAProxy may lag a deploy)."""
+    spec = LoadSpec(s.transport, targets, files[:1], 1)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if closed_loop(spec, 1, 0.0, 0.3)["errors"] == 0:
+            return
+        time.sleep(0.5)
+
+
+def _measure(s: ServeBenchSettings, app, name: str, profile: str, files: List[bytes],
+             eta: Optional[float]) -> List[Dict[str, Any]]:
+    serve.run(app, name=name, route_prefix="/")
+    targets = _targets(s, name, profile)
+    _wait_ready(s, targets, files)
+    spec = LoadSpec(s.transport, targets, files, s.per_request, eta)
+    rows = [{**closed_loop(spec, c, s.warmup_s, s.duration_s), "targets": targets} for c in s.levels]
+    serve.delete(name)
+    return rows
+
+
+def _profile_run(s: ServeBenchSettings, profile: str, files: List[bytes], eta: float) -> Dict[str, Any]:
+    env = apply_profile(profile, free_port)
+    out: Dict[str, Any] = {"env": env, "floor": {}, "systems": {}}
+    start_ray(None)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": s.port},
+                    grpc_options=gRPCOptions(port=s.grpc_port, grpc_servicer_functions=[SERVICER_FUNCTION]))
+        if s.floor:
+            for system in FLOOR_SYSTEMS:
+                out["floor"][system] = _measure(s, floor_app(system), "floor", profile, files, None)
+        for i, spec in enumerate(s.systems):
+            args = system_args(spec, s.checkpoint, eta, s.replicas, s.batch_size)
+            out["systems"][spec] = _measure(s, build_app(args), f"bench-{i}", profile, files, eta)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return out
 
 
 def run_bench(s: ServeBenchSettings) -> Dict[str, Any]:
-    checkpoint, levels, duration_s, warmup_s, exit_rate = s.checkpoint, s.levels, s.duration_s, s.warmup_s, s.exit_rate
-    replicas, port, systems, batch_size, per_request = s.replicas, s.port, s.systems, s.batch_size, s.per_request
-    n_images, offline_batches, eta = s.n_images, s.offline_batches, s.eta
-    cfg = _model_cfg(checkpoint)
-    files = bench_images({"name": cfg.get("name") or cfg.get("model_name"),
-                          "input_size": cfg["data_config"]["input_size"]}, n_images)
+    """Every profile's floor and systems; `systems`/`floor` at the top are the first profile's."""
+    if ray.is_initialized():
+        raise RuntimeError("cfvit bench serve starts its own Ray for each request-path profile")
+    files = _files(s)
     # Offline first, alone on the machine: all its CPUs for one process, as `cfvit bench throughput`.
-    offline = offline_reference(checkpoint, files, batch_size, offline_batches, eta, exit_rate,
-                                threads=os.cpu_count() or 1)
+    offline = (offline_reference(s.checkpoint, files, s.batch_size, s.offline_batches, s.eta, s.exit_rate,
+                                 threads=os.cpu_count() or 1) if s.offline else {"eta": s.eta})
     eta = offline["eta"]
-    result: Dict[str, Any] = {"checkpoint": checkpoint, "eta": eta, "exit_rate_target": exit_rate,
-                              "duration_s": duration_s, "replicas": replicas, "cpus": os.cpu_count(),
-                              "batch_size": batch_size, "images_per_request": per_request, "offline": offline,
-                              "systems": {}}
-    started = start_ray(None)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        for i, spec in enumerate(systems):
-            args = system_args(spec, checkpoint, eta, replicas, batch_size)
-            info = _deploy(args, f"bench-{i}", port)
-            result["model"], result["stage_gflops"] = info["name"], info["stage_gflops"]
-            url = f"http://127.0.0.1:{port}/v1/classify?eta={eta}"
-            result["systems"][spec] = [asyncio.run(_closed_loop(url, files, c, warmup_s, duration_s, per_request))
-                                       for c in levels]
-            serve.delete(f"bench-{i}")
-    finally:
-        if ray.is_initialized():
-            if started:
-                serve.shutdown()
-                ray.shutdown()
-            else:
-                for i in range(len(systems)):
-                    try:
-                        serve.delete(f"bench-{i}")
-                    except Exception:  # noqa: BLE001 - best effort on a shared cluster
-                        pass
+    cfg = _model_cfg(s.checkpoint)
+    result: Dict[str, Any] = {
+        "checkpoint": s.checkpoint, "model": cfg.get("name") or cfg.get("model_name"), "eta": eta,
+        "exit_rate_target": s.exit_rate, "duration_s": s.duration_s, "replicas": s.replicas, "cpus": os.cpu_count(),
+        "cpu": cpu_name(), "batch_size": s.batch_size, "images_per_request": s.per_request,
+        "transport": s.transport, "body_bytes": int(np.mean([len(f) for f in files])), "offline": offline,
+        "load_at_start": os.getloadavg()[0], "profiles": {}}
+    for profile in s.profiles:
+        result["profiles"][profile] = _profile_run(s, profile, files, eta)
+    first = result["profiles"][s.profiles[0]]
+    result["systems"], result["floor"] = first["systems"], first["floor"]
     return result
 
 
@@ -289,102 +290,3 @@ def strip_label(spec: str) -> str:
     return " ".join([head.split(":", 1)[1] if ":" in head else head, *rest])
 
 
-def _rank(key: str):
-    """Breakdown rows in request order: proxy, read, decode, then each stage's hop, queue, compute, reply."""
-    fixed = {"proxy": 0, "read": 1, "decode": 2, "app": 99}
-    if key in fixed:
-        return (fixed[key], key)
-    stage, _, part = key.rpartition("_")
-    parts = ("in", "fetch", "queue", "compute", "out", "batch")
-    return (10 + 10 * (stage == "fine") + (parts.index(part) if part in parts else 9), key)
-
-
-def answered_nothing(result: Dict[str, Any]) -> List[str]:
-    """The systems that failed every request they were sent (no answer at any level)."""
-    return [spec for spec, rows in result["systems"].items()
-            if not any(r["requests"] for r in rows) and any(r["errors"] or r.get("failed_total") for r in rows)]
-
-
-def served_ratios(result: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """Per CF-ViT system and level: served ÷ backbone (same clients; and at equal p99), vs offline. No ratio
-    at a level where either system answered nothing."""
-    systems = result["systems"]
-    base = next((rows for spec, rows in systems.items() if strip_label(spec).split()[0] == "backbone"), None)
-    off = result["offline"]
-    out = []
-    for spec, rows in systems.items():
-        if base is None or rows is base:
-            continue
-        p99 = [r["ratio"] for r in ratio_at_equal_p99(rows, base)]
-        for r, b in zip(rows, base):
-            if not (r["requests"] and b["requests"]):
-                continue
-            ratio = r["throughput"] / b["throughput"]
-            out.append({"system": label(spec), "clients": r["concurrency"], "ratio": ratio,
-                        "p99_lo": min(p99) if p99 else float("nan"), "p99_hi": max(p99) if p99 else float("nan"),
-                        "offline": off["ratio"], "of_offline": ratio / off["ratio"]})
-    return out
-
-
-def print_report(result: Dict[str, Any]) -> None:
-    console = Console(width=80)
-    off, systems = result["offline"], result["systems"]
-    console.print(f"cfvit bench serve — {result.get('model')} · η={result['eta']:.5g} · {result['cpus']} CPUs")
-    console.print(f"batch {result['batch_size']} · {result.get('images_per_request', 1)} image(s) per request · "
-                  f"{result['duration_s']:.0f} s per level")
-    load = Table(box=box.SIMPLE, title="closed-loop load")
-    for col in ("clients", "system", "img/s", "p50 ms", "p99 ms", "errors", "exits"):
-        load.add_column(col, justify="right")
-    for spec, rows in systems.items():
-        for r in rows:
-            exits = "—" if strip_label(spec).startswith("backbone") else f"{100 * r['exit_rate']:.0f}%"
-            load.add_row(str(r["concurrency"]), label(spec)[:24], f"{r['throughput']:.1f}", f"{r['p50_ms']:.0f}",
-                         f"{r['p99_ms']:.0f}", str(r["errors"]), exits)
-    console.print(load)
-    console.print(f"offline (infer_stream, {off['threads']} threads, {off['n_batches']}×{off['batch_size']}): "
-                  f"backbone {off['backbone_ips']:.1f} img/s, CF-ViT {off['cfvit_ips']:.1f} img/s at "
-                  f"{100 * off['exit_rate']:.0f}% exits = {off['ratio']:.2f}×")
-    ratios = Table(box=box.SIMPLE, title="CF-ViT ÷ backbone: served vs offline")
-    for col in ("system", "clients", "served", "equal p99", "offline", "of offline"):
-        ratios.add_column(col, justify="right")
-    for r in served_ratios(result):
-        p99 = "—" if not np.isfinite(r["p99_lo"]) else f"{r['p99_lo']:.2f}–{r['p99_hi']:.2f}×"
-        ratios.add_row(r["system"][:24], str(r["clients"]), f"{r['ratio']:.2f}×", p99, f"{r['offline']:.2f}×",
-                       f"{r['of_offline']:.2f}")
-    console.print(ratios)
-    for spec, rows in systems.items():
-        best = max(r["throughput"] for r in rows)
-        if strip_label(spec).split()[0] == "backbone" and best > 0:
-            console.print(f"served backbone ({label(spec)}) ÷ offline backbone: {best:.1f} / "
-                          f"{off['backbone_ips']:.1f} = {best / off['backbone_ips']:.2f} (best level)")
-    _print_breakdown(console, systems)
-    print_failures(result, console)
-
-
-def print_failures(result: Dict[str, Any], console: Console) -> None:
-    """Per system with failed requests: how many, and the first distinct statuses and error bodies."""
-    for spec, rows in result["systems"].items():
-        samples: Dict[tuple, Dict[str, Any]] = {}
-        for r in rows:
-            for e in r.get("error_samples", []):
-                samples.setdefault((e["status"], e["body"]), {**e, "count": 0})["count"] += e["count"]
-        failed = sum(r.get("failed_total", r["errors"]) for r in rows)
-        for line in describe(label(spec), list(samples.values())[:MAX_DISTINCT], failed):
-            console.print(line, markup=False, highlight=False, soft_wrap=True)
-    for spec in answered_nothing(result):
-        console.print(f"{label(spec)} answered no request: none of its figures above means anything",
-                      markup=False, style="bold red")
-
-
-def _print_breakdown(console, systems: Dict[str, List[Dict[str, Any]]]) -> None:
-    levels = [r["concurrency"] for r in next(iter(systems.values()))]
-    for li, c in enumerate(levels):
-        t = Table(box=box.SIMPLE, title=f"where a request's time goes, {c} clients (ms; *_batch: images)")
-        t.add_column("entry")
-        for spec in systems:
-            t.add_column(label(spec)[:12], justify="right")
-        keys = sorted({k for rows in systems.values() for k in rows[li]["breakdown"]}, key=_rank)
-        for k in keys:
-            t.add_row(k, *(f"{rows[li]['breakdown'][k]:.1f}" if k in rows[li]["breakdown"] else ""
-                           for rows in systems.values()))
-        console.print(t)

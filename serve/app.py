@@ -1,31 +1,30 @@
-"""The CF-ViT Serve application: FastAPI ingress → CoarseStage → (hard images only) FineStage.
+"""The CF-ViT Serve application: the ingress (HTTP through FastAPI, gRPC through `Classify`) → the model:
+CoarseStage → (hard images only) FineStage, one FusedStage, or the backbone; or, with `model_in_ingress`,
+the fused or backbone stage inside the ingress replica itself (no hop).
 
     serve run serve.app:build_app checkpoint=/path/to/ckpt eta=0.5
 """
 
 import asyncio
 import logging
-import math
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
-from fastapi import FastAPI, Query, Request, Response
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi import Query, Request, Response
+from fastapi.responses import HTMLResponse
 from ray import serve
-from ray.exceptions import ActorDiedError, ActorUnavailableError, ObjectLostError, OwnerDiedError, RayActorError
 from ray.serve import Application
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cfvit_common.checkpoints import pin_checkpoint
 
-from .deployments import BackboneStage, CoarseStage, FineStage, FusedStage
+from . import grpc_api
+from .deployments import EMBEDDABLE, BackboneStage, CoarseStage, FineStage, FusedStage
 from .drift import monitor_for
-from .guard import GuardMiddleware, install, open_endpoint_warning, page_headers, proxy_host
+from .guard import active_guard, admit, install, open_endpoint_warning, page_headers, proxy_host
+from .http_api import BODY_DOC, ERROR_RESPONSES, api, once_more_if_replica_died, stage_unavailable, unexpected_failure
 from .inputs import (
     RAW_TYPES,
     APIError,
@@ -40,8 +39,9 @@ from .inputs import (
 )
 from .messages import StageAnswer
 from .model_host import load_model, model_identity
+from .proto import cfvit_pb2 as pb
 from .samples import sample_images
-from .schemas import BatchPrediction, ClassifyJSON, ErrorBody, Health, ModelInfo, Prediction, Samples, TopClass
+from .schemas import BatchPrediction, Health, ModelInfo, Prediction, Samples, TopClass
 from .settings import ETA_MAX, ETA_MIN, AppArgs, StageOptions
 from .slo import governor_for
 from .timing import server_timing
@@ -50,97 +50,6 @@ logger = logging.getLogger("ray.serve")
 ETA_NEVER_EXIT = 2.0  # above any softmax probability: every image goes on to the fine stage
 
 STATIC = Path(__file__).parent / "static"
-
-api = FastAPI(
-    title="CF-ViT inference",
-    description=(
-        "Coarse-to-fine vision transformer behind Ray Serve. Every image runs the cheap coarse stage; "
-        "it exits there when its top softmax probability reaches η, otherwise the fine stage re-splits "
-        "the informative regions. `eta` ∈ [0, 1.0001] (0: always coarse; >1: always fine), or "
-        "`budget_gflops` chooses η from the model's calibrated table."
-    ),
-    version="1",
-)
-api.add_middleware(GuardMiddleware)  # keys, rate limit, deadline, security headers (serve/guard.py)
-
-_ERRORS = {s: {"model": ErrorBody} for s in (400, 413, 415, 422, 500, 503)}
-_BODY_DOC = {
-    "requestBody": {
-        "required": True,
-        "description": "a raw PNG/JPEG/WebP body (Content-Type image/*), multipart form data with one or more "
-                       "`file` fields, or JSON {images: [base64…], eta?, budget_gflops?}",
-        "content": {
-            "image/png": {"schema": {"type": "string", "format": "binary"}},
-            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
-            "image/webp": {"schema": {"type": "string", "format": "binary"}},
-            "multipart/form-data": {"schema": {"type": "object", "properties": {
-                "file": {"type": "string", "format": "binary"}}, "required": ["file"]}},
-            "application/json": {"schema": ClassifyJSON.model_json_schema()},
-        },
-    }
-}
-
-
-def _finite(x: Any) -> Any:
-    """JSON has no NaN/inf: echo such client values back as strings."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    return x
-
-
-def _error(status: int, error: str, detail: Any = None) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": error, "detail": _finite(detail)})
-
-
-@api.exception_handler(APIError)
-async def _api_error(_: Request, exc: APIError):
-    return _error(exc.status, exc.error, exc.detail)
-
-
-@api.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, exc: RequestValidationError):
-    detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg")} for e in exc.errors()]
-    return _error(422, "invalid request parameters", detail)
-
-
-@api.exception_handler(StarletteHTTPException)
-async def _http_error(_: Request, exc: StarletteHTTPException):
-    response = _error(exc.status_code, str(exc.detail), None)
-    response.headers.update(exc.headers or {})  # e.g. the Allow header of a 405
-    return response
-
-
-def _stage_unavailable(exc: BaseException) -> bool:
-
-    # ObjectLost/OwnerDied: a hard image's coarse state belonged to a coarse replica that went away (scaled
-    # down or its node died) before the fine stage fetched it: a retry will succeed.
-    return isinstance(exc, (BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError,
-                            ActorUnavailableError, RayActorError, ObjectLostError, OwnerDiedError))
-
-
-async def _once_more_if_replica_died(call):
-    """A stage call, sent once more when the replica it went to died under it (its node lost, say): the
-    router sends the second one to a live replica. Overload (BackPressureError) is not retried."""
-
-    try:
-        return await call()
-    except (ActorDiedError, ActorUnavailableError) as e:
-        logger.info("a model replica died under a request (%s): sending it once more", type(e).__name__)
-        return await call()
-
-
-@api.exception_handler(Exception)
-async def _unexpected(_: Request, exc: Exception):
-    # Clients get JSON for every failure, never a plain-text page or a traceback: 503 (retry) when a model
-    # stage is overloaded or restarting, 500 otherwise.
-    if _stage_unavailable(exc):
-        return _error(503, "model stage unavailable, retry later", type(exc).__name__)
-    logger.exception("unexpected error while serving a request")
-    return _error(500, "internal error", type(exc).__name__)
 
 
 def _normalise_table(raw) -> Optional[List[Dict[str, float]]]:
@@ -167,14 +76,35 @@ def _book_return(answers: List[StageAnswer], stage: str, received: float) -> Non
         a.timing[f"{stage}_out"] = (received - a.done_at) * 1000
 
 
+class _Remote:
+    """A stage deployment behind its handle, with the awaitable `run`/`shadow` an embedded stage has."""
+
+    def __init__(self, handle: DeploymentHandle):
+        self.handle = handle
+
+    def run(self, *args):
+        return self.handle.run.remote(*args)
+
+    def shadow(self, *args):
+        return self.handle.shadow.remote(*args)
+
+
+def _embedded_stage(args: AppArgs):
+    """The fused or backbone stage inside the ingress replica (`model_in_ingress`), with its stage block's
+    batching and torch threads."""
+    return EMBEDDABLE[args.stages](args.checkpoint, args.fused if args.stages == "fused" else args.coarse,
+                                   embedded=True)
+
+
 @serve.deployment(name="CFViTIngress", max_ongoing_requests=128)
 @serve.ingress(api)
 class CFViTIngress:
-    """HTTP front: parses, decodes and brings each image to the model's input size, then sends all the
-    images of a request in one call to `model` (CoarseStage, FusedStage or BackboneStage, as `stages`
-    says) and, for split, the hard images' object-store references in one call to `fine`."""
+    """HTTP and gRPC front: parses, decodes and brings each image to the model's input size, then sends all
+    the images of a request in one call to the model (CoarseStage, FusedStage or BackboneStage, as `stages`
+    says, or the stage this replica embeds) and, for split, the hard images' object-store references in one
+    call to the fine stage."""
 
-    def __init__(self, model: DeploymentHandle, fine: Optional[DeploymentHandle], args: AppArgs):
+    def __init__(self, model: Optional[DeploymentHandle], fine: Optional[DeploymentHandle], args: AppArgs):
         torch.set_num_threads(1)
         self.args = args
         install(args)
@@ -182,8 +112,9 @@ class CFViTIngress:
             warning = open_endpoint_warning(proxy_host(), args)
             if warning:
                 logger.warning(warning)
-        self.model, self.fine = model, fine
-        # The ingress only pre-processes: it reads the model's description and drops the weights.
+        self.stage = _embedded_stage(args) if args.model_in_ingress else _Remote(model)
+        self.fine = _Remote(fine) if fine is not None else None
+        # The ingress pre-processes: it reads the model's description here and drops these weights.
         model, local = load_model(self.args.checkpoint)
         cfg = dict(getattr(model, "cfvit_config", {}) or {})
         self.data_config = dict(model.data_config)
@@ -211,6 +142,7 @@ class CFViTIngress:
             max_images=self.args.max_images,
             max_body_bytes=self.args.max_body_bytes,
             stages=self.args.stages,
+            model_in_ingress=self.args.model_in_ingress,
             provenance=cfg.get("provenance"),
         )
         self.samples = Samples(samples=sample_images(self.class_names))
@@ -239,8 +171,8 @@ class CFViTIngress:
         """A few of the model's own held-out test images to try (the page at / shows them)."""
         return self.samples
 
-    @api.post("/v1/classify", response_model=Union[Prediction, BatchPrediction], responses=_ERRORS,
-              openapi_extra=_BODY_DOC,
+    @api.post("/v1/classify", response_model=Union[Prediction, BatchPrediction], responses=ERROR_RESPONSES,
+              openapi_extra=BODY_DOC,
               summary="Classify one image (raw or multipart) or a JSON batch of base64 images")
     async def classify(
         self,
@@ -253,6 +185,44 @@ class CFViTIngress:
     ):
         t0 = time.perf_counter()
         files, batch, eta, budget_gflops = await self._read_request(request, eta, budget_gflops)
+        preds, response.headers["Server-Timing"] = await self._answer_files(files, eta, budget_gflops, t0)
+        if batch:
+            return BatchPrediction(predictions=preds, gflops=sum(p.gflops for p in preds))
+        return preds[0]
+
+    async def Classify(self, request: pb.ClassifyRequest, grpc_context=None) -> pb.ClassifyReply:  # noqa: N802
+        """gRPC `cfvit.v1.Classifier/Classify` (serve/proto/cfvit.proto): the checks, η and answers of
+        POST /v1/classify, refusals as gRPC status codes (serve/grpc_api.py)."""
+        t0 = time.perf_counter()
+        guard, headers = active_guard(), grpc_api.metadata_headers(grpc_context)
+        refusal = admit(guard, headers, grpc_api.peer_address(grpc_context)) if guard is not None else None
+        if refusal is not None:
+            return grpc_api.refuse(grpc_context, refusal.status, refusal.error, refusal.detail, refusal.headers)
+        timeout = guard.deadline(headers) if guard is not None else self.args.request_timeout_s
+        try:
+            async with asyncio.timeout(timeout):
+                files, eta, budget_gflops = grpc_api.request_options(request)
+                check_count(len(files), self.args.max_images)
+                size = sum(len(f) for f in files)
+                if size > self.args.max_body_bytes:
+                    raise APIError(413, "request body too large", {"limit_bytes": self.args.max_body_bytes,
+                                                                   "content_length": size})
+                preds, timing = await self._answer_files(files, eta, budget_gflops, t0)
+        except APIError as e:
+            return grpc_api.refuse(grpc_context, e.status, e.error, e.detail)
+        except TimeoutError:
+            return grpc_api.refuse(grpc_context, 408, "request timeout",
+                                   {"timeout_s": timeout, "message": "not answered in time"})
+        except Exception as e:  # noqa: BLE001 - every failure is a status code, never a traceback to the client
+            return grpc_api.refuse(grpc_context, *unexpected_failure(e))
+        if grpc_context is not None:
+            grpc_context.set_trailing_metadata([("server-timing", timing)])
+        return grpc_api.reply(preds)
+
+    # ------------------------------------------------------------------ helpers
+    async def _answer_files(self, files: List[bytes], eta: Optional[float], budget_gflops: Optional[float],
+                        t0: float) -> Tuple[List[Prediction], str]:
+        """The images of one request through the model: (one answer per image, the Server-Timing value)."""
         default_eta = self.slo.current_eta if self.slo is not None else self.args.eta
         eta_value = resolve_eta(eta, budget_gflops, default_eta, self.eta_table)
         t1 = time.perf_counter()
@@ -262,16 +232,12 @@ class CFViTIngress:
         preds = [self._prediction(a, eta_value) for a in answers]
         timing = {"read": (t1 - t0) * 1000, "decode": (t2 - t1) * 1000}
         total_ms = (time.perf_counter() - t0) * 1000
-        response.headers["Server-Timing"] = server_timing([a.timing for a in answers], timing, total_ms)
         if self.slo is not None:
             self.slo.observe(total_ms, [p.stage for p in preds])
         if self.drift is not None:
             self.drift.observe_exits([eta_value] * len(preds), [p.stage == "coarse" for p in preds])
-        if batch:
-            return BatchPrediction(predictions=preds, gflops=sum(p.gflops for p in preds))
-        return preds[0]
+        return preds, server_timing([a.timing for a in answers], timing, total_ms)
 
-    # ------------------------------------------------------------------ helpers
     async def _read_request(self, request: Request, eta, budget_gflops):
         """(image files, whether the answer is a batch, eta, budget_gflops) of a classify request."""
         kind = media_type(request.headers.get("content-type"))
@@ -306,11 +272,11 @@ class CFViTIngress:
     async def _infer(self, images: list, eta: float) -> List[StageAnswer]:
         """One call per request to the model deployment; for split, one more for the hard images."""
         if self.args.stages == "backbone":
-            answers = await _once_more_if_replica_died(lambda: self.model.run.remote(images, time.time()))
+            answers = await once_more_if_replica_died(lambda: self.stage.run(images, time.time()))
         else:
             shadows = self.drift.pick_shadows(len(images)) if self.drift is not None else None
-            answers = await _once_more_if_replica_died(
-                lambda: self.model.run.remote(images, [eta] * len(images), time.time(), shadows))
+            answers = await once_more_if_replica_died(
+                lambda: self.stage.run(images, [eta] * len(images), time.time(), shadows))
         _book_return(answers, self._first_stage, time.time())
         self._shadow([(a.take_handoff(), eta, int(a.probs.argmax())) for a in answers
                       if a.stage == "coarse" and a.exited and a.handoff is not None])
@@ -326,13 +292,13 @@ class CFViTIngress:
         """The fine stage for the hard images; if their coarse state was lost (its coarse replica died, or the
         object store lost it), once more from the pixels: a coarse pass that exits nothing, then fine."""
         try:
-            return await self.fine.run.remote(handoffs, time.time())
+            return await self.fine.run(handoffs, time.time())
         except Exception as e:  # noqa: BLE001 - only the "state gone / stage restarting" kinds are retried
-            if not _stage_unavailable(e):
+            if not stage_unavailable(e):
                 raise
             logger.info("fine stage failed (%s): re-running %d image(s) from their pixels", type(e).__name__, len(images))
-        again = await self.model.run.remote(images, [ETA_NEVER_EXIT] * len(images), time.time())
-        return await self.fine.run.remote([a.handoff for a in again], time.time())
+        again = await self.stage.run(images, [ETA_NEVER_EXIT] * len(images), time.time())
+        return await self.fine.run([a.handoff for a in again], time.time())
 
     def _shadow(self, items: list) -> None:
         """Send answered (coarse-exit) images through the fine stage in the background, for the drift
@@ -345,9 +311,9 @@ class CFViTIngress:
             handoffs = [h for h, _, _ in items]
             try:
                 if self.args.stages == "split":
-                    fine = await self.fine.run.remote(handoffs, time.time())
+                    fine = await self.fine.run(handoffs, time.time())
                 else:
-                    fine = await self.model.shadow.remote(handoffs)
+                    fine = await self.stage.shadow(handoffs)
                 labels = [int(f.probs.argmax()) for f in fine]
             except Exception as e:  # noqa: BLE001 - the replies went out already; just count it
                 logger.info("drift monitor: a shadow call failed: %r", e)
@@ -415,6 +381,25 @@ def _stage_options(deployment, opts: StageOptions, name: str):
     )
 
 
+def _ingress_options(cfg: AppArgs):
+    """The ingress's placement and scaling: its own, or, when it embeds the model, the stage block's (its CPUs
+    and GPUs plus the ingress's CPUs, the stage's request limit and autoscaling)."""
+    resources = {**cfg.ingress_resources}
+    if not cfg.model_in_ingress:
+        actor = {"num_cpus": cfg.ingress_num_cpus}
+        scaling = ({"autoscaling_config": cfg.ingress_autoscaling_config} if cfg.ingress_autoscaling_config
+                   else {"num_replicas": 1})
+        return {"ray_actor_options": {**actor, **({"resources": resources} if resources else {})}, **scaling}
+    opts = cfg.fused if cfg.stages == "fused" else cfg.coarse
+    resources.update(opts.resources)
+    actor = {"num_cpus": opts.num_cpus + cfg.ingress_num_cpus, "num_gpus": opts.num_gpus,
+             **({"resources": resources} if resources else {})}
+    scaling = ({"autoscaling_config": opts.autoscaling_config} if opts.autoscaling_config
+               else {"num_replicas": opts.num_replicas})
+    return {"ray_actor_options": actor, "max_ongoing_requests": opts.max_ongoing_requests,
+            "max_replicas_per_node": opts.max_replicas_per_node, **scaling}
+
+
 def build_app(args: AppArgs) -> Application:
     """The Serve application builder, typed as Ray's application builders are: `serve run serve.app:build_app
     k=v …` and a config file's `args:` reach it validated as `AppArgs` (unknown keys refused by name). Called
@@ -423,18 +408,14 @@ def build_app(args: AppArgs) -> Application:
     cfg = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
     # An alias is read once, here: every replica, now and added later, loads this one version.
     cfg = cfg.model_copy(update={"checkpoint": pin_checkpoint(cfg.checkpoint)})
-    fine = None
-    if cfg.stages == "backbone":
+    model = fine = None
+    if cfg.model_in_ingress:
+        pass  # the ingress replica loads and runs the stage itself
+    elif cfg.stages == "backbone":
         model = _stage_options(BackboneStage, cfg.coarse, "BackboneStage").bind(cfg.checkpoint, cfg.coarse)
     elif cfg.stages == "fused":
         model = _stage_options(FusedStage, cfg.fused, "FusedStage").bind(cfg.checkpoint, cfg.fused)
     else:
         model = _stage_options(CoarseStage, cfg.coarse, "CoarseStage").bind(cfg.checkpoint, cfg.coarse, cfg.handoff)
         fine = _stage_options(FineStage, cfg.fine, "FineStage").bind(cfg.checkpoint, cfg.fine)
-    ingress = CFViTIngress.options(
-        ray_actor_options={"num_cpus": cfg.ingress_num_cpus,
-                           **({"resources": cfg.ingress_resources} if cfg.ingress_resources else {})},
-        **({"autoscaling_config": cfg.ingress_autoscaling_config} if cfg.ingress_autoscaling_config
-           else {"num_replicas": 1}),
-    )
-    return ingress.bind(model, fine, cfg)
+    return CFViTIngress.options(**_ingress_options(cfg)).bind(model, fine, cfg)

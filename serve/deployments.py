@@ -14,6 +14,10 @@ returns as a `Server-Timing` header.
 - fused: `FusedStage.run` runs both stages in one replica: coarse batches, then the hard images of
   consecutive coarse batches pooled into fine batches (as `cfvit.streaming.infer_stream` does offline).
 - backbone: `BackboneStage.run`, the plain ViT on every fine token (the single-stage baseline).
+
+`FusedModel` and `BackboneModel` are the plain classes behind `FusedStage` and `BackboneStage`: with
+`model_in_ingress` the ingress replica holds one itself and awaits its `run` directly (no hop, nothing
+serialised; the shadowed images' handoffs stay in the process instead of the object store).
 """
 from __future__ import annotations
 
@@ -220,15 +224,15 @@ class FineStage(_Stage):
         return outs
 
 
-@serve.deployment(name="FusedStage", max_ongoing_requests=256)
-class FusedStage(_Stage):
+class FusedModel(_Stage):
     """Both stages in one replica: coarse batches of up to `max_batch_size` images, and the hard images
     of consecutive coarse batches pooled into fine batches of `fine_batch_size` (or fewer after
     `fine_wait_timeout_s`). Nothing but pixels in and answers out crosses the process boundary."""
 
-    def __init__(self, checkpoint: str, options: StageOptions):
+    def __init__(self, checkpoint: str, options: StageOptions, embedded: bool = False):
         super().__init__(checkpoint, options, "fused")
         opts = self.opts
+        self._share = (lambda handoff: handoff) if embedded else ray.put
         self._coarse = GreedyBatcher(self._coarse_batch, opts.max_batch_size, opts.batch_wait_timeout_s)
         self._fine = GreedyBatcher(self._fine_batch, opts.fine_batch_size, opts.fine_wait_timeout_s)
 
@@ -237,7 +241,7 @@ class FusedStage(_Stage):
         coarse, state = await self._queued("coarse", self._coarse(image, eta, keep), t, arrived)
         if coarse.exited:
             if state is not None:  # shadowed: the ingress sends it to `shadow` after replying
-                coarse.handoff = ray.put(Handoff(image=image, state=state))
+                coarse.handoff = self._share(Handoff(image=image, state=state))
             return coarse
         fine = await self._queued("fine", self._fine(image, state), t, time.time())
         return coarse.finished_by(fine)
@@ -249,16 +253,18 @@ class FusedStage(_Stage):
 
     async def shadow(self, handoffs: List[Any]) -> List[StageAnswer]:
         """The drift monitor's shadowed images (answered already) through this replica's fine pool."""
-        items: List[Handoff] = await asyncio.gather(*handoffs)
+        items: List[Handoff] = [await h if isinstance(h, ray.ObjectRef) else h for h in handoffs]
         outs = await asyncio.gather(*(self._fine(h.image, h.state) for h in items))
         return [answer for answer, _ in outs]
 
 
-@serve.deployment(name="BackboneStage", max_ongoing_requests=256)
-class BackboneStage(_Stage):
+FusedStage = serve.deployment(name="FusedStage", max_ongoing_requests=256)(FusedModel)
+
+
+class BackboneModel(_Stage):
     """The plain timm ViT of the same checkpoint on all fine tokens: the single-stage baseline."""
 
-    def __init__(self, checkpoint: str, options: StageOptions):
+    def __init__(self, checkpoint: str, options: StageOptions, embedded: bool = False):
         super().__init__(checkpoint, options, "backbone")
         self._backbone = GreedyBatcher(self._backbone_batch, self.opts.max_batch_size,
                                        self.opts.batch_wait_timeout_s)
@@ -266,3 +272,8 @@ class BackboneStage(_Stage):
     async def run(self, images: List[Any], sent_at: float) -> List[StageAnswer]:
         return await self._each("backbone", sent_at, images,
                                 lambda x, t, arrived: self._queued("backbone", self._backbone(x), t, arrived))
+
+
+BackboneStage = serve.deployment(name="BackboneStage", max_ongoing_requests=256)(BackboneModel)
+# The stage an ingress embeds for each topology (`model_in_ingress`).
+EMBEDDABLE = {"fused": FusedModel, "backbone": BackboneModel}

@@ -251,6 +251,46 @@ def _document(schema: Dict[str, Any], guard: Guard) -> None:
                                              "headers": {"Retry-After": {"schema": {"type": "integer"}}}})
 
 
+# ---------------------------------------------------------------------------------------------- admission
+@dataclass(frozen=True)
+class Refusal:
+    """Why a request may not go on: the HTTP status, error, detail and headers of the answer (the gRPC
+    ingress maps them to a status code, serve/grpc_api.py)."""
+
+    status: int
+    error: str
+    detail: Any = None
+    headers: Tuple[Tuple[bytes, bytes], ...] = ()
+
+
+def admit(guard: Guard, headers: Dict[bytes, bytes], client_address: str) -> Optional[Refusal]:
+    """The key and rate-limit checks of a `/v1/` request, whatever its transport: None when it may go on.
+    `headers`: lower-case names (HTTP headers or gRPC metadata); `client_address`: the rate-limit bucket
+    when keys are off."""
+    client = None
+    if guard.keys is not None:
+        token = bearer_token(headers)
+        client = guard.keys.match(token) if token else None
+        if client is None:
+            error = "missing API key" if token is None else "unknown API key"
+            challenge = REALM if token is None else REALM + ', error="invalid_token"'
+            return Refusal(401, error, "send the header Authorization: Bearer KEY",
+                           ((b"www-authenticate", challenge.encode()),))
+    if guard.limiter is not None:
+        wait = guard.limiter.take(client or "addr:" + client_address)
+        if wait > 0:
+            retry = max(1, math.ceil(wait))
+            return Refusal(429, "rate limit exceeded",
+                           {"limit_per_s": guard.limiter.rate, "burst": guard.limiter.burst, "retry_after_s": retry},
+                           ((b"retry-after", str(retry).encode()),))
+    return None
+
+
+def active_guard() -> Optional[Guard]:
+    """This process's guard (None before the ingress installed it)."""
+    return _ACTIVE
+
+
 # ---------------------------------------------------------------------------------------------- middleware
 async def _answer(send, status: int, error: str, detail: Any = None, headers: Tuple = ()) -> None:
     body = json.dumps({"error": error, "detail": detail}).encode()
@@ -304,28 +344,12 @@ class GuardMiddleware:
                               ((b"connection", b"close"),))
 
     async def _admit(self, guard: Guard, scope, headers, send) -> bool:
-        """Check the key and the rate limit; answer 401 / 429 and return False when the request may not go on."""
-        client = None
-        if guard.keys is not None:
-            token = bearer_token(headers)
-            client = guard.keys.match(token) if token else None
-            if client is None:
-                error = "missing API key" if token is None else "unknown API key"
-                challenge = REALM if token is None else REALM + ', error="invalid_token"'
-                await _answer(send, 401, error, "send the header Authorization: Bearer KEY",
-                              ((b"www-authenticate", challenge.encode()),))
-                return False
-        if guard.limiter is not None:
-            if client is None:
-                client = "addr:" + str((scope.get("client") or ("unknown",))[0])
-            wait = guard.limiter.take(client)
-            if wait > 0:
-                retry = max(1, math.ceil(wait))
-                await _answer(send, 429, "rate limit exceeded",
-                              {"limit_per_s": guard.limiter.rate, "burst": guard.limiter.burst, "retry_after_s": retry},
-                              ((b"retry-after", str(retry).encode()),))
-                return False
-        return True
+        """Answer 401 / 429 and return False when the request may not go on."""
+        refusal = admit(guard, headers, str((scope.get("client") or ("unknown",))[0]))
+        if refusal is None:
+            return True
+        await _answer(send, refusal.status, refusal.error, refusal.detail, refusal.headers)
+        return False
 
     def _document(self, scope, guard: Guard) -> None:
         app = scope.get("app")

@@ -33,6 +33,17 @@ class APIError(Exception):
         self.status, self.error, self.detail = status, error, detail
 
 
+def finite(x: Any) -> Any:
+    """JSON has no NaN/inf: such client values are echoed back as strings (in error details)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, dict):
+        return {k: finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [finite(v) for v in x]
+    return x
+
+
 async def read_body(receive_stream, content_length: Optional[str], limit: int) -> bytes:
     """The request body, refusing (413) anything over `limit` bytes before reading it all."""
     if content_length is not None:

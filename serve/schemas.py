@@ -62,6 +62,7 @@ class ModelInfo(BaseModel):
     max_images: int
     max_body_bytes: int
     stages: Literal["split", "fused", "backbone"] = Field(description="the topology serving the model")
+    model_in_ingress: bool = Field(False, description="the model runs inside the ingress replicas (no hop)")
     slo: Optional[Dict[str, Any]] = Field(None, description="SLO mode: current η, why, p99, floor, exit rate "
                                                             "(null when off)")
     provenance: Optional[Dict[str, Any]] = Field(

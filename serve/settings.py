@@ -106,6 +106,10 @@ class AppArgs(BaseModel):
     # every fine token through the same ingress (the baseline of `cfvit bench serve`, or an A/B
     # comparison); the `coarse` options then apply to it.
     stages: Literal["split", "fused", "backbone"] = "split"
+    # fused or backbone only: each ingress replica loads the stage and runs it itself (no hop to a model
+    # deployment, nothing serialised); the ingress then takes that stage block's CPUs/GPUs, request limit and
+    # autoscaling (plus ingress_num_cpus), so the model scales with the ingress.
+    model_in_ingress: bool = False
     eta: float = Field(0.5, ge=ETA_MIN, le=ETA_MAX, description="default η when a request names none")
     max_images: int = Field(32, ge=1, le=1024, description="most images in one request")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest request body (413 above)")
@@ -158,6 +162,13 @@ class AppArgs(BaseModel):
                                                 "each ingress replica (e.g. to keep it on the head node)")
     ingress_autoscaling_config: Optional[Dict[str, Any]] = Field(
         default_factory=lambda: {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 64})
+
+    @model_validator(mode="after")
+    def _embeddable(self) -> "AppArgs":
+        if self.model_in_ingress and self.stages == "split":
+            raise ValueError("model_in_ingress takes stages fused or backbone: split's point is two deployments "
+                             "that scale apart")
+        return self
 
     @model_validator(mode="before")
     @classmethod

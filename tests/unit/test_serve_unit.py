@@ -299,7 +299,7 @@ def test_unexpected_failures_are_json_errors_503_when_a_stage_is_unavailable():
 
     from ray.serve.exceptions import BackPressureError
 
-    from serve.app import _unexpected
+    from serve.http_api import _unexpected
 
     busy = asyncio.run(_unexpected(None, BackPressureError(num_queued_requests=9, max_queued_requests=8)))
     assert busy.status_code == 503
