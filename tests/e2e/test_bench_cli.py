@@ -11,7 +11,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import cfvit
-from benchmarks.serve import served_ratios
+from benchmarks.serve_report import served_ratios
 from cfvit_cli import app
 from tests.fixtures.procs import cfvit as cfvit_cmd
 from tests.fixtures.procs import run
@@ -93,7 +93,7 @@ def test_bench_serve_measures_a_system_and_names_one_that_answers_nothing(fmnist
     assert broken["requests"] == 0 and broken["failed_total"] >= broken["errors"] > 0
     assert broken["error_samples"][0]["status"] == 413
     assert r["offline"]["backbone_ips"] > 0 and r["offline"]["ratio"] > 0
-    assert served_ratios(r) == []  # no ratio against a system that answered nothing
+    assert served_ratios(r["systems"], r["offline"]) == []  # no ratio against a system that answered nothing
 
 
 def test_bench_serve_burst_steps_eta_down_with_slo_mode_on(fmnist_checkpoint, tmp_path):

@@ -1,31 +1,22 @@
 """A Serve application the cluster cannot place says so, with what it asked for and what the cluster has:
 `cfvit serve` on a Ray it starts refuses at once; on a cluster it joins, the wait ends with Serve's own word.
 Each case runs in a subprocess with its own Ray instance, stopped with it."""
-import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
+from tests.fixtures.procs import command_env, run
 from tests.fixtures.serve_app import free_port
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}  # never join the test cluster
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    return {**env, **extra}
-
-
 def test_cfvit_serve_refuses_an_app_its_own_ray_cannot_hold(fmnist_checkpoint):
-    proc = subprocess.run(
-        [sys.executable, "-m", "cfvit_cli", "serve", "--checkpoint", str(fmnist_checkpoint), "--port",
-         str(free_port()), "--num-cpus", "1"],
-        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+    proc = run([sys.executable, "-m", "cfvit_cli", "serve", "--checkpoint", str(fmnist_checkpoint), "--port",
+                str(free_port()), "--num-cpus", "1"], timeout=240, env=command_env())
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out
     # the defaults: a coarse and a fine replica of half a CPU each and an ingress of 0.1 on a 1-CPU Ray
@@ -59,9 +50,8 @@ SCRIPT = textwrap.dedent("""
 def test_a_joined_cluster_gets_a_bounded_wait_with_serves_reason(fmnist_checkpoint):
     """On a cluster this process joined (it may autoscale) nothing is refused up front: the wait is bounded
     and its error carries Serve's message on the replica that was never scheduled."""
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(fmnist_checkpoint), str(free_port())], cwd=ROOT,
-                          env=_env(RAY_SERVE_SLOW_STARTUP_WARNING_S="5"), capture_output=True, text=True,
-                          timeout=240)
+    proc = run([sys.executable, "-c", SCRIPT, str(fmnist_checkpoint), str(free_port())], timeout=240,
+               env=command_env(RAY_SERVE_SLOW_STARTUP_WARNING_S="5"))
     out = proc.stdout + proc.stderr
     line = next((x for x in proc.stdout.splitlines() if x.startswith("REFUSED")), None)
     assert proc.returncode == 0 and line, out

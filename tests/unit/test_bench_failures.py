@@ -9,7 +9,7 @@ from rich.console import Console
 from benchmarks.burst import answered_nothing as burst_answered_nothing
 from benchmarks.burst import failures, print_burst
 from benchmarks.failures import MAX_DISTINCT, ErrorLog, describe
-from benchmarks.serve import answered_nothing, print_failures, served_ratios
+from benchmarks.serve_report import answered_nothing, print_failures, served_ratios
 
 BODY_413 = '{"error":"image too large","detail":{"index":0,"width":28,"height":28,"max_pixels":1}}'
 
@@ -45,9 +45,9 @@ def test_no_ratio_from_a_backbone_that_answered_nothing_and_its_errors_are_print
     failed = [{"status": 413, "body": BODY_413, "count": 40}]
     broken = [_row(1, 0.0, 0, 20, failed), _row(4, 0.0, 0, 20, failed)]
     result = _result(broken)
-    assert served_ratios(result) == [] and answered_nothing(result) == ["backbone max_pixels=1"]
+    assert served_ratios(result["systems"], result["offline"]) == [] and answered_nothing(result) == ["backbone max_pixels=1"]
     console = Console(width=200, record=True)
-    print_failures(result, console)
+    print_failures(result["systems"], console)
     text = console.export_text()
     assert f"80× HTTP 413: {BODY_413}" in text  # the body as sent, brackets and all
     assert "backbone max_pixels=1 answered no request" in text and "split:" not in text
@@ -56,7 +56,7 @@ def test_no_ratio_from_a_backbone_that_answered_nothing_and_its_errors_are_print
 def test_a_level_where_the_backbone_answered_nothing_has_no_ratio():
     partial = [_row(1, 25.0, 50), _row(4, 0.0, 0, 30, [{"status": 503, "body": "overloaded", "count": 30}])]
     result = _result(partial)
-    ratios = served_ratios(result)
+    ratios = served_ratios(result["systems"], result["offline"])
     assert [(r["clients"], r["ratio"]) for r in ratios] == [(1, pytest.approx(2.0))]
     assert answered_nothing(result) == []  # it answered at one level: figures, not an exit
 

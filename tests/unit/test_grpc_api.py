@@ -25,7 +25,8 @@ def test_committed_modules_are_what_protoc_makes_of_the_proto(tmp_path):
     pytest.importorskip("grpc_tools", reason="grpcio-tools (the dev extra) regenerates the modules")
     shutil.copytree(ROOT / "serve" / "proto", tmp_path / "serve" / "proto", ignore=shutil.ignore_patterns("*_pb2*"))
     subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I.", "--python_out=.", "--pyi_out=.",
-                    "--grpc_python_out=.", "serve/proto/cfvit.proto"], cwd=tmp_path, check=True)
+                    "--grpc_python_out=.", "serve/proto/cfvit.proto"], cwd=tmp_path, check=True,
+                   start_new_session=True)
     for name in ("cfvit_pb2.py", "cfvit_pb2.pyi", "cfvit_pb2_grpc.py"):
         assert (tmp_path / "serve/proto" / name).read_text() == (ROOT / "serve/proto" / name).read_text(), (
             f"serve/proto/{name} is stale: regenerate it (docs/API.md, 'gRPC')")
