@@ -45,6 +45,7 @@ from .schemas import BatchPrediction, Health, ModelInfo, Prediction, Samples, To
 from .settings import ETA_MAX, ETA_MIN, AppArgs, StageOptions
 from .slo import governor_for
 from .timing import server_timing
+from .versions import VERSION_HEADER, answered_by_one_version
 
 logger = logging.getLogger("ray.serve")
 ETA_NEVER_EXIT = 2.0  # above any softmax probability: every image goes on to the fine stage
@@ -186,6 +187,7 @@ class CFViTIngress:
         t0 = time.perf_counter()
         files, batch, eta, budget_gflops = await self._read_request(request, eta, budget_gflops)
         preds, response.headers["Server-Timing"] = await self._answer_files(files, eta, budget_gflops, t0)
+        response.headers[VERSION_HEADER] = preds[0].model_version
         if batch:
             return BatchPrediction(predictions=preds, gflops=sum(p.gflops for p in preds))
         return preds[0]
@@ -216,7 +218,7 @@ class CFViTIngress:
         except Exception as e:  # noqa: BLE001 - every failure is a status code, never a traceback to the client
             return grpc_api.refuse(grpc_context, *unexpected_failure(e))
         if grpc_context is not None:
-            grpc_context.set_trailing_metadata([("server-timing", timing)])
+            grpc_context.set_trailing_metadata([("server-timing", timing), (VERSION_HEADER, preds[0].model_version)])
         return grpc_api.reply(preds)
 
     # ------------------------------------------------------------------ helpers
@@ -270,6 +272,10 @@ class CFViTIngress:
         return images
 
     async def _infer(self, images: list, eta: float) -> List[StageAnswer]:
+        """The request's answers, all of one model version (serve/versions.py)."""
+        return await answered_by_one_version(lambda: self._infer_once(images, eta))
+
+    async def _infer_once(self, images: list, eta: float) -> List[StageAnswer]:
         """One call per request to the model deployment; for split, one more for the hard images."""
         if self.args.stages == "backbone":
             answers = await once_more_if_replica_died(lambda: self.stage.run(images, time.time()))
@@ -366,7 +372,7 @@ class CFViTIngress:
         return Prediction(label=top[0].label, class_name=top[0].class_name, confidence=top[0].probability,
                           top5=top, stage=answer.stage, gflops=self.gflops[answer.stage], eta=eta,
                           coarse_confidence=None if coarse is None else float(coarse.max()),
-                          regions=answer.selected)
+                          regions=answer.selected, model_version=answer.version)
 
 
 def _stage_options(deployment, opts: StageOptions, name: str):

@@ -35,8 +35,8 @@ from cfvit.model import CoarseState, exit_mask
 
 from .batching import GreedyBatcher
 from .inputs import normalise
-from .messages import BatchTiming, Handoff, StageAnswer
-from .model_host import load_model, placement, threads_for
+from .messages import BatchTiming, Handoff, StageAnswer, VersionMismatch
+from .model_host import load_model, model_identity, placement, threads_for
 from .settings import StageOptions
 
 _LATENCY_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]
@@ -82,7 +82,9 @@ class _Stage:
 
     def __init__(self, checkpoint: str, options: StageOptions, stage: str):
         self.opts = opts = options
-        self.model, _ = load_model(checkpoint, threads_for(opts.num_cpus, opts.torch_threads))
+        self.model, local = load_model(checkpoint, threads_for(opts.num_cpus, opts.torch_threads))
+        # the version every answer of this replica carries (build_app binds one per deployment)
+        self.version = model_identity(checkpoint, local, dict(getattr(self.model, "cfvit_config", {}) or {}))["version"]
         self.device, self.dtype = placement(opts.num_gpus, opts.precision)
         self.model.to(self.device)
         self.mean, self.std = self.model.data_config["mean"], self.model.data_config["std"]
@@ -161,8 +163,7 @@ class _Stage:
                        f"{stage}_batch": batch.size})
         return out
 
-    @staticmethod
-    async def _each(name: str, sent_at: float, items: List[Any], answer) -> List[StageAnswer]:
+    async def _each(self, name: str, sent_at: float, items: List[Any], answer) -> List[StageAnswer]:
         """`answer(item, timing, arrived)` for every image of one call, concurrently; each reply carries its
         timings (`<name>_in` first) and the moment it left the replica (`done_at`, for `<name>_out`)."""
         now = time.time()
@@ -170,7 +171,7 @@ class _Stage:
         outs = await asyncio.gather(*(answer(x, t, now) for x, t in zip(items, timings)))
         for out, t in zip(outs, timings):
             out.timing = {**t, **out.timing}
-            out.done_at = time.time()
+            out.done_at, out.version = time.time(), self.version
         return outs
 
 
@@ -196,7 +197,7 @@ class CoarseStage(_Stage):
         image, eta, keep = item
         answer, state = await self._queued("coarse", self._coarse(image, eta, keep), t, arrived)
         if state is not None:
-            handoff = Handoff(image=image, state=state)
+            handoff = Handoff(image=image, state=state, version=self.version)
             answer.handoff = ray.put(handoff) if self.handoff == "direct" else handoff
         return answer
 
@@ -214,13 +215,17 @@ class FineStage(_Stage):
         refs = [h for h in handoffs if isinstance(h, ray.ObjectRef)]
         fetched = dict(zip(map(id, refs), await asyncio.gather(*refs))) if refs else {}
         items: List[Handoff] = [fetched.get(id(h), h) for h in handoffs]
+        other = sorted({h.version for h in items} - {self.version})
+        if other:  # a coarse replica of another version made these states: never finish them here
+            raise VersionMismatch(f"fine stage of model version {self.version!r} refuses coarse states of "
+                                  f"version(s) {other}")
         now = time.time()
         for t in timings:
             t["fine_fetch"] = _ms(now - t0)
         outs = await asyncio.gather(*(self._queued("fine", self._fine(h.image, h.state), t, now)
                                       for h, t in zip(items, timings)))
         for out, t in zip(outs, timings):
-            out.timing, out.done_at = t, time.time()
+            out.timing, out.done_at, out.version = t, time.time(), self.version
         return outs
 
 
@@ -241,7 +246,7 @@ class FusedModel(_Stage):
         coarse, state = await self._queued("coarse", self._coarse(image, eta, keep), t, arrived)
         if coarse.exited:
             if state is not None:  # shadowed: the ingress sends it to `shadow` after replying
-                coarse.handoff = self._share(Handoff(image=image, state=state))
+                coarse.handoff = self._share(Handoff(image=image, state=state, version=self.version))
             return coarse
         fine = await self._queued("fine", self._fine(image, state), t, time.time())
         return coarse.finished_by(fine)

@@ -92,7 +92,7 @@ def _message(p: Prediction) -> pb.Prediction:
                          top5=[pb.TopClass(label=t.label, class_name=t.class_name, probability=t.probability)
                                for t in p.top5],
                          stage=p.stage, gflops=p.gflops, eta=p.eta, coarse_confidence=p.coarse_confidence,
-                         regions=p.regions or [])
+                         regions=p.regions or [], model_version=p.model_version)
 
 
 def as_dict(message: pb.Prediction) -> Dict[str, Any]:
@@ -102,4 +102,4 @@ def as_dict(message: pb.Prediction) -> Dict[str, Any]:
                      for t in message.top5],
             "stage": message.stage, "gflops": message.gflops, "eta": message.eta,
             "coarse_confidence": message.coarse_confidence if message.HasField("coarse_confidence") else None,
-            "regions": list(message.regions) or None}
+            "regions": list(message.regions) or None, "model_version": message.model_version}

@@ -21,6 +21,13 @@ class Handoff:
 
     image: torch.Tensor
     state: CoarseState
+    version: str = ""  # the model version of the coarse stage that made `state`
+
+
+class VersionMismatch(RuntimeError):
+    """A stage was handed the work of another model version (mid-rollout): the fine stage refuses a coarse
+    state made by another version, and a coarse answer is never completed by another version's fine answer.
+    The ingress answers the request again, whole (serve/versions.py)."""
 
 
 @dataclass
@@ -49,6 +56,7 @@ class StageAnswer:
     handoff: Any = None
     timing: Dict[str, float] = field(default_factory=dict)  # ms per hop, for the Server-Timing header
     done_at: float = 0.0  # epoch seconds when the answer left its replica
+    version: str = ""  # the model version of the replica that answered
 
     def take_handoff(self) -> Any:
         """The handoff, cleared here (it is sent on once, never returned to the client)."""
@@ -56,6 +64,9 @@ class StageAnswer:
         return handoff
 
     def finished_by(self, fine: "StageAnswer") -> "StageAnswer":
-        """This coarse answer completed by the fine stage's answer for the same image."""
+        """This coarse answer completed by the fine stage's answer for the same image (of the same version)."""
+        if fine.version != self.version:
+            raise VersionMismatch(f"a coarse answer of model version {self.version!r} met a fine answer of "
+                                  f"version {fine.version!r}")
         return replace(fine, coarse_probs=self.probs, exited=True, timing={**self.timing, **fine.timing},
                        done_at=fine.done_at)

@@ -27,6 +27,8 @@ class Prediction(BaseModel):
         description="top softmax probability of the coarse stage (null for the `backbone` topology: no coarse pass)")
     regions: Optional[List[int]] = Field(
         None, description="fine answers: the coarse-grid indices (row-major) that were re-split")
+    model_version: str = Field(description="the model version that answered (every image of a request: the same "
+                                           "one, also during a rollout; also the `cfvit-model-version` header)")
 
 
 class BatchPrediction(BaseModel):

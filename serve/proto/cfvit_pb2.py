@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17serve/proto/cfvit.proto\x12\x08\x63\x66vit.v1\"i\n\x0f\x43lassifyRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\x10\n\x03\x65ta\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x1a\n\rbudget_gflops\x18\x03 \x01(\x01H\x01\x88\x01\x01\x42\x06\n\x04_etaB\x10\n\x0e_budget_gflops\"B\n\x08TopClass\x12\r\n\x05label\x18\x01 \x01(\x05\x12\x12\n\nclass_name\x18\x02 \x01(\t\x12\x13\n\x0bprobability\x18\x03 \x01(\x01\"\xd8\x01\n\nPrediction\x12\r\n\x05label\x18\x01 \x01(\x05\x12\x12\n\nclass_name\x18\x02 \x01(\t\x12\x12\n\nconfidence\x18\x03 \x01(\x01\x12 \n\x04top5\x18\x04 \x03(\x0b\x32\x12.cfvit.v1.TopClass\x12\r\n\x05stage\x18\x05 \x01(\t\x12\x0e\n\x06gflops\x18\x06 \x01(\x01\x12\x0b\n\x03\x65ta\x18\x07 \x01(\x01\x12\x1e\n\x11\x63oarse_confidence\x18\x08 \x01(\x01H\x00\x88\x01\x01\x12\x0f\n\x07regions\x18\t \x03(\x05\x42\x14\n\x12_coarse_confidence\"J\n\rClassifyReply\x12)\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x14.cfvit.v1.Prediction\x12\x0e\n\x06gflops\x18\x02 \x01(\x01\x32L\n\nClassifier\x12>\n\x08\x43lassify\x12\x19.cfvit.v1.ClassifyRequest\x1a\x17.cfvit.v1.ClassifyReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17serve/proto/cfvit.proto\x12\x08\x63\x66vit.v1\"i\n\x0f\x43lassifyRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\x10\n\x03\x65ta\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x1a\n\rbudget_gflops\x18\x03 \x01(\x01H\x01\x88\x01\x01\x42\x06\n\x04_etaB\x10\n\x0e_budget_gflops\"B\n\x08TopClass\x12\r\n\x05label\x18\x01 \x01(\x05\x12\x12\n\nclass_name\x18\x02 \x01(\t\x12\x13\n\x0bprobability\x18\x03 \x01(\x01\"\xef\x01\n\nPrediction\x12\r\n\x05label\x18\x01 \x01(\x05\x12\x12\n\nclass_name\x18\x02 \x01(\t\x12\x12\n\nconfidence\x18\x03 \x01(\x01\x12 \n\x04top5\x18\x04 \x03(\x0b\x32\x12.cfvit.v1.TopClass\x12\r\n\x05stage\x18\x05 \x01(\t\x12\x0e\n\x06gflops\x18\x06 \x01(\x01\x12\x0b\n\x03\x65ta\x18\x07 \x01(\x01\x12\x1e\n\x11\x63oarse_confidence\x18\x08 \x01(\x01H\x00\x88\x01\x01\x12\x0f\n\x07regions\x18\t \x03(\x05\x12\x15\n\rmodel_version\x18\n \x01(\tB\x14\n\x12_coarse_confidence\"J\n\rClassifyReply\x12)\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x14.cfvit.v1.Prediction\x12\x0e\n\x06gflops\x18\x02 \x01(\x01\x32L\n\nClassifier\x12>\n\x08\x43lassify\x12\x19.cfvit.v1.ClassifyRequest\x1a\x17.cfvit.v1.ClassifyReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,9 +36,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOPCLASS']._serialized_start=144
   _globals['_TOPCLASS']._serialized_end=210
   _globals['_PREDICTION']._serialized_start=213
-  _globals['_PREDICTION']._serialized_end=429
-  _globals['_CLASSIFYREPLY']._serialized_start=431
-  _globals['_CLASSIFYREPLY']._serialized_end=505
-  _globals['_CLASSIFIER']._serialized_start=507
-  _globals['_CLASSIFIER']._serialized_end=583
+  _globals['_PREDICTION']._serialized_end=452
+  _globals['_CLASSIFYREPLY']._serialized_start=454
+  _globals['_CLASSIFYREPLY']._serialized_end=528
+  _globals['_CLASSIFIER']._serialized_start=530
+  _globals['_CLASSIFIER']._serialized_end=606
 # @@protoc_insertion_point(module_scope)

@@ -27,7 +27,7 @@ class TopClass(_message.Message):
     def __init__(self, label: _Optional[int] = ..., class_name: _Optional[str] = ..., probability: _Optional[float] = ...) -> None: ...
 
 class Prediction(_message.Message):
-    __slots__ = ("label", "class_name", "confidence", "top5", "stage", "gflops", "eta", "coarse_confidence", "regions")
+    __slots__ = ("label", "class_name", "confidence", "top5", "stage", "gflops", "eta", "coarse_confidence", "regions", "model_version")
     LABEL_FIELD_NUMBER: _ClassVar[int]
     CLASS_NAME_FIELD_NUMBER: _ClassVar[int]
     CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +37,7 @@ class Prediction(_message.Message):
     ETA_FIELD_NUMBER: _ClassVar[int]
     COARSE_CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     REGIONS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     label: int
     class_name: str
     confidence: float
@@ -46,7 +47,8 @@ class Prediction(_message.Message):
     eta: float
     coarse_confidence: float
     regions: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, label: _Optional[int] = ..., class_name: _Optional[str] = ..., confidence: _Optional[float] = ..., top5: _Optional[_Iterable[_Union[TopClass, _Mapping]]] = ..., stage: _Optional[str] = ..., gflops: _Optional[float] = ..., eta: _Optional[float] = ..., coarse_confidence: _Optional[float] = ..., regions: _Optional[_Iterable[int]] = ...) -> None: ...
+    model_version: str
+    def __init__(self, label: _Optional[int] = ..., class_name: _Optional[str] = ..., confidence: _Optional[float] = ..., top5: _Optional[_Iterable[_Union[TopClass, _Mapping]]] = ..., stage: _Optional[str] = ..., gflops: _Optional[float] = ..., eta: _Optional[float] = ..., coarse_confidence: _Optional[float] = ..., regions: _Optional[_Iterable[int]] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class ClassifyReply(_message.Message):
     __slots__ = ("predictions", "gflops")

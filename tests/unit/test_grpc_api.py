@@ -71,9 +71,10 @@ def test_each_http_answer_reaches_a_grpc_client_as_its_status_code(refusing_stub
 def test_messages_carry_the_http_answers_exactly():
     preds = [Prediction(label=3, class_name="Dress", confidence=0.75, top5=[TopClass(label=3, class_name="Dress",
                         probability=0.75), TopClass(label=0, class_name="T-shirt", probability=0.25)],
-                        stage="fine", gflops=0.0132, eta=0.5, coarse_confidence=0.4, regions=[1, 5]),
+                        stage="fine", gflops=0.0132, eta=0.5, coarse_confidence=0.4, regions=[1, 5],
+                        model_version="7"),
              Prediction(label=1, class_name="Trouser", confidence=1.0, top5=[], stage="backbone", gflops=0.0152,
-                        eta=0.5, coarse_confidence=None)]
+                        eta=0.5, coarse_confidence=None, model_version="sha256:0123456789ab")]
     reply = pb.ClassifyReply.FromString(grpc_api.reply(preds).SerializeToString())  # as it crosses the wire
     assert [grpc_api.as_dict(m) for m in reply.predictions] == [p.model_dump() for p in preds]
     assert reply.gflops == pytest.approx(0.0132 + 0.0152)
