@@ -187,3 +187,27 @@ def point_at(coarse_probs, fine_probs, labels, eta: float, *, coarse_gflops: flo
     frac = float(exits.mean()) if len(y) else 0.0
     return EtaPoint(eta=float(eta), accuracy=float((pred == y).mean()) if len(y) else float("nan"),
                     gflops=float(coarse_gflops + (1.0 - frac) * fine_gflops), exit_fraction=frac)
+
+
+def gflops_at(curve: EtaCurve, eta: float) -> float:
+    """Expected GFLOPs per image at threshold `eta`: the images with coarse confidence >= η exit, which is
+    the operating point of the smallest calibrated η at or above it (all through the fine stage above them)."""
+    at_or_above = np.flatnonzero(curve.eta >= np.float32(eta))
+    return float(curve.gflops[at_or_above[0]]) if at_or_above.size else float(curve.coarse_gflops + curve.fine_gflops)
+
+
+def ladder_budgets(curve: EtaCurve, below_eta: float, steps: int = 4) -> list[Budget]:
+    """`steps` FLOPs budgets evenly spaced from the coarse stage's cost (every image exits) up to, not
+    including, the cost at `below_eta`: table points below a server's default η, for SLO mode to step
+    down through under load (serve/slo.py). None when the default already costs no more than the coarse
+    stage (nothing to step down to)."""
+    if steps < 1:
+        raise ValueError(f"an SLO ladder needs at least one step, got {steps}")
+    lo, top = float(curve.gflops.min()), gflops_at(curve, below_eta)
+    if top <= lo + 1e-9:
+        return []
+    out = []
+    for k in range(steps):
+        g = lo + (top - lo) * k / steps
+        out.append(Budget(f"{g:.6g}", g))
+    return out

@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 
 import cfvit
-from cfvit.budget import agreement_profile, parse_budgets
+from cfvit.budget import agreement_profile, ladder_budgets, parse_budgets
 from cfvit.calibration import (
     BudgetResult,
     Variant,
@@ -110,6 +110,19 @@ def save_calibrated(model, path, variant: Variant, table: list[dict], calibratio
         model.model_kwargs = saved[2]
 
 
+def _merged_table(rows: list[dict], ladder_rows: list[dict]) -> list[dict]:
+    """The given budgets' rows and the ladder's whose η is not in the table yet, by budget (as given when
+    there is no ladder)."""
+    if not ladder_rows:
+        return rows
+    merged, etas = list(rows), {r["eta"] for r in rows}
+    for r in ladder_rows:
+        if r["eta"] not in etas:
+            merged.append(r)
+            etas.add(r["eta"])
+    return sorted(merged, key=lambda r: r["budget_gflops"])
+
+
 # ---------------------------------------------------------------------------------------------- the step
 @dataclass
 class Calibration:
@@ -139,11 +152,14 @@ class Calibration:
 def calibrate(checkpoint: str, budgets: str | Sequence[str], *, data: Optional[str] = None, limit: Optional[int] = None,
               alphas: Sequence[float] = (), betas: Sequence[float] = (), adopt_best: bool = False,
               write: bool = True, output: Optional[str] = None, tracking_uri: Optional[str] = None,
-              batch_size: int = 256, device: str = "cpu", on_batch: Optional[Callable[[int], None]] = None
-              ) -> Calibration:
+              batch_size: int = 256, device: str = "cpu", on_batch: Optional[Callable[[int], None]] = None,
+              slo_ladder: Optional[tuple[float, int]] = None) -> Calibration:
     """Load, record probabilities (per α/β setting), choose η per budget, write the η table. The validation
     data's classes are matched by name to the checkpoint's `class_names` first (a mismatch raises
-    ClassMismatch, a ValueError, with both lists). `on_batch(n)`: each validation batch's rows, as read."""
+    ClassMismatch, a ValueError, with both lists). `on_batch(n)`: each validation batch's rows, as read.
+    `slo_ladder=(default_eta, steps)`: the table also gets `steps` points evenly spaced in GFLOPs from the
+    coarse stage's cost up to the default η's (`cfvit.budget.ladder_budgets`), which SLO mode steps down
+    through; the results still report the given budgets only."""
     t0 = time.perf_counter()
     ck = fetch_checkpoint(checkpoint, tracking_uri)
     model = cfvit.load(ck.path, map_location=device)
@@ -163,12 +179,15 @@ def calibrate(checkpoint: str, budgets: str | Sequence[str], *, data: Optional[s
     variants = variants_from_probs(model, probs, settings, meta={"checkpoint": checkpoint})
     results = best_per_budget(variants, parsed)
     chosen = pick_adopted(variants, results) if adopt_best else variants[0]
-    table = eta_table_for(chosen, parsed)
+    ladder = ladder_budgets(chosen.curve, *slo_ladder) if slo_ladder else []
+    table = _merged_table(eta_table_for(chosen, parsed), eta_table_for(chosen, ladder))
     t3 = time.perf_counter()
     written = None
     if write or output:
         info = {"data": uri, "classes_matched": src.matched, "images": chosen.n, "alpha": chosen.alpha, "beta": chosen.beta,
                 "budgets": [b.spec for b in parsed],
+                **({"slo_ladder": {"below_eta": slo_ladder[0], "budgets_gflops": [b.gflops for b in ladder]}}
+                   if slo_ladder else {}),
                 "infeasible": [r.summary() for r in best_per_budget([chosen], parsed) if not r.feasible]}
         if output:
             dst = Path(output)

@@ -34,6 +34,9 @@ DEFAULT_CONFIG = "fmnist_main"  # jobs/configs/fmnist_main.yaml
 # A run of a few minutes on 2 CPU cores: the mechanics, not a model worth serving.
 QUICK_SETS = ["data.train_limit=3000", "data.val_limit=500", "schedule.epochs=2"]
 DEFAULT_BUDGETS = "40%,55%,70%"
+# η-table points below the served default η, evenly spaced in GFLOPs down to the coarse stage's cost: the
+# steps SLO mode takes under load (the given budgets alone may all sit above the default η).
+SLO_LADDER_STEPS = 4
 CALIBRATION_IMAGES = 5000  # the first test images calibrate η; HTTP classifies images after them
 
 
@@ -161,7 +164,12 @@ def _calibrate_and_serve(cfg, outcome, budgets, serving: Serving, echo, seconds)
     n_cal = min(cfg.data.val_limit or CALIBRATION_IMAGES, CALIBRATION_IMAGES)
     echo(f"[2/4] calibrating η for budgets {budgets} on {n_cal} {cfg.data.val} images")
     out_dir = Path(cfg.checkpoint.storage_path).expanduser().resolve() / f"{cfg.run_name}-served"
-    cal = calibrate(source, budgets, data=cfg.data.val, limit=n_cal, tracking_uri=uri, output=str(out_dir))
+    default_eta = AppArgs.model_fields["eta"].default  # what the served app applies to requests without one
+    cal = calibrate(source, budgets, data=cfg.data.val, limit=n_cal, tracking_uri=uri, output=str(out_dir),
+                    slo_ladder=(default_eta, SLO_LADDER_STEPS))
+    below = sorted(r["eta"] for r in cal.table if r["eta"] < default_eta)
+    echo(f"      η table: {len(cal.table)} points, {len(below)} below the default η {default_eta} for SLO mode "
+         f"({', '.join(f'{e:.3f}' for e in below) or 'none'})")
     seconds["calibrate"] = time.perf_counter() - t
     rows = []
     for r in cal.results:

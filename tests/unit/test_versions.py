@@ -8,7 +8,7 @@ from ray.exceptions import RayTaskError
 from serve import versions
 from serve.inputs import APIError
 from serve.messages import StageAnswer, VersionMismatch
-from serve.versions import VERSION_ATTEMPTS, answered_by_one_version, version_mismatch
+from serve.versions import answered_by_one_version, version_mismatch
 
 
 def _answer(version: str, stage: str = "coarse", exited: bool = True) -> StageAnswer:
@@ -53,9 +53,9 @@ def test_no_single_version_in_time_is_a_503_never_a_mixed_answer():
         return [_answer("1"), _answer("2")]
 
     with pytest.raises(APIError) as e:
-        asyncio.run(answered_by_one_version(mixed))
-    assert e.value.status == 503 and e.value.detail["attempts"] == VERSION_ATTEMPTS
-    assert e.value.detail["seen"] == ["1+2"] * VERSION_ATTEMPTS
+        asyncio.run(answered_by_one_version(mixed, wait_s=0.05))
+    assert e.value.status == 503 and e.value.detail["attempts"] >= 2 and e.value.detail["waited_s"] == 0.05
+    assert set(e.value.detail["seen"]) == {"1+2"}
 
 
 def test_other_failures_are_not_retried():
