@@ -51,6 +51,10 @@ logger = logging.getLogger("ray.serve")
 ETA_NEVER_EXIT = 2.0  # above any softmax probability: every image goes on to the fine stage
 
 STATIC = Path(__file__).parent / "static"
+# A redeployment (a new model version, say) starts each replacement replica before its old replica stops:
+# Serve's default (0) stops the old one first, and a one-replica stage then answers nothing until the new
+# one has loaded the model (docs/RELIABILITY.md, "Rollout under load").
+ROLLOUT_SURGE_PERCENT = 100
 
 
 def _normalise_table(raw) -> Optional[List[Dict[str, float]]]:
@@ -382,6 +386,7 @@ def _stage_options(deployment, opts: StageOptions, name: str):
                            **({"resources": opts.resources} if opts.resources else {})},
         max_ongoing_requests=opts.max_ongoing_requests,
         max_replicas_per_node=opts.max_replicas_per_node,
+        max_surge_percent=ROLLOUT_SURGE_PERCENT,
         **({"autoscaling_config": opts.autoscaling_config} if opts.autoscaling_config
            else {"num_replicas": opts.num_replicas}),
     )
@@ -395,7 +400,8 @@ def _ingress_options(cfg: AppArgs):
         actor = {"num_cpus": cfg.ingress_num_cpus}
         scaling = ({"autoscaling_config": cfg.ingress_autoscaling_config} if cfg.ingress_autoscaling_config
                    else {"num_replicas": 1})
-        return {"ray_actor_options": {**actor, **({"resources": resources} if resources else {})}, **scaling}
+        return {"ray_actor_options": {**actor, **({"resources": resources} if resources else {})},
+                "max_surge_percent": ROLLOUT_SURGE_PERCENT, **scaling}
     opts = cfg.fused if cfg.stages == "fused" else cfg.coarse
     resources.update(opts.resources)
     actor = {"num_cpus": opts.num_cpus + cfg.ingress_num_cpus, "num_gpus": opts.num_gpus,
@@ -403,7 +409,7 @@ def _ingress_options(cfg: AppArgs):
     scaling = ({"autoscaling_config": opts.autoscaling_config} if opts.autoscaling_config
                else {"num_replicas": opts.num_replicas})
     return {"ray_actor_options": actor, "max_ongoing_requests": opts.max_ongoing_requests,
-            "max_replicas_per_node": opts.max_replicas_per_node, **scaling}
+            "max_replicas_per_node": opts.max_replicas_per_node, "max_surge_percent": ROLLOUT_SURGE_PERCENT, **scaling}
 
 
 def build_app(args: AppArgs) -> Application:

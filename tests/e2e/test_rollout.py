@@ -122,7 +122,9 @@ def _switch(load: Load, uri: str, args: dict, version: str, old: str) -> dict:
     after = [r for r in load.replies if r[1] > t0 and r[2] == 200]
     first_new = min((r[1] for r in after if r[3] == version), default=float("nan")) - t0
     last_old = max((r[1] for r in after if r[3] == old), default=t0) - t0
-    return {"deploy_s": round(deploy_s, 2), "first_new_s": round(first_new, 2), "last_old_s": round(last_old, 2)}
+    slowest = max((r[1] - r[0] for r in after), default=float("nan"))
+    return {"deploy_s": round(deploy_s, 2), "first_new_s": round(first_new, 2), "last_old_s": round(last_old, 2),
+            "replies": len(after), "slowest_reply_s": round(slowest, 2)}
 
 
 def test_rollout_and_rollback_under_load_lose_nothing_and_never_mix(serve_instance, registered, mlflow_server):
