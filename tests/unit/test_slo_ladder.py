@@ -67,7 +67,8 @@ def test_calibrated_model_gets_a_ladder_slo_mode_walks_down_and_back(fmnist_chec
     now = [0.0]
     gov = EtaGovernor(ladder, target_ms=100, window_s=5, check_s=1, min_samples=5, clock=lambda: now[0])
     seen = []
-    for latency in [300.0] * 40 + [10.0] * 40:  # overload, then quiet
+    # overload, then quiet for long enough to climb every rung (a step per check, after the window clears)
+    for latency in [300.0] * (20 * len(ladder)) + [10.0] * (40 * len(ladder)):
         now[0] += 0.25
         gov.observe(latency)
         seen.append(gov.current_eta)
