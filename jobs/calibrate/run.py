@@ -74,9 +74,11 @@ def validation_batches(uri: str | Source, data_config: dict, num_classes: int, *
             yield batch["image"][v], batch["label"][v]
 
 
-def data_source(uri: str, class_names: Optional[Sequence[str]], num_classes: int, fmt: str = "auto") -> Source:
-    """The validation data's layout, its classes matched by name to the model's (jobs/train/classes.py)."""
-    return describe(uri, fmt).matched_to(class_names, num_classes)
+def data_source(uri: str, class_names: Optional[Sequence[str]], num_classes: int, fmt: str = "auto",
+                class_ids: Optional[Sequence[str]] = None) -> Source:
+    """The validation data's layout, its classes matched to the model's by id (`class_ids`, e.g. ImageNet's
+    WordNet IDs) or by name (jobs/train/classes.py)."""
+    return describe(uri, fmt).matched_to(class_names, num_classes, class_ids=class_ids)
 
 
 @dataclass
@@ -154,7 +156,7 @@ def calibrate(checkpoint: str, budgets: str | Sequence[str], *, data: Optional[s
     if uri is None and isinstance(cfg.get("data"), dict):  # the validation URI the model was trained with
         uri = cfg["data"].get("val")
     uri = uri or DEFAULT_DATA
-    src = data_source(uri, cfg.get("class_names"), model.num_classes)
+    src = data_source(uri, cfg.get("class_names"), model.num_classes, class_ids=cfg.get("class_ids"))
     settings = inference_settings(model, alphas, betas)
     t1 = time.perf_counter()
     probs = record_probs(model, validation_batches(src, model.data_config, model.num_classes, limit=limit,

@@ -58,7 +58,7 @@ class ReproConfig:
     min_lr: float = 1e-5
     clip_grad: float = 1.0
     split_fraction: float = 2 / 3  # epochs [0, round(2/3 * epochs)) re-split every patch
-    scale: tuple = (0.6, 1.0)  # RandomResizedCrop scale (as jobs/configs/fmnist_tiny.yaml)
+    scale: tuple = (0.6, 1.0)  # RandomResizedCrop scale
     hflip: float = 0.5
     bench_images: int = 1024  # test images timed for the throughput ratio
     bench_batch: int = 256

@@ -9,6 +9,8 @@ A data class matches a model class when, in this order:
    `T-shirt/top` are one class: a folder cannot hold the `/` of Fashion-MNIST's "T-shirt/top");
 3. every data class is a number: the model class of that number (its names are numbers too: `00` is "0"),
    else the class index (folders 00–09 for a model whose names are words, in the model's order).
+A model that also carries class ids (an imported ImageNet model: WordNet IDs such as `n01440764`, which
+ImageNet-style folders are named after) has them matched first, exactly.
 A model without class names: numbers are class indices; other names keep the data's order (sorted folders,
 classes.json's order: all that can be known), and `ClassMatch.how` says so.
 """
@@ -46,12 +48,18 @@ def _number(name: str) -> Optional[int]:
 
 
 def match_classes(data: Sequence[str], model: Optional[Sequence[str]], num_classes: int, *,
-                  data_name: str = "the data", model_name: str = "the model") -> ClassMatch:
+                  data_name: str = "the data", model_name: str = "the model",
+                  class_ids: Optional[Sequence[str]] = None) -> ClassMatch:
     """Each of `data`'s classes as an index into the model's `num_classes` classes (named `model`, or None
-    when it has no names). Raises ClassMismatch, with both lists, when a class has no match or two classes
-    land on one."""
+    when it has no names). `class_ids`: the model's class identifiers, when it has them besides its names
+    (ImageNet's WordNet IDs, the folder names of an ImageNet-style validation set), matched first and
+    exactly. Raises ClassMismatch, with both lists, when a class has no match or two classes land on one."""
     data = [str(c) for c in data]
     model = None if model is None else [str(c) for c in model]
+    if class_ids is not None and len(class_ids) == num_classes and data and set(data) <= set(class_ids):
+        where = {c: i for i, c in enumerate(class_ids)}
+        return _checked([where[d] for d in data], "by class id", data, list(class_ids), num_classes, data_name,
+                        model_name)
     if model is not None and len(model) != num_classes:
         raise ClassMismatch(f"{model_name} names {len(model)} classes but has {num_classes} outputs")
     if model is not None and data == model:

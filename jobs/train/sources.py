@@ -84,10 +84,13 @@ class Source:
     labels: Optional[tuple[int, ...]] = None
     matched: str = ""  # how the classes were matched to the model's, for a person ("" when not matched)
 
-    def matched_to(self, class_names: Optional[Sequence[str]], num_classes: int, model_name: str = "the model") -> "Source":
-        """This source with its labels as the model's class indices (`jobs.train.classes`); raises
-        ClassMismatch (a ValueError), with both class lists, when they cannot be matched."""
-        m = match_classes(self.classes, class_names, num_classes, data_name=self.uri, model_name=model_name)
+    def matched_to(self, class_names: Optional[Sequence[str]], num_classes: int, model_name: str = "the model",
+                   class_ids: Optional[Sequence[str]] = None) -> "Source":
+        """This source with its labels as the model's class indices (`jobs.train.classes`; `class_ids`: the
+        model's class identifiers, e.g. WordNet IDs); raises ClassMismatch (a ValueError), with both class
+        lists, when they cannot be matched."""
+        m = match_classes(self.classes, class_names, num_classes, data_name=self.uri, model_name=model_name,
+                          class_ids=class_ids)
         return replace(self, labels=None if m.identity else m.labels, matched=m.how)
 
     def label_of(self, i: int) -> int:

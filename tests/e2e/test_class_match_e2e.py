@@ -25,7 +25,7 @@ def _folders(root, name_of) -> str:
     return str(root)
 
 
-def test_class_folders_are_matched_by_name(fmnist_checkpoint, tmp_path, monkeypatch):
+def test_class_folders_are_matched_by_name(ray_session, fmnist_checkpoint, tmp_path, monkeypatch):
     named = _folders(tmp_path / "named", lambda y: FASHION_MNIST_CLASSES[y].replace("/", "_"))
     numbered = _folders(tmp_path / "numbered", lambda y: f"{y:02d}")
     ck = str(fmnist_checkpoint)
@@ -40,7 +40,7 @@ def test_class_folders_are_matched_by_name(fmnist_checkpoint, tmp_path, monkeypa
     # one grey level of PIL), so a few images may differ from it
     assert (a.fine_top1, a.coarse_top1) == (b.fine_top1, b.coarse_top1)
     assert abs(a.fine_top1 - builtin.fine_top1) <= 0.02, (a.fine_top1, builtin.fine_top1)
-    assert a.fine_top1 > 0.6  # the model's real accuracy, far above what sorted folder positions scored
+    assert a.fine_top1 > 0.3  # the session model's own accuracy (weak, 3 epochs), far above chance (0.1)
 
     from cfvit_cli import app
 

@@ -27,7 +27,7 @@ def job_config(mlflow_uri, tmp, **sets):
         "name": "e2e",
         "data.train": f"s3://{BUCKET}/fmnist/train", "data.val": f"s3://{BUCKET}/fmnist/val",
         "data.train_limit": "null", "data.val_limit": "null",
-        "model.overrides": TINY, "optim.batch_size": 64, "deepspeed.micro_batch_size": 32,
+        "model.name": "cfvit_tiny_fmnist", "model.overrides": TINY, "optim.batch_size": 64, "deepspeed.micro_batch_size": 32,
         "deepspeed.zero_stage": 2, "schedule.epochs": EPOCHS, "schedule.split_fraction": 0.34,
         "scaling.num_workers": 2, "checkpoint.storage_path": f"s3://{RUNS}/checkpoints",
         "checkpoint.run_name": "e2e", "checkpoint.max_failures": 2,

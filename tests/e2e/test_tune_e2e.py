@@ -64,7 +64,7 @@ def tuned(ray_session, mlflow_server, tmp_path_factory):
     out = tmp_path_factory.mktemp("tune")
     sets = {
         "name": "tune-e2e", "data.train_limit": 256, "data.val_limit": 128,
-        "model.overrides": json.dumps(TINY), "optim.batch_size": 64, "deepspeed.micro_batch_size": 32,
+        "model.name": "cfvit_tiny_fmnist", "model.overrides": json.dumps(TINY), "optim.batch_size": 64, "deepspeed.micro_batch_size": 32,
         "schedule.epochs": 2, "schedule.split_fraction": 0.5, "scaling.num_workers": 1,
         "checkpoint.storage_path": str(out / "ckpt"),
         "mlflow.tracking_uri": mlflow_server, "mlflow.experiment": "tune-e2e",

@@ -13,6 +13,7 @@ from PIL import Image
 
 import cfvit
 from cfvit.data import FASHION_MNIST_CLASSES, load_fashion_mnist
+from cfvit.official import imagenet_class_ids, imagenet_class_names
 from jobs.calibrate import calibrate, validation_batches
 from jobs.train.classes import ClassMismatch, match_classes, name_key
 from jobs.train.config import ConfigError, load_config
@@ -174,3 +175,20 @@ def test_calibration_summary_says_how_classes_matched(untrained):
     summary = json.loads(json.dumps(cal.summary(), default=str))
     assert summary["data"]["matched"] == "same names, same order" and summary["data"]["labels"] is None
 
+
+
+def test_imagenet_style_folders_are_matched_by_their_wordnet_ids(tmp_path):
+    """An imported ImageNet model names its classes in words ("tabby, tabby cat") and carries the WordNet IDs
+    its validation folders are named after: a subset of the 1000 folders, in sorted order, gets each folder's
+    own index among the 1000 (by id, not by sorted position); a folder the model does not know is refused."""
+    ids, names = imagenet_class_ids(), imagenet_class_names()
+    folders = sorted([ids[281], ids[0], ids[999], ids[430]])
+    m = match_classes(folders, names, 1000, class_ids=ids)
+    assert m.how == "by class id" and [names[i] for i in m.labels] == [names[ids.index(f)] for f in folders]
+    for wnid in (ids[0], ids[281]):
+        (tmp_path / wnid).mkdir()
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / wnid / "a.png")
+    src = describe(str(tmp_path)).matched_to(names, 1000, class_ids=ids)
+    assert [src.label_of(i) for i in range(2)] == [0, 281] and src.matched == "by class id"
+    with pytest.raises(ClassMismatch, match="n99999999"):
+        match_classes([ids[0], "n99999999"], names, 1000, class_ids=ids)

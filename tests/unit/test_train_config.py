@@ -79,7 +79,7 @@ def test_unreachable_local_data(tmp_path):
 
 def test_bad_model_overrides_fail_before_training():
     cfg = load_config("fmnist_tiny", ["model.overrides={depthh: 2}"], check_uris=False)
-    with pytest.raises(ConfigError, match=r"model: cannot build 'cfvit_tiny_fmnist' .*depthh"):
+    with pytest.raises(ConfigError, match=r"model: cannot build 'cfvit_tiny32_fmnist' .*depthh"):
         prepare(cfg)
 
 
