@@ -187,7 +187,19 @@ def bench_serve(
     slo_ms: float = typer.Option(100.0, min=1.0, help="--burst: SLO mode's p99 target."),
     min_eta: Optional[float] = typer.Option(None, help="--burst: SLO mode's floor η (default: the table's lowest)."),
     max_accuracy_drop: Optional[float] = typer.Option(None, help="--burst: SLO mode's floor as accuracy."),
-    plot: Optional[str] = typer.Option(None, help="--burst: write p99, η and top-1 over time to this PNG."),
+    plot: Optional[str] = typer.Option(None, help="--burst/--autoscale: write the figures over time to this PNG."),
+    autoscale: bool = typer.Option(False, "--autoscale", help="Instead: autoscaling watched (split app): steady "
+                                   "load, a step, back down, then harder images; replicas, nodes, p99, η per second."),
+    as_phases: str = typer.Option("15,45,60,45", "--as-phases", help="--autoscale: seconds of steady load, the "
+                                  "step, back down, harder images (0 skips a phase)."),
+    step_factor: float = typer.Option(4.0, min=1.0, help="--autoscale: load during the step ÷ steady load."),
+    hard_share: float = typer.Option(0.2, min=0.01, max=0.99, help="--autoscale: share of images that go on to "
+                                     "the fine stage before the hard phase (then all of them)."),
+    nodes: bool = typer.Option(True, "--nodes/--no-nodes", help="--autoscale: Ray's autoscaler on its fake "
+                               "multi-node provider (worker nodes of 1 CPU), or one local Ray."),
+    max_workers: int = typer.Option(2, min=1, help="--autoscale: most worker nodes the autoscaler may add."),
+    idle_timeout: float = typer.Option(20.0, min=1.0, help="--autoscale: seconds an idle worker node stays."),
+    slo_mode: bool = typer.Option(False, "--slo-mode", help="--autoscale: SLO mode on (p99 target --slo-ms)."),
 ):
     """Throughput, p50/p99 latency, CPU per request and per-hop timings of CF-ViT deployments vs the plain
     backbone, same hardware, next to the offline ratio of the same checkpoint and (--floor) Ray Serve's own
@@ -200,6 +212,21 @@ def bench_serve(
     if transport not in ("http", "grpc"):
         raise typer.BadParameter(f"--transport is http or grpc, got {transport!r}")
     checkpoint = checkpoint or random_checkpoint(model)
+    if autoscale:
+        from .autoscale import AutoscaleSettings
+
+        try:
+            durations = tuple(float(p) for p in as_phases.split(","))
+        except ValueError:
+            durations = ()
+        if len(durations) != 4 or min(durations) < 0 or durations[1] <= 0:
+            raise typer.BadParameter(f"--as-phases wants four seconds (the step's above 0), got {as_phases!r}")
+        settings = AutoscaleSettings(checkpoint=checkpoint, rate=rate, step_factor=step_factor, durations=durations,
+                                     hard_share=hard_share, target_ms=slo_ms, slo_mode=slo_mode, nodes=nodes,
+                                     max_workers=max_workers, idle_timeout_s=idle_timeout, batch_size=batch_size,
+                                     port=port)
+        _bench_autoscale(settings, plot, json_out)
+        return
     if burst:
         from .burst import BurstSettings
 
@@ -240,6 +267,20 @@ def _bench_burst(settings, plot: Optional[str], json_out: Optional[str]) -> None
     failed = answered_nothing(result)
     if failed:
         typer.echo(f"error: the {' and '.join(failed)} run(s) failed every request (see above)", err=True)
+        raise typer.Exit(1)
+
+
+def _bench_autoscale(settings, plot: Optional[str], json_out: Optional[str]) -> None:
+    from .autoscale import run_autoscale
+    from .autoscale_report import plot_autoscale, print_autoscale
+
+    result = run_autoscale(settings)
+    _write_json(json_out, result)
+    print_autoscale(result)
+    if plot:
+        plot_autoscale(result, plot)
+    if result["sent"] and result["failed"] == result["sent"]:
+        typer.echo("error: every request failed (see above)", err=True)
         raise typer.Exit(1)
 
 

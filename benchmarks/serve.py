@@ -91,6 +91,15 @@ def ratio_at_equal_p99(cf: List[Dict[str, Any]], base: List[Dict[str, Any]]) -> 
     return out
 
 
+def pixels_and_confidences(model, files: List[bytes], batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """The files as the model's normalised input, and each one's coarse-stage confidence (top softmax)."""
+    pt = PixelTransform(model.data_config)
+    x = normalise(torch.stack([pt.pixels(decode_image(f)) for f in files]), pt.mean, pt.std)
+    with torch.inference_mode():
+        conf = torch.cat([model.coarse_stage(b).logits.float().softmax(-1).amax(-1) for b in x.split(batch_size)])
+    return x, conf
+
+
 def offline_reference(checkpoint: str, files: List[bytes], batch_size: int, n_batches: int,
                       eta: Optional[float], exit_rate: Optional[float], threads: int) -> Dict[str, Any]:
     """The same images through the library in this process: coarse confidences (→ η for `exit_rate`),
@@ -100,10 +109,7 @@ def offline_reference(checkpoint: str, files: List[bytes], batch_size: int, n_ba
 
     torch.set_num_threads(threads)
     model = cfvit.load(str(resolve_checkpoint(checkpoint))).eval()
-    pt = PixelTransform(model.data_config)
-    x = normalise(torch.stack([pt.pixels(decode_image(f)) for f in files]), pt.mean, pt.std)
-    with torch.inference_mode():
-        conf = torch.cat([model.coarse_stage(b).logits.float().softmax(-1).amax(-1) for b in x.split(batch_size)])
+    x, conf = pixels_and_confidences(model, files, batch_size)
     if exit_rate is not None:
         eta = eta_for_exit_fraction(conf, exit_rate)
     batches = [x[(i * batch_size) % len(x):][:batch_size] for i in range(n_batches)]

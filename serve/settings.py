@@ -55,9 +55,15 @@ class StageOptions(BaseModel):
         return self
 
 
+# Delays from `cfvit bench serve --autoscale` (docs/BENCHMARKS.md "Autoscaling, seen"): new capacity took
+# far longer to start (a node ≈17 s, a replica ≈30 s on a busy 2-core box) than the 5 s upscale delay, so
+# the delay is kept short; a 10 s look-back (Serve's default: 30 s) lets a load step show in the average
+# within seconds. Scale-down lost no request (a leaving replica drains), but a short delay made a node
+# leave and come back: 60 s holds capacity across dips shorter than about twice its start time.
 def _autoscaling(max_replicas: int, target: int) -> Dict[str, Any]:
     return {"min_replicas": 1, "initial_replicas": 1, "max_replicas": max_replicas,
-            "target_ongoing_requests": target, "upscale_delay_s": 5, "downscale_delay_s": 60}
+            "target_ongoing_requests": target, "upscale_delay_s": 5, "downscale_delay_s": 60,
+            "look_back_period_s": 10}
 
 
 # Every image pays the coarse stage, so it gets the most replicas. A replica is "busy" when about one
