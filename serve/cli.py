@@ -19,6 +19,8 @@ app = typer.Typer()
 def serve_cmd(
     checkpoint: str = typer.Option(..., help="Checkpoint directory, s3://bucket/prefix, or models:/NAME@ALIAS."),
     port: int = typer.Option(8000, help="HTTP port."),
+    grpc_port: Optional[int] = typer.Option(None, help="Also serve the gRPC API (serve/proto/cfvit.proto: "
+                                            "cfvit.v1.Classifier/Classify) on this port."),
     host: str = typer.Option("127.0.0.1", help="HTTP host (0.0.0.0 to listen on every interface)."),
     eta: float = typer.Option(0.5, min=0.0, max=1.0001, help="Default exit threshold η."),
     stages: str = typer.Option("split", help="split | fused | backbone (see serve/settings.py)."),
@@ -66,7 +68,7 @@ def serve_cmd(
         typer.echo(f"warning: {warning}", err=True)
     try:
         serve_forever(args, host=host, port=port, address=address, num_cpus=num_cpus, echo=typer.echo,
-                      ready_timeout_s=ready_timeout)
+                      ready_timeout_s=ready_timeout, grpc_port=grpc_port)
     except AppDoesNotFit as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None

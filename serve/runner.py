@@ -8,11 +8,13 @@ from typing import Optional
 
 import ray
 from ray import serve
+from ray.serve.config import gRPCOptions
 
 from cfvit_common.checkpoints import pin_checkpoint, resolve_checkpoint
 from cfvit_common.ray_env import init_ray
 
 from .app import build_app
+from .grpc_api import SERVICER_FUNCTION
 from .placement import READY_TIMEOUT_S, deploy
 from .settings import AppArgs
 
@@ -34,8 +36,8 @@ def start_ray(address: Optional[str], num_cpus: Optional[int] = None) -> bool:
 
 def serve_forever(app_args: AppArgs, host: str, port: int, address: Optional[str] = None,
                   num_cpus: Optional[int] = None, name: str = "cfvit", echo=print,
-                  ready_timeout_s: float = READY_TIMEOUT_S) -> None:
-    """Serve until SIGINT/SIGTERM. Raises AppDoesNotFit when the cluster cannot place the application (at once
+                  ready_timeout_s: float = READY_TIMEOUT_S, grpc_port: Optional[int] = None) -> None:
+    """Serve until SIGINT/SIGTERM; `grpc_port`: also the gRPC API (serve/proto/cfvit.proto) on that port. Raises AppDoesNotFit when the cluster cannot place the application (at once
     on a Ray started here, else after `ready_timeout_s`), having stopped what it started."""
     # Signals raise in the main thread from here on; a second signal during shutdown is ignored so the
     # clean-up finishes (SIGKILL remains for the impatient).
@@ -52,10 +54,15 @@ def serve_forever(app_args: AppArgs, host: str, port: int, address: Optional[str
             signal.signal(s, _raise_stop)
         # The proxy's own limit, a second after the application's (which answers 408 as JSON), catches what
         # never reaches an ingress replica (a queue in front of busy replicas).
-        serve.start(http_options={"host": host, "port": port, "request_timeout_s": app_args.request_timeout_s + 1})
+        grpc_options = (gRPCOptions(port=grpc_port, grpc_servicer_functions=[SERVICER_FUNCTION])
+                        if grpc_port else None)
+        serve.start(http_options={"host": host, "port": port, "request_timeout_s": app_args.request_timeout_s + 1},
+                    grpc_options=grpc_options)
         deploy(build_app(app_args), app_args, name, "/", fixed_cluster=started, timeout_s=ready_timeout_s)
         url = f"http://{host}:{port}/"
         echo(f"CF-ViT is serving at {url}  (API docs: {url}docs) — Ctrl-C to stop")
+        if grpc_port:
+            echo(f"gRPC: cfvit.v1.Classifier/Classify at {host}:{grpc_port} (serve/grpc_client.py)")
         sys.stdout.flush()
         while True:
             time.sleep(3600)

@@ -12,6 +12,7 @@ import grpc
 import pytest
 
 from serve import grpc_api
+from serve.grpc_client import Classifier, ClassifyError
 from serve.guard import Guard, KeyStore, RateLimiter, admit
 from serve.proto import cfvit_pb2 as pb
 from serve.proto import cfvit_pb2_grpc as pb_grpc
@@ -98,3 +99,35 @@ def test_the_guard_answers_both_transports_alike(tmp_path):
     open_door = Guard(None, RateLimiter(rate=1.0, burst=1), 30.0)  # without keys: one bucket per address
     assert admit(open_door, {}, "10.0.0.1") is None and admit(open_door, {}, "10.0.0.2") is None
     assert admit(open_door, {}, "10.0.0.1").status == 429
+
+
+class _Answering(pb_grpc.ClassifierServicer):
+    """Answers with one prediction per image, its label the image's length; refuses eta = 0.429 as 429."""
+
+    def Classify(self, request, context):  # noqa: N802 - the gRPC method
+        if request.HasField("eta") and request.eta == 0.429:
+            return grpc_api.refuse(context, 429, "rate limit", {"rate_per_s": 1.0}, ((b"retry-after", b"2"),))
+        key = dict(context.invocation_metadata()).get("authorization")
+        preds = [Prediction(label=len(f), class_name=key or "", confidence=1.0, top5=[], stage="coarse", gflops=0.5,
+                            eta=request.eta, coarse_confidence=1.0, model_version="3") for f in request.images]
+        return grpc_api.reply(preds)
+
+
+def test_the_python_client_gives_the_http_json_and_raises_refusals_with_their_answer():
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    pb_grpc.add_ClassifierServicer_to_server(_Answering(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with Classifier(f"127.0.0.1:{port}", api_key=KEY) as c:
+            answers = c.classify([b"ab", b"abcd"], eta=0.5)
+            assert [a["label"] for a in answers] == [2, 4] and answers[0]["class_name"] == f"Bearer {KEY}"
+            assert answers[0]["model_version"] == "3" and answers[0]["regions"] is None
+            with pytest.raises(ClassifyError) as err:
+                c.classify([b"x"], eta=0.429)
+        e = err.value
+        assert (e.code, e.http_status, e.error, e.retry_after_s) == (grpc.StatusCode.RESOURCE_EXHAUSTED, 429,
+                                                                     "rate limit", 2.0)
+        assert e.detail == {"rate_per_s": 1.0}
+    finally:
+        server.stop(0)
