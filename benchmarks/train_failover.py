@@ -58,7 +58,9 @@ def job_sets(case: str, stack, epochs: int) -> List[str]:
     sets = {
         "name": name, "data.train": f"s3://{DATA_BUCKET}/fmnist/train",
         "data.val": f"s3://{DATA_BUCKET}/fmnist/val", "data.train_limit": "null", "data.val_limit": "null",
-        "model.overrides": "{depth: 2, embed_dim: 48, num_heads: 2}", "optim.batch_size": 64,
+        # the 56-px model: epochs long enough for the fault to land inside one
+        "model.name": "cfvit_tiny_fmnist", "model.overrides": "{depth: 2, embed_dim: 48, num_heads: 2}",
+        "optim.batch_size": 64,
         "deepspeed.micro_batch_size": 32, "schedule.epochs": epochs, "schedule.split_fraction": 0.34,
         "scaling.num_workers": 2, "scaling.worker_resources": "{trainer: 1}",
         "scaling.placement_strategy": "STRICT_SPREAD",
