@@ -260,14 +260,9 @@ def _bench_burst(settings, plot: Optional[str], json_out: Optional[str]) -> None
     from .burst import answered_nothing, plot_burst, print_burst, run_burst
 
     result = run_burst(settings)
-    _write_json(json_out, result)
-    print_burst(result)
-    if plot:
-        plot_burst(result, plot)
     failed = answered_nothing(result)
-    if failed:
-        typer.echo(f"error: the {' and '.join(failed)} run(s) failed every request (see above)", err=True)
-        raise typer.Exit(1)
+    _finish(result, json_out, print_burst, plot_burst, plot,
+            f"the {' and '.join(failed)} run(s) failed every request" if failed else None)
 
 
 def _bench_autoscale(settings, plot: Optional[str], json_out: Optional[str]) -> None:
@@ -275,12 +270,19 @@ def _bench_autoscale(settings, plot: Optional[str], json_out: Optional[str]) -> 
     from .autoscale_report import plot_autoscale, print_autoscale
 
     result = run_autoscale(settings)
+    _finish(result, json_out, print_autoscale, plot_autoscale, plot,
+            "every request failed" if result["sent"] and result["failed"] == result["sent"] else None)
+
+
+def _finish(result, json_out: Optional[str], show, plot_result, plot: Optional[str], failure: Optional[str]) -> None:
+    """A load run's end: the JSON first (the figures survive a printing problem), the tables, the plot; exit 1
+    with `failure` when the run answered nothing."""
     _write_json(json_out, result)
-    print_autoscale(result)
+    show(result)
     if plot:
-        plot_autoscale(result, plot)
-    if result["sent"] and result["failed"] == result["sent"]:
-        typer.echo("error: every request failed (see above)", err=True)
+        plot_result(result, plot)
+    if failure:
+        typer.echo(f"error: {failure} (see above)", err=True)
         raise typer.Exit(1)
 
 
