@@ -117,7 +117,7 @@ def bench_train_failover_cmd(
     fault: str = typer.Option("node,s3", help="node (kill a worker's node), s3 (pause the S3 server), or both."),
     epochs: int = typer.Option(3, min=2, help="Epochs of each job."),
     fault_epoch: int = typer.Option(2, min=1, help="The epoch (1-based) in which the fault is injected."),
-    kill_at: float = typer.Option(0.5, min=0.0, max=0.95, help="How far into that epoch the node dies (share "
+    kill_at: float = typer.Option(0.3, min=0.0, max=0.95, help="How far into that epoch the node dies (share "
                                   "of its steps)."),
     pause_at: float = typer.Option(1.0, min=0.0, max=1.0, help="How far into that epoch S3 pauses (1: as the "
                                    "epoch's checkpoint is written; the pause runs into the next epoch's reads)."),

@@ -117,7 +117,7 @@ class JobWatch:
         return {int(e["groups"][0]): e["groups"][1] for e in self.events if e["kind"] == "worker" and e["t"] > after}
 
 
-def run_case(stack, case: str, *, epochs: int = 3, fault_epoch: int = 2, at_fraction: float = 0.5,
+def run_case(stack, case: str, *, epochs: int = 3, fault_epoch: int = 2, at_fraction: float = 0.3,
              kill_rank: int = 1, replace_after_s: float = 5.0, pause_s: float = 20.0, n_train: int = 1024,
              n_val: int = 256, timeout_s: float = 480.0, log_dir: Optional[str] = None) -> Dict[str, Any]:
     """Submit one job, inject `case` (node | s3) when epoch `fault_epoch` (1-based) is `at_fraction` done
@@ -135,14 +135,7 @@ def run_case(stack, case: str, *, epochs: int = 3, fault_epoch: int = 2, at_frac
         if watch.status in ("SUCCEEDED", "FAILED", "STOPPED"):
             break
         if records and "t" not in fault and "missed" not in fault:
-            p = records[-1]  # where training is now; earlier lines of the same burst are history
-            ready = case != "node" or kill_rank in watch.worker_nodes()
-            if _due(p, fault_epoch, threshold) and ready:
-                fault.update(_inject(stack, watch, case, kill_rank), epoch=fault_epoch,
-                             step=steps if p["step"] is None else p["step"], steps=steps, t=time.monotonic() - t0)
-            elif p["epoch"] > fault_epoch or (threshold is not None and p["epoch"] == fault_epoch
-                                              and p["step"] is None):
-                fault["missed"] = f"epoch {fault_epoch} went by between two looks at the log"  # inject nothing
+            _trigger(stack, watch, fault, records, case, kill_rank, fault_epoch, threshold, steps, t0)
         _follow_up(stack, fault, case, t0, replace_after_s, pause_s)
         time.sleep(0.5)
     else:  # out of time: stop the job rather than leave it running on the cluster
@@ -150,6 +143,25 @@ def run_case(stack, case: str, *, epochs: int = 3, fault_epoch: int = 2, at_frac
         watch.status = "TIMED OUT"
     _follow_up(stack, fault, case, t0, 0.0, 0.0)  # whatever the end: S3 running, the lost node replaced
     return summarize(stack, watch, case, fault, epochs, t0, log_dir)
+
+
+def _trigger(stack, watch: JobWatch, fault: dict, records: List[dict], case: str, kill_rank: int,
+             epoch: int, threshold: Optional[float], steps: int, t0: float) -> None:
+    """Inject the fault on the first due record of this look at the log. The log arrives in bursts (worker
+    output is forwarded by each node's log monitor), so a burst may hold both the due step and the epoch's
+    end: then the moment has passed, and nothing is injected rather than a fault in the wrong place."""
+    due = next((p for p in records if _due(p, epoch, threshold)), None)
+    passed = any(p["epoch"] > epoch or (threshold is not None and p["epoch"] == epoch and p["step"] is None)
+                 for p in records)
+    ready = case != "node" or kill_rank in watch.worker_nodes()
+    if due is not None and ready and not passed:
+        fault.update(_inject(stack, watch, case, kill_rank), epoch=epoch,
+                     step=steps if due["step"] is None else due["step"], steps=steps, t=time.monotonic() - t0)
+    elif passed:
+        last = records[-1]
+        fault["missed"] = (f"epoch {epoch} went by between two looks at the log (this look ended at epoch "
+                           f"{last['epoch']}, step {last['step']}; rank {kill_rank}'s node "
+                           f"{'known' if ready else 'not yet in the log'})")
 
 
 def _due(p: dict, epoch: int, step: Optional[float]) -> bool:
@@ -284,7 +296,7 @@ def _loads(uri: str) -> bool:
         return False
 
 
-def run_train_failover(cases=("node", "s3"), kill_at: float = 0.5, pause_at: float = 1.0, **kw) -> Dict[str, Any]:
+def run_train_failover(cases=("node", "s3"), kill_at: float = 0.3, pause_at: float = 1.0, **kw) -> Dict[str, Any]:
     """Start the stack (head + 2 worker nodes, S3, MLflow), put the data in S3, run each case in turn: the
     node killed `kill_at` into the epoch, S3 paused `pause_at` into it (1: during its checkpoint write)."""
 

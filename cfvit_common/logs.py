@@ -66,10 +66,13 @@ def routed_logs(path: Optional[Path], verbose: bool = False) -> Iterator[TextIO]
                 term.close()
 
 
-def forward_worker_lines(on_line: Callable[[str], None], on_progress: Callable[[dict], None]) -> bool:
+def forward_worker_lines(on_line: Callable[[str], None], on_progress: Callable[[dict], None],
+                         keep_progress: bool = False) -> bool:
     """Hook the driver's stream of worker output (after `ray.init(log_to_driver=True)`): progress records go
     to `on_progress`, reader lines (`READER_LINE`) to `on_line`; the rest stays with Ray's own printer
-    (the log file under `routed_logs`). Returns False when this Ray has no such stream to hook."""
+    (the log file under `routed_logs`). `keep_progress`: the records also stay in that stream (a Ray job's
+    log, where `cfvit submit logs` and the failover bench read them). Returns False when this Ray has no
+    such stream to hook."""
     try:  # a private Ray API: a Ray without it leaves the stream alone
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
     except ImportError:
@@ -83,6 +86,8 @@ def forward_worker_lines(on_line: Callable[[str], None], on_progress: Callable[[
             if line.startswith(PROGRESS_TAG):
                 with contextlib.suppress(ValueError):
                     on_progress(json.loads(line[len(PROGRESS_TAG):]))
+                if keep_progress:
+                    rest.append(line)
             elif READER_LINE.match(line) and (data.get("pid"), line) not in seen:
                 seen.add((data.get("pid"), line))
                 on_line(line)

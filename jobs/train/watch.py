@@ -36,11 +36,11 @@ def steps_per_epoch(cfg: JobConfig) -> Optional[int]:
 def run_watched(cfg: JobConfig, console, verbose: bool = False, **kw) -> TrainingOutcome:
     """`run_training` with its epoch lines and a progress bar on `console` (rich). Starts (or joins) Ray
     first: the workers' output can only be picked out of Ray's stream once it runs. `verbose`: the bar only,
-    every line streams as Ray prints it."""
+    every line streams as Ray prints it, the progress records too."""
     if not cfg.log.progress_every_s:
         cfg.log.progress_every_s = PROGRESS_EVERY_S
     init_ray(cfg, min_cpus=cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 2)
     with TrainingProgress(console, steps_per_epoch(cfg)) as bar:
         # verbose: Ray's printer streams the epoch lines with the rest (a reader line goes there too)
-        forward_worker_lines((lambda line: None) if verbose else bar.line, bar.update)
+        forward_worker_lines((lambda line: None) if verbose else bar.line, bar.update, keep_progress=verbose)
         return run_training(cfg, **kw)

@@ -12,11 +12,11 @@ from tests.fixtures.procs import cfvit as cfvit_cmd
 from tests.fixtures.procs import run
 from tests.fixtures.services import free_port
 
-pytestmark = pytest.mark.e2e  # a whole command, Ray and Serve for real
+# a whole command, Ray and Serve for real; slow: about 150 s alone, and beside the rest of the suite on two
+# cores the new replica does not always start within the load step, so it runs on its own (`-m slow`)
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
-@pytest.mark.xfail(reason="on the 2-core machine the new replica has not always started within the load step "
-                          "(passed alone in 148 s; in a full-suite run no replica was added in time)", strict=False)
 def test_replicas_added_under_load_and_removed_after(tmp_path):
     out, plot = tmp_path / "as.json", tmp_path / "as.png"
     proc = run(cfvit_cmd("bench", "serve", "--model", "cfvit_tiny_fmnist", "--autoscale", "--no-nodes",
