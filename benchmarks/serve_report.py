@@ -54,38 +54,42 @@ def served_ratios(systems: Dict[str, List[Dict[str, Any]]], offline: Dict[str, A
     return out
 
 
-def _load_table(title: str, groups: Dict[str, Dict[str, List[Dict[str, Any]]]]) -> Table:
-    t = Table(box=box.SIMPLE, title=title)
-    for col in ("system", "clients", "req/s", "img/s", "p50 ms", "p99 ms", "CPU ms/req", "own ms/req", "err",
-                "exits"):
-        t.add_column(col, justify="right")
+def _load_table(title: str, groups: Dict[str, Dict[str, List[Dict[str, Any]]]], per_request: int) -> Table:
+    """One row per system and client count, in 80 columns (img/s only when a request holds several)."""
+    t = Table(box=box.SIMPLE, title=title, padding=(0, 1))
+    cols = ["system", "cl", "req/s"] + (["img/s"] if per_request > 1 else []) + [
+        "p50 ms", "p99 ms", "CPU ms", "own ms", "err", "exits"]
+    for col in cols:
+        t.add_column(col, justify="left" if col == "system" else "right", no_wrap=True)
     for kind, systems in groups.items():
         for spec, rows in systems.items():
             for r in rows:
                 exits = "—" if kind == "floor" or _topology(spec) == "backbone" else f"{100 * r['exit_rate']:.0f}%"
                 name = f"floor: {spec}" if kind == "floor" else label(spec)
-                t.add_row(name[:28], str(r["concurrency"]), f"{r['requests_per_s']:.1f}", f"{r['throughput']:.1f}",
-                          f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}", f"{r['cpu_ms_per_request']:.2f}",
-                          f"{r['own_cpu_ms_per_request']:.2f}", str(r["errors"]), exits)
+                cells = [name[:20], str(r["concurrency"]), f"{r['requests_per_s']:.1f}"]
+                cells += [f"{r['throughput']:.1f}"] if per_request > 1 else []
+                cells += [f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}", f"{r['cpu_ms_per_request']:.2f}",
+                          f"{r['own_cpu_ms_per_request']:.2f}", str(r["errors"]), exits]
+                t.add_row(*cells)
     return t
 
 
 def print_report(result: Dict[str, Any]) -> None:
-    console = Console(width=120)
-    off = result["offline"]
+    console = Console(width=80)
+    off, per_request = result["offline"], result.get("images_per_request", 1)
     console.print(f"cfvit bench serve — {result.get('model')} · η={result['eta']:.5g} · {result['cpus']} CPUs "
                   f"({result.get('cpu', '')}) · load average {result.get('load_at_start', float('nan')):.2f} at start")
-    console.print(f"{result.get('transport', 'http')} · {result.get('images_per_request', 1)} image(s) per request "
+    console.print(f"{result.get('transport', 'http')} · {per_request} image(s) per request "
                   f"of {result.get('body_bytes', 0):,} bytes · batch {result['batch_size']} · "
-                  f"{result['duration_s']:.0f} s per level · CPU ms/req: the whole machine's busy CPU ÷ requests "
-                  f"(client included); own: this bench's process tree (client + Ray)")
+                  f"{result['duration_s']:.0f} s per level · cl: clients · CPU ms: the whole machine's busy CPU "
+                  f"per request (client included); own: this bench's process tree's (client + Ray)")
     if "ratio" in off:
         console.print(f"offline (infer_stream, {off['threads']} threads, {off['n_batches']}×{off['batch_size']}): "
                       f"backbone {off['backbone_ips']:.1f} img/s, CF-ViT {off['cfvit_ips']:.1f} img/s at "
                       f"{100 * off['exit_rate']:.0f}% exits = {off['ratio']:.2f}×")
     for profile, run in result.get("profiles", {"": result}).items():
         console.print(_load_table(f"request path: {profile or 'default'} {run.get('env') or ''}",
-                                  {"floor": run.get("floor", {}), "app": run["systems"]}))
+                                  {"floor": run.get("floor", {}), "app": run["systems"]}, per_request))
         _print_ratios(console, run["systems"], off)
         _print_breakdown(console, run["systems"])
         print_failures(run["systems"], console)
@@ -119,11 +123,11 @@ def _print_ratios(console, systems, off) -> None:
     ratios = served_ratios(systems, off)
     if ratios:
         t = Table(box=box.SIMPLE, title="CF-ViT ÷ backbone: served vs offline")
-        for col in ("system", "baseline", "clients", "served", "equal p99", "offline", "of offline"):
-            t.add_column(col, justify="right")
+        for col in ("system", "baseline", "cl", "served", "equal p99", "offline", "of offline"):
+            t.add_column(col, justify="right", no_wrap=True)
         for r in ratios:
             p99 = "—" if not np.isfinite(r["p99_lo"]) else f"{r['p99_lo']:.2f}–{r['p99_hi']:.2f}×"
-            t.add_row(r["system"][:24], r["baseline"][:16], str(r["clients"]), f"{r['ratio']:.2f}×", p99,
+            t.add_row(r["system"][:20], r["baseline"][:12], str(r["clients"]), f"{r['ratio']:.2f}×", p99,
                       f"{r['offline']:.2f}×", f"{r['of_offline']:.2f}")
         console.print(t)
     for spec, rows in systems.items():
@@ -149,9 +153,9 @@ def _print_breakdown(console, systems: Dict[str, List[Dict[str, Any]]]) -> None:
     levels = [r["concurrency"] for r in next(iter(systems.values()))]
     for li, c in enumerate(levels):
         t = Table(box=box.SIMPLE, title=f"where a request's time goes, {c} clients (ms; *_batch: images)")
-        t.add_column("entry")
+        t.add_column("entry", no_wrap=True)
         for spec in systems:
-            t.add_column(label(spec)[:12], justify="right")
+            t.add_column(label(spec)[:12], justify="right", no_wrap=True)
         keys = sorted({k for rows in systems.values() for k in rows[li]["breakdown"]}, key=_rank)
         for k in keys:
             t.add_row(k, *(f"{rows[li]['breakdown'][k]:.1f}" if k in rows[li]["breakdown"] else ""

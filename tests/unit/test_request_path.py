@@ -73,3 +73,29 @@ def test_each_cf_vit_system_is_compared_with_the_backbone_served_the_same_way():
     assert baseline_of("local:fused model_in_ingress=true fused.max_batch_size=8", systems) == (
         "local-bb:backbone model_in_ingress=true")
     assert baseline_of("split wire_dtype=float32", systems) == "backbone"  # no such backbone: the first
+
+
+def _rows(exit_rate, rps):
+    return [{"concurrency": c, "requests": 100, "requests_per_s": rps * c, "throughput": rps * c, "p50_ms": 20.0 * c,
+             "p99_ms": 40.0 * c, "cpu_ms_per_request": 12.5, "own_cpu_ms_per_request": 11.0, "errors": 0,
+             "failed_total": 0, "exit_rate": exit_rate, "error_samples": [],
+             "breakdown": {"proxy": 3.0, "read": 1.0, "decode": 2.0, "coarse_compute": 9.0, "app": 20.0}}
+            for c in (1, 8)]
+
+
+def test_the_report_fits_80_columns(capsys):
+    from benchmarks.serve_report import print_report
+
+    systems = {"split": _rows(0.76, 20.0), "fused model_in_ingress=true": _rows(0.76, 22.0),
+               "backbone": _rows(0.0, 9.0)}
+    run = {"env": "RAY_SERVE_THROUGHPUT_OPTIMIZED=1", "systems": systems,
+           "floor": {"noop": _rows(0.0, 150.0), "noop+hop": _rows(0.0, 90.0)}}
+    result = {"model": "cfvit_deit_small_patch16_224", "eta": 0.0027, "cpus": 2, "cpu": "x86_64",
+              "load_at_start": 0.4, "transport": "http", "images_per_request": 1, "body_bytes": 151_000,
+              "batch_size": 16, "duration_s": 10.0, "profiles": {"optimized": run},
+              "offline": {"ratio": 2.7, "threads": 2, "n_batches": 4, "batch_size": 16, "backbone_ips": 17.0,
+                          "cfvit_ips": 46.0, "exit_rate": 0.76}}
+    print_report(result)
+    out = capsys.readouterr().out
+    assert "floor: noop+hop" in out and "fused model_in" in out and "served backbone" in out
+    assert max(len(line) for line in out.splitlines()) <= 80, out
