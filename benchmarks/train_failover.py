@@ -135,7 +135,7 @@ def run_case(stack, case: str, *, epochs: int = 3, fault_epoch: int = 2, at_frac
         if watch.status in ("SUCCEEDED", "FAILED", "STOPPED"):
             break
         if records and "t" not in fault and "missed" not in fault:
-            _trigger(stack, watch, fault, records, case, kill_rank, fault_epoch, threshold, steps, t0)
+            _trigger(stack, watch, fault, records, case, kill_rank, fault_epoch, threshold, steps)
         _follow_up(stack, fault, case, t0, replace_after_s, pause_s)
         time.sleep(0.5)
     else:  # out of time: stop the job rather than leave it running on the cluster
@@ -146,7 +146,7 @@ def run_case(stack, case: str, *, epochs: int = 3, fault_epoch: int = 2, at_frac
 
 
 def _trigger(stack, watch: JobWatch, fault: dict, records: List[dict], case: str, kill_rank: int,
-             epoch: int, threshold: Optional[float], steps: int, t0: float) -> None:
+             epoch: int, threshold: Optional[float], steps: int) -> None:
     """Inject the fault on the first due record of this look at the log. The log arrives in bursts (worker
     output is forwarded by each node's log monitor), so a burst may hold both the due step and the epoch's
     end: then the moment has passed, and nothing is injected rather than a fault in the wrong place."""
@@ -156,7 +156,7 @@ def _trigger(stack, watch: JobWatch, fault: dict, records: List[dict], case: str
     ready = case != "node" or kill_rank in watch.worker_nodes()
     if due is not None and ready and not passed:
         fault.update(_inject(stack, watch, case, kill_rank), epoch=epoch,
-                     step=steps if due["step"] is None else due["step"], steps=steps, t=time.monotonic() - t0)
+                     step=steps if due["step"] is None else due["step"], steps=steps, t=time.monotonic() - watch.t0)
     elif passed:
         last = records[-1]
         fault["missed"] = (f"epoch {epoch} went by between two looks at the log (this look ended at epoch "
