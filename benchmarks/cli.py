@@ -5,6 +5,7 @@ so `cfvit --help` answers at once.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 from typing import List, Optional
@@ -200,6 +201,8 @@ def bench_serve(
     max_workers: int = typer.Option(2, min=1, help="--autoscale: most worker nodes the autoscaler may add."),
     idle_timeout: float = typer.Option(20.0, min=1.0, help="--autoscale: seconds an idle worker node stays."),
     slo_mode: bool = typer.Option(False, "--slo-mode", help="--autoscale: SLO mode on (p99 target --slo-ms)."),
+    verbose: bool = typer.Option(False, "--verbose", help="Stream Ray's and Serve's logs here too."),
+    log_dir: str = typer.Option("outputs/logs", help="Folder of the run's log file (Ray's and Serve's lines)."),
 ):
     """Throughput, p50/p99 latency, CPU per request and per-hop timings of CF-ViT deployments vs the plain
     backbone, same hardware, next to the offline ratio of the same checkpoint and (--floor) Ray Serve's own
@@ -225,7 +228,8 @@ def bench_serve(
                                      hard_share=hard_share, target_ms=slo_ms, slo_mode=slo_mode, nodes=nodes,
                                      max_workers=max_workers, idle_timeout_s=idle_timeout, batch_size=batch_size,
                                      port=port)
-        _bench_autoscale(settings, plot, json_out)
+        with _terminal(verbose, log_dir) as console:
+            _bench_autoscale(settings, plot, json_out, console)
         return
     if burst:
         from .burst import BurstSettings
@@ -238,43 +242,62 @@ def bench_serve(
                                  burst_s=burst_s, after_s=after, slo_ms=slo_ms, min_eta=min_eta,
                                  max_accuracy_drop=max_accuracy_drop, eta=eta, stages=(system or ["split"])[0],
                                  replicas=replicas, batch_size=batch_size, port=port)
-        _bench_burst(settings, plot, json_out)
+        with _terminal(verbose, log_dir) as console:
+            _bench_burst(settings, plot, json_out, console)
         return
 
     levels: List[int] = [int(c) for c in concurrency.split(",") if c.strip()]
-    result = run_bench(ServeBenchSettings(checkpoint, levels=levels, duration_s=duration, warmup_s=warmup, eta=eta,
-                                          exit_rate=exit_rate, n_images=images, replicas=replicas, port=port,
-                                          grpc_port=grpc_port, systems=system or DEFAULT_SYSTEMS,
-                                          batch_size=batch_size, per_request=per_request, transport=transport,
-                                          floor=floor, profiles=serve_env or ["default"], image_px=image_px,
-                                          offline=offline))
-    _write_json(json_out, result)  # first: the figures survive a printing problem
-    print_report(result)
-    failed = answered_nothing(result)
-    if failed:
-        typer.echo(f"error: {', '.join(label(f) for f in failed)} failed every request (see above)", err=True)
-        raise typer.Exit(1)
+    settings = ServeBenchSettings(checkpoint, levels=levels, duration_s=duration, warmup_s=warmup, eta=eta,
+                                  exit_rate=exit_rate, n_images=images, replicas=replicas, port=port,
+                                  grpc_port=grpc_port, systems=system or DEFAULT_SYSTEMS, batch_size=batch_size,
+                                  per_request=per_request, transport=transport, floor=floor,
+                                  profiles=serve_env or ["default"], image_px=image_px, offline=offline)
+    with _terminal(verbose, log_dir) as console:
+        result = run_bench(settings)
+        _write_json(json_out, result)  # first: the figures survive a printing problem
+        print_report(result, console)
+        failed = answered_nothing(result)
+        if failed:
+            _fail(console, f"{', '.join(label(f) for f in failed)} failed every request (see above)")
 
 
-def _bench_burst(settings, plot: Optional[str], json_out: Optional[str]) -> None:
+@contextlib.contextmanager
+def _terminal(verbose: bool, log_dir: str):
+    """A console on the terminal while Ray's and Serve's lines go to a log file (or, `verbose`, here too)."""
+    from cfvit_common.logs import log_path, routed_logs
+
+    path = None if verbose else log_path(log_dir, "bench-serve")
+    with routed_logs(path, verbose) as term:
+        console = Console(file=term, width=80)
+        if path:
+            console.print(f"Ray's and Serve's logs: {path}", markup=False, highlight=False, soft_wrap=True)
+        yield console
+
+
+def _fail(console, message: str) -> None:
+    console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+def _bench_burst(settings, plot: Optional[str], json_out: Optional[str], console) -> None:
     from .burst import answered_nothing, plot_burst, print_burst, run_burst
 
     result = run_burst(settings)
     failed = answered_nothing(result)
-    _finish(result, json_out, print_burst, plot_burst, plot,
-            f"the {' and '.join(failed)} run(s) failed every request" if failed else None)
+    _finish(result, json_out, lambda r: print_burst(r, console), plot_burst, plot,
+            f"the {' and '.join(failed)} run(s) failed every request" if failed else None, console)
 
 
-def _bench_autoscale(settings, plot: Optional[str], json_out: Optional[str]) -> None:
+def _bench_autoscale(settings, plot: Optional[str], json_out: Optional[str], console) -> None:
     from .autoscale import run_autoscale
     from .autoscale_report import plot_autoscale, print_autoscale
 
     result = run_autoscale(settings)
-    _finish(result, json_out, print_autoscale, plot_autoscale, plot,
-            "every request failed" if result["sent"] and result["failed"] == result["sent"] else None)
+    _finish(result, json_out, lambda r: print_autoscale(r, console), plot_autoscale, plot,
+            "every request failed" if result["sent"] and result["failed"] == result["sent"] else None, console)
 
 
-def _finish(result, json_out: Optional[str], show, plot_result, plot: Optional[str], failure: Optional[str]) -> None:
+def _finish(result, json_out: Optional[str], show, plot_result, plot: Optional[str], failure: Optional[str],
+            console) -> None:
     """A load run's end: the JSON first (the figures survive a printing problem), the tables, the plot; exit 1
     with `failure` when the run answered nothing."""
     _write_json(json_out, result)
@@ -282,8 +305,7 @@ def _finish(result, json_out: Optional[str], show, plot_result, plot: Optional[s
     if plot:
         plot_result(result, plot)
     if failure:
-        typer.echo(f"error: {failure} (see above)", err=True)
-        raise typer.Exit(1)
+        _fail(console, f"{failure} (see above)")
 
 
 @app.command("failover")

@@ -10,6 +10,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from serve.request_path import PROFILES
+
 from .failures import MAX_DISTINCT, describe
 from .serve import label, ratio_at_equal_p99, strip_label
 
@@ -58,7 +60,7 @@ def _load_table(title: str, groups: Dict[str, Dict[str, List[Dict[str, Any]]]], 
     """One row per system and client count, in 80 columns (img/s only when a request holds several)."""
     t = Table(box=box.SIMPLE, title=title, padding=(0, 1))
     cols = ["system", "cl", "req/s"] + (["img/s"] if per_request > 1 else []) + [
-        "p50 ms", "p99 ms", "CPU ms", "own ms", "err", "exits"]
+        "p50", "p99", "CPU", "own", "err", "exits"]
     for col in cols:
         t.add_column(col, justify="left" if col == "system" else "right", no_wrap=True)
     for kind, systems in groups.items():
@@ -74,21 +76,28 @@ def _load_table(title: str, groups: Dict[str, Dict[str, List[Dict[str, Any]]]], 
     return t
 
 
-def print_report(result: Dict[str, Any]) -> None:
-    console = Console(width=80)
+def _profile_title(profile: str) -> str:
+    """The profile and its switches (not the per-run file paths and ports that go with HAProxy)."""
+    switches = " ".join(f"{k}={v}" for k, v in PROFILES.get(profile, {}).items())
+    return f"request path: {profile}" + (f" ({switches})" if switches else "")
+
+
+def print_report(result: Dict[str, Any], console: Optional[Console] = None) -> None:
+    console = console or Console(width=80)
     off, per_request = result["offline"], result.get("images_per_request", 1)
     console.print(f"cfvit bench serve — {result.get('model')} · η={result['eta']:.5g} · {result['cpus']} CPUs "
                   f"({result.get('cpu', '')}) · load average {result.get('load_at_start', float('nan')):.2f} at start")
     console.print(f"{result.get('transport', 'http')} · {per_request} image(s) per request "
                   f"of {result.get('body_bytes', 0):,} bytes · batch {result['batch_size']} · "
-                  f"{result['duration_s']:.0f} s per level · cl: clients · CPU ms: the whole machine's busy CPU "
-                  f"per request (client included); own: this bench's process tree's (client + Ray)")
+                  f"{result['duration_s']:.0f} s per level · cl: clients · p50, p99: latency in ms · CPU: ms of the "
+                  f"whole machine's busy CPU per request (client included); own: of this bench's process tree "
+                  f"(client + Ray)")
     if "ratio" in off:
         console.print(f"offline (infer_stream, {off['threads']} threads, {off['n_batches']}×{off['batch_size']}): "
                       f"backbone {off['backbone_ips']:.1f} img/s, CF-ViT {off['cfvit_ips']:.1f} img/s at "
                       f"{100 * off['exit_rate']:.0f}% exits = {off['ratio']:.2f}×")
     for profile, run in result.get("profiles", {"": result}).items():
-        console.print(_load_table(f"request path: {profile or 'default'} {run.get('env') or ''}",
+        console.print(_load_table(_profile_title(profile or "default"),
                                   {"floor": run.get("floor", {}), "app": run["systems"]}, per_request))
         _print_ratios(console, run["systems"], off)
         _print_breakdown(console, run["systems"])

@@ -5,6 +5,7 @@ Only typer and pydantic are imported at module level: Ray and torch load when th
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -39,6 +40,10 @@ def serve_cmd(
                                           "gets 408 (a client's own timeout header may only shorten it)."),
     ready_timeout: float = typer.Option(300.0, min=1.0, help="Seconds the application may take to start before "
                                         "the command gives up, saying what it asked for and what the cluster has."),
+    request_path: str = typer.Option("auto", help="How requests reach the ingress, for a Ray started here: auto "
+                                     "(haproxy when --host is not loopback, else default), default (Ray's Python "
+                                     "proxy), optimized (RAY_SERVE_THROUGHPUT_OPTIMIZED), haproxy (HAProxy in front "
+                                     "of the ingress replicas' own ports). See docs/BENCHMARKS.md."),
 ):
     """Serve a checkpoint over HTTP (Ray Serve): POST /v1/classify, GET /v1/model, a page at /.
 
@@ -50,8 +55,13 @@ def serve_cmd(
 
     from .guard import KeyFileError, open_endpoint_warning, read_keys
     from .placement import AppDoesNotFit
+    from .request_path import choose_profile
     from .runner import serve_forever
 
+    try:
+        profile = choose_profile(request_path, host)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--request-path") from None
     front = {"api_keys_file": str(Path(api_keys_file).resolve()) if api_keys_file else None,  # replicas' cwd differs
              "rate_limit_per_s": rate_limit, "rate_limit_burst": rate_burst, "request_timeout_s": request_timeout}
     args = _app_args(checkpoint, eta, stages, max_replicas, max_images, front)
@@ -63,12 +73,13 @@ def serve_cmd(
             raise typer.Exit(2) from None
         typer.echo(f"API keys: {len(keys)} from {args.api_keys_file} (a change takes effect within "
                    f"{args.keys_reload_s:g} s)")
-    warning = open_endpoint_warning(host, args)
+    joins = bool(address or os.environ.get("RAY_ADDRESS"))  # a joined cluster keeps its own request path
+    warning = open_endpoint_warning(host, args, replica_ports_open=profile == "haproxy" and not joins)
     if warning:
         typer.echo(f"warning: {warning}", err=True)
     try:
         serve_forever(args, host=host, port=port, address=address, num_cpus=num_cpus, echo=typer.echo,
-                      ready_timeout_s=ready_timeout, grpc_port=grpc_port)
+                      ready_timeout_s=ready_timeout, grpc_port=grpc_port, request_path=profile)
     except AppDoesNotFit as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None

@@ -205,9 +205,16 @@ def proxy_host() -> Optional[str]:
         return None
 
 
-def open_endpoint_warning(host: Optional[str], args: AppArgs) -> Optional[str]:
-    """What to say when the endpoint answers anyone: no keys and an HTTP host other than loopback."""
-    if args.api_keys_file or host in ("127.0.0.1", "localhost", "::1"):
+def open_endpoint_warning(host: Optional[str], args: AppArgs, replica_ports_open: bool = False) -> Optional[str]:
+    """What to say when the endpoint answers anyone: no keys and an HTTP host other than loopback, or the
+    ingress replicas' own ports open on every interface (`replica_ports_open`: the haproxy request path)."""
+    if args.api_keys_file:
+        return None
+    if replica_ports_open:
+        return ("the endpoint is OPEN: no api_keys_file, and with the haproxy request path Ray binds the ingress "
+                "replicas' own HTTP ports (30000 and up) on every interface; anyone who reaches them can call "
+                "/v1/classify. Set api_keys_file (cfvit serve --api-keys-file) to require keys.")
+    if host in ("127.0.0.1", "localhost", "::1"):
         return None
     where = f"HTTP host {host}" if host else "an HTTP host this replica cannot read"
     return (f"the endpoint is OPEN: no api_keys_file and {where}; anyone who reaches the port can call "

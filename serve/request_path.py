@@ -31,6 +31,8 @@ PROFILES: Dict[str, Dict[str, str]] = {
     "optimized": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
     "haproxy": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"},
 }
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+CHOICES = ("auto", *PROFILES)
 DIRECT_INGRESS_KEYS = ("RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_ENABLE_DIRECT_INGRESS", "RAY_SERVE_ENABLE_HA_PROXY")
 
 
@@ -65,6 +67,18 @@ def apply_profile(name: str, free_port=None) -> Dict[str, str]:
         os.environ.pop(key, None)
     os.environ.update(env)
     return env
+
+
+def choose_profile(requested: str, host: str) -> str:
+    """The profile `cfvit serve` applies. `auto`: `haproxy` for an endpoint on the network (a non-loopback
+    `host`): measured the cheapest path with one stable address (docs/BENCHMARKS.md); `default` for a
+    loopback-only endpoint, because with HAProxy Ray binds every ingress replica's own port on all interfaces
+    (so HAProxy on other nodes can reach it), which a loopback-only endpoint must not open."""
+    if requested not in CHOICES:
+        raise ValueError(f"unknown request path {requested!r}: one of {', '.join(CHOICES)}")
+    if requested != "auto":
+        return requested
+    return "default" if host in LOOPBACK_HOSTS else "haproxy"
 
 
 def direct_ingress(environ: Optional[Dict[str, str]] = None) -> bool:

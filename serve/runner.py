@@ -1,6 +1,7 @@
 """`cfvit serve`: start (or join) Ray, deploy the application, block, and shut down cleanly on SIGINT/SIGTERM."""
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
@@ -11,11 +12,12 @@ from ray import serve
 from ray.serve.config import gRPCOptions
 
 from cfvit_common.checkpoints import pin_checkpoint, resolve_checkpoint
-from cfvit_common.ray_env import init_ray
+from cfvit_common.ray_env import free_port, init_ray
 
 from .app import build_app
 from .grpc_api import SERVICER_FUNCTION
 from .placement import READY_TIMEOUT_S, deploy
+from .request_path import PROFILES, apply_profile
 from .settings import AppArgs
 
 
@@ -34,11 +36,21 @@ def start_ray(address: Optional[str], num_cpus: Optional[int] = None) -> bool:
     return init_ray(address, num_cpus=num_cpus, log_to_driver=False, private=True)
 
 
+def _request_path_line(profile: str, joined: bool) -> str:
+    if joined:
+        return "request path: as the joined cluster's Ray processes were started (serve/request_path.py)"
+    switches = " ".join(f"{k}={v}" for k, v in PROFILES[profile].items())
+    return f"request path: {profile}" + (f" ({switches})" if switches else "")
+
+
 def serve_forever(app_args: AppArgs, host: str, port: int, address: Optional[str] = None,
                   num_cpus: Optional[int] = None, name: str = "cfvit", echo=print,
-                  ready_timeout_s: float = READY_TIMEOUT_S, grpc_port: Optional[int] = None) -> None:
-    """Serve until SIGINT/SIGTERM; `grpc_port`: also the gRPC API (serve/proto/cfvit.proto) on that port. Raises AppDoesNotFit when the cluster cannot place the application (at once
-    on a Ray started here, else after `ready_timeout_s`), having stopped what it started."""
+                  ready_timeout_s: float = READY_TIMEOUT_S, grpc_port: Optional[int] = None,
+                  request_path: str = "default") -> None:
+    """Serve until SIGINT/SIGTERM; `grpc_port`: also the gRPC API (serve/proto/cfvit.proto) on that port;
+    `request_path`: the profile of serve/request_path.py for a Ray started here (a joined cluster keeps the
+    one its processes were started with). Raises AppDoesNotFit when the cluster cannot place the application
+    (at once on a Ray started here, else after `ready_timeout_s`), having stopped what it started."""
     # Signals raise in the main thread from here on; a second signal during shutdown is ignored so the
     # clean-up finishes (SIGKILL remains for the impatient).
     # The checkpoint first, before anything starts: an alias pinned to its version, downloaded into this node's
@@ -48,7 +60,11 @@ def serve_forever(app_args: AppArgs, host: str, port: int, address: Optional[str
     previous = {s: signal.signal(s, _raise_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     started = False
     try:
+        joining = bool(address or os.environ.get("RAY_ADDRESS"))
+        if not joining:
+            apply_profile(request_path, free_port)
         started = start_ray(address, num_cpus)
+        echo(_request_path_line(request_path, joining))
         # Ray's core installs its own (aborting) SIGTERM handler in ray.init: take the signals back.
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, _raise_stop)

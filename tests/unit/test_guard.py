@@ -82,6 +82,9 @@ def test_open_endpoint_warning_only_off_loopback_without_keys():
     assert "OPEN" in open_endpoint_warning("0.0.0.0", args)
     assert open_endpoint_warning(None, args)  # unknown host: say so
     assert open_endpoint_warning("0.0.0.0", AppArgs(checkpoint="x", api_keys_file="/k")) is None
+    # behind HAProxy the replicas' own ports open on every interface, even for a loopback HTTP host
+    assert "replicas' own HTTP ports" in open_endpoint_warning("127.0.0.1", args, replica_ports_open=True)
+    assert open_endpoint_warning("127.0.0.1", AppArgs(checkpoint="x", api_keys_file="/k"), replica_ports_open=True) is None
 
 
 def test_page_csp_names_the_pages_own_inline_script_and_style():

@@ -8,7 +8,7 @@ import pytest
 from benchmarks.cpu_meter import CpuMeter
 from benchmarks.floor import FLOOR_SYSTEMS, floor_app
 from benchmarks.serve_report import baseline_of
-from serve.request_path import PROFILES, direct_ingress, profile_env
+from serve.request_path import PROFILES, choose_profile, direct_ingress, profile_env
 from serve.settings import AppArgs
 
 
@@ -24,6 +24,18 @@ def test_profiles_switch_direct_ingress_and_give_haproxy_files_and_ports_of_its_
     with pytest.raises(ValueError, match="default, optimized, haproxy"):
         profile_env("fast")
     assert set(PROFILES) == {"default", "optimized", "haproxy"}
+
+
+def test_cfvit_serve_puts_haproxy_in_front_only_of_an_endpoint_on_the_network():
+    # HAProxy makes Ray bind each ingress replica's own port on every interface: never for a loopback endpoint
+    for host in ("127.0.0.1", "localhost", "::1"):
+        assert choose_profile("auto", host) == "default"
+    for host in ("0.0.0.0", "10.0.3.7", "::"):
+        assert choose_profile("auto", host) == "haproxy"
+    assert choose_profile("haproxy", "127.0.0.1") == "haproxy"  # asked for by name: as asked
+    assert choose_profile("optimized", "0.0.0.0") == "optimized"
+    with pytest.raises(ValueError, match="auto, default, optimized, haproxy"):
+        choose_profile("fastest", "0.0.0.0")
 
 
 def test_model_in_ingress_makes_one_deployment_with_the_stage_blocks_placement(tmp_path):
