@@ -31,11 +31,12 @@ def pipeline_cmd(
     from cfvit_common.logs import log_path, routed_logs
     from jobs.train.config import ConfigError
 
-    from .run import run_pipeline, summary_notes, summary_table
-
     t0 = time.perf_counter()
     path = None if verbose else log_path(log_dir, "pipeline")
     with routed_logs(path, verbose) as term:
+        # imported here: DeepSpeed prints its accelerator warning on import, which belongs in the log file
+        from .run import run_pipeline, summary_notes, summary_table
+
         console = Console(file=term, emoji=False, highlight=False)
         if path:
             console.print(f"Ray, Ray Data, DeepSpeed and MLflow logs (--verbose streams them):\n  {path}",
