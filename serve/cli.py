@@ -74,6 +74,9 @@ def serve_cmd(
         typer.echo(f"API keys: {len(keys)} from {args.api_keys_file} (a change takes effect within "
                    f"{args.keys_reload_s:g} s)")
     joins = bool(address or os.environ.get("RAY_ADDRESS"))  # a joined cluster keeps its own request path
+    if joins and request_path != "auto":
+        typer.echo(f"warning: --request-path {request_path} is ignored when joining a cluster: its Ray processes "
+                   "read the request-path settings when they start (serve/request_path.py)", err=True)
     warning = open_endpoint_warning(host, args, replica_ports_open=profile == "haproxy" and not joins)
     if warning:
         typer.echo(f"warning: {warning}", err=True)

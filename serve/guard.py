@@ -207,13 +207,13 @@ def proxy_host() -> Optional[str]:
 
 def open_endpoint_warning(host: Optional[str], args: AppArgs, replica_ports_open: bool = False) -> Optional[str]:
     """What to say when the endpoint answers anyone: no keys and an HTTP host other than loopback, or the
-    ingress replicas' own ports open on every interface (`replica_ports_open`: the haproxy request path)."""
+    HAProxy's stats and metrics ports open on every interface (`replica_ports_open`: the haproxy request path)."""
     if args.api_keys_file:
         return None
     if replica_ports_open:
-        return ("the endpoint is OPEN: no api_keys_file, and with the haproxy request path Ray binds the ingress "
-                "replicas' own HTTP ports (30000 and up) on every interface; anyone who reaches them can call "
-                "/v1/classify. Set api_keys_file (cfvit serve --api-keys-file) to require keys.")
+        return ("the haproxy request path opens HAProxy's stats and metrics ports on every interface (Ray's "
+                "template), whatever --host says, and no api_keys_file is set: on a shared machine prefer "
+                "--request-path default, or set api_keys_file (cfvit serve --api-keys-file).")
     if host in ("127.0.0.1", "localhost", "::1"):
         return None
     where = f"HTTP host {host}" if host else "an HTTP host this replica cannot read"

@@ -72,8 +72,8 @@ def apply_profile(name: str, free_port=None) -> Dict[str, str]:
 def choose_profile(requested: str, host: str) -> str:
     """The profile `cfvit serve` applies. `auto`: `haproxy` for an endpoint on the network (a non-loopback
     `host`): measured the cheapest path with one stable address (docs/BENCHMARKS.md); `default` for a
-    loopback-only endpoint, because with HAProxy Ray binds every ingress replica's own port on all interfaces
-    (so HAProxy on other nodes can reach it), which a loopback-only endpoint must not open."""
+    loopback-only endpoint, because Ray's HAProxy opens its stats and metrics ports on every interface
+    whatever the HTTP host, which a loopback-only endpoint must not do."""
     if requested not in CHOICES:
         raise ValueError(f"unknown request path {requested!r}: one of {', '.join(CHOICES)}")
     if requested != "auto":
