@@ -38,13 +38,13 @@ def test_cfvit_serve_answers_and_shuts_down_cleanly(request, fmnist_checkpoint, 
     files = [png_bytes(a) for a in load_fashion_mnist("test")[0][3000:3008]]
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    # the folder case behind HAProxy (asked for by name); the other on a loopback host's automatic choice
-    path = "haproxy" if sig == signal.SIGINT else "auto"
+    # each case on a request path of its own (asked for by name): HAProxy; direct ingress with the proxy's port
+    path = "haproxy" if sig == signal.SIGINT else "optimized"
     with running(cfvit_cmd("serve", "--checkpoint", checkpoint, "--port", str(port), "--num-cpus", "2",
                            "--max-replicas", "1", "--request-path", path), env=env) as proc:
         proc.wait_for("serving at", timeout=180)
         assert f"{url}/" in proc.output
-        assert f"request path: {'haproxy' if path == 'haproxy' else 'default'}" in proc.output
+        assert f"request path: {path}" in proc.output
         info = httpx.get(url + "/v1/model", timeout=30).json()
         assert info["name"] == "cfvit_tiny_fmnist" and info["digest"] == "sha256:" + file_sha256(local / "model.safetensors")
         assert info["registered_model"] == (None if sig == signal.SIGINT else REGISTERED), info
