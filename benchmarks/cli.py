@@ -278,6 +278,7 @@ def _fail(console, message: str) -> None:
     console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(1)
 
+
 def _bench_burst(settings, plot: Optional[str], json_out: Optional[str], console) -> None:
     from .burst import answered_nothing, plot_burst, print_burst, run_burst
 

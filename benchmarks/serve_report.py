@@ -10,7 +10,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from serve.request_path import PROFILES
+from serve.request_path import profile_title
 
 from .failures import MAX_DISTINCT, describe
 from .serve import label, ratio_at_equal_p99, strip_label
@@ -76,12 +76,6 @@ def _load_table(title: str, groups: Dict[str, Dict[str, List[Dict[str, Any]]]], 
     return t
 
 
-def _profile_title(profile: str) -> str:
-    """The profile and its switches (not the per-run file paths and ports that go with HAProxy)."""
-    switches = " ".join(f"{k}={v}" for k, v in PROFILES.get(profile, {}).items())
-    return f"request path: {profile}" + (f" ({switches})" if switches else "")
-
-
 def print_report(result: Dict[str, Any], console: Optional[Console] = None) -> None:
     console = console or Console(width=80)
     off, per_request = result["offline"], result.get("images_per_request", 1)
@@ -97,7 +91,7 @@ def print_report(result: Dict[str, Any], console: Optional[Console] = None) -> N
                       f"backbone {off['backbone_ips']:.1f} img/s, CF-ViT {off['cfvit_ips']:.1f} img/s at "
                       f"{100 * off['exit_rate']:.0f}% exits = {off['ratio']:.2f}×")
     for profile, run in result.get("profiles", {"": result}).items():
-        console.print(_load_table(_profile_title(profile or "default"),
+        console.print(_load_table(profile_title(profile or "default"),
                                   {"floor": run.get("floor", {}), "app": run["systems"]}, per_request))
         _print_ratios(console, run["systems"], off)
         _print_breakdown(console, run["systems"])

@@ -25,6 +25,11 @@ TOKEN_PATH_ENV = "RAY_AUTH_TOKEN_PATH"
 logger = logging.getLogger(__name__)
 
 
+def joins_cluster(address: Optional[str] = None) -> bool:
+    """Whether `init_ray(address)` joins a running cluster (`address`, else $RAY_ADDRESS) rather than starting one."""
+    return bool(address or os.environ.get("RAY_ADDRESS"))
+
+
 def init_ray(address: Optional[str] = None, *, min_cpus: Optional[float] = None, num_cpus: Optional[int] = None,
              log_to_driver: bool = True, private: bool = False) -> bool:
     """Join `address` (else $RAY_ADDRESS), else start a local Ray with `num_cpus` logical CPUs, or at least
@@ -34,9 +39,8 @@ def init_ray(address: Optional[str] = None, *, min_cpus: Optional[float] = None,
     `private=True` starts a new local instance even if another one runs on this machine (`cfvit serve`)."""
     if ray.is_initialized():
         return False
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=log_to_driver)
+    if joins_cluster(address):
+        ray.init(address=address or os.environ["RAY_ADDRESS"], log_to_driver=log_to_driver)
         return False
     cpus = num_cpus or (max(os.cpu_count() or 1, int(math.ceil(min_cpus))) if min_cpus else None)
     if local_auth_wanted():

@@ -5,7 +5,6 @@ Only typer and pydantic are imported at module level: Ray and torch load when th
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -51,6 +50,8 @@ def serve_cmd(
     version whose files do not match the sha256 recorded at registration is refused before Ray starts."""
     from mlflow.exceptions import MlflowException
 
+    from cfvit_common.ray_env import joins_cluster
+
     from cfvit_common.tracking import ModelIntegrityError
 
     from .guard import KeyFileError, open_endpoint_warning, read_keys
@@ -73,11 +74,11 @@ def serve_cmd(
             raise typer.Exit(2) from None
         typer.echo(f"API keys: {len(keys)} from {args.api_keys_file} (a change takes effect within "
                    f"{args.keys_reload_s:g} s)")
-    joins = bool(address or os.environ.get("RAY_ADDRESS"))  # a joined cluster keeps its own request path
+    joins = joins_cluster(address)  # a joined cluster keeps its own request path
     if joins and request_path != "auto":
         typer.echo(f"warning: --request-path {request_path} is ignored when joining a cluster: its Ray processes "
                    "read the request-path settings when they start (serve/request_path.py)", err=True)
-    warning = open_endpoint_warning(host, args, replica_ports_open=profile == "haproxy" and not joins)
+    warning = open_endpoint_warning(host, args, haproxy_ports_open=profile == "haproxy" and not joins)
     if warning:
         typer.echo(f"warning: {warning}", err=True)
     try:

@@ -37,6 +37,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from ray.serve.context import _get_global_client
 
+from .request_path import LOOPBACK_HOSTS
 from .settings import AppArgs
 
 logger = logging.getLogger("ray.serve")
@@ -205,16 +206,16 @@ def proxy_host() -> Optional[str]:
         return None
 
 
-def open_endpoint_warning(host: Optional[str], args: AppArgs, replica_ports_open: bool = False) -> Optional[str]:
-    """What to say when the endpoint answers anyone: no keys and an HTTP host other than loopback, or the
-    HAProxy's stats and metrics ports open on every interface (`replica_ports_open`: the haproxy request path)."""
+def open_endpoint_warning(host: Optional[str], args: AppArgs, haproxy_ports_open: bool = False) -> Optional[str]:
+    """What to say when the endpoint answers anyone: no keys and an HTTP host other than loopback, or
+    HAProxy's stats and metrics ports open on every interface (`haproxy_ports_open`: the haproxy request path)."""
     if args.api_keys_file:
         return None
-    if replica_ports_open:
+    if haproxy_ports_open:
         return ("the haproxy request path opens HAProxy's stats and metrics ports on every interface (Ray's "
                 "template), whatever --host says, and no api_keys_file is set: on a shared machine prefer "
                 "--request-path default, or set api_keys_file (cfvit serve --api-keys-file).")
-    if host in ("127.0.0.1", "localhost", "::1"):
+    if host in LOOPBACK_HOSTS:
         return None
     where = f"HTTP host {host}" if host else "an HTTP host this replica cannot read"
     return (f"the endpoint is OPEN: no api_keys_file and {where}; anyone who reaches the port can call "

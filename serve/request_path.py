@@ -69,6 +69,12 @@ def apply_profile(name: str, free_port=None) -> Dict[str, str]:
     return env
 
 
+def profile_title(profile: str) -> str:
+    """`request path: NAME (SWITCHES)` — the profile's switches only, not the per-run HAProxy paths and ports."""
+    switches = " ".join(f"{k}={v}" for k, v in PROFILES[profile].items())
+    return f"request path: {profile}" + (f" ({switches})" if switches else "")
+
+
 def choose_profile(requested: str, host: str) -> str:
     """The profile `cfvit serve` applies. `auto`: `haproxy` for an endpoint on the network (a non-loopback
     `host`): measured the cheapest path with one stable address (docs/BENCHMARKS.md); `default` for a

@@ -1,7 +1,6 @@
 """`cfvit serve`: start (or join) Ray, deploy the application, block, and shut down cleanly on SIGINT/SIGTERM."""
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import time
@@ -12,12 +11,12 @@ from ray import serve
 from ray.serve.config import gRPCOptions
 
 from cfvit_common.checkpoints import pin_checkpoint, resolve_checkpoint
-from cfvit_common.ray_env import free_port, init_ray
+from cfvit_common.ray_env import free_port, init_ray, joins_cluster
 
 from .app import build_app
 from .grpc_api import SERVICER_FUNCTION
 from .placement import READY_TIMEOUT_S, deploy
-from .request_path import PROFILES, apply_profile
+from .request_path import apply_profile, profile_title
 from .settings import AppArgs
 
 
@@ -34,13 +33,6 @@ def start_ray(address: Optional[str], num_cpus: Optional[int] = None) -> bool:
     silently joining someone else's). Returns True when this process started Ray (and so must stop it)."""
 
     return init_ray(address, num_cpus=num_cpus, log_to_driver=False, private=True)
-
-
-def _request_path_line(profile: str, joined: bool) -> str:
-    if joined:
-        return "request path: as the joined cluster's Ray processes were started (serve/request_path.py)"
-    switches = " ".join(f"{k}={v}" for k, v in PROFILES[profile].items())
-    return f"request path: {profile}" + (f" ({switches})" if switches else "")
 
 
 def serve_forever(app_args: AppArgs, host: str, port: int, address: Optional[str] = None,
@@ -60,11 +52,12 @@ def serve_forever(app_args: AppArgs, host: str, port: int, address: Optional[str
     previous = {s: signal.signal(s, _raise_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     started = False
     try:
-        joining = bool(address or os.environ.get("RAY_ADDRESS"))
+        joining = joins_cluster(address)
         if not joining:
             apply_profile(request_path, free_port)
         started = start_ray(address, num_cpus)
-        echo(_request_path_line(request_path, joining))
+        echo("request path: as the joined cluster's Ray processes were started (serve/request_path.py)"
+             if joining else profile_title(request_path))
         # Ray's core installs its own (aborting) SIGTERM handler in ray.init: take the signals back.
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, _raise_stop)

@@ -83,8 +83,8 @@ def test_open_endpoint_warning_only_off_loopback_without_keys():
     assert open_endpoint_warning(None, args)  # unknown host: say so
     assert open_endpoint_warning("0.0.0.0", AppArgs(checkpoint="x", api_keys_file="/k")) is None
     # with HAProxy its stats and metrics ports listen on every interface, even for a loopback HTTP host
-    assert "stats and metrics ports" in open_endpoint_warning("127.0.0.1", args, replica_ports_open=True)
-    assert open_endpoint_warning("127.0.0.1", AppArgs(checkpoint="x", api_keys_file="/k"), replica_ports_open=True) is None
+    assert "stats and metrics ports" in open_endpoint_warning("127.0.0.1", args, haproxy_ports_open=True)
+    assert open_endpoint_warning("127.0.0.1", AppArgs(checkpoint="x", api_keys_file="/k"), haproxy_ports_open=True) is None
 
 
 def test_page_csp_names_the_pages_own_inline_script_and_style():

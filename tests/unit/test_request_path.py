@@ -27,7 +27,7 @@ def test_profiles_switch_direct_ingress_and_give_haproxy_files_and_ports_of_its_
 
 
 def test_cfvit_serve_puts_haproxy_in_front_only_of_an_endpoint_on_the_network():
-    # HAProxy makes Ray bind each ingress replica's own port on every interface: never for a loopback endpoint
+    # Ray's HAProxy opens its stats and metrics ports on every interface: never for a loopback endpoint
     for host in ("127.0.0.1", "localhost", "::1"):
         assert choose_profile("auto", host) == "default"
     for host in ("0.0.0.0", "10.0.3.7", "::"):
