@@ -7,8 +7,9 @@ sizes. A run interrupted before its manifest leaves a version nobody reads; the 
 whole and readable. A manifest is one object (a single PUT on S3, a rename on a local disk), so it is
 either there complete or not at all.
 
-Version names sort by time (``20260101T120000Z-1a2b3c4d``: UTC second, then random), so "newest" is the
-largest name.
+Version names sort by time (``20260101T120000.123456Z-1a2b3c4d``: UTC to the microsecond, then random), so
+"newest" is the largest name — also for two runs within one second, which a name to the second alone left
+to the random part.
 """
 from __future__ import annotations
 
@@ -69,7 +70,9 @@ class Manifest:
 
 
 def new_version() -> str:
-    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
+    now = time.time()
+    return (time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}Z-"
+            + uuid.uuid4().hex[:8])
 
 
 def version_dir(root: str, version: str) -> str:
